@@ -1,0 +1,154 @@
+"""Checkpoints: safetensors files whose ``__metadata__`` says how to rebuild and read them.
+
+Every metadata value is a JSON document (safetensors metadata is ``str -> str``). See
+docs/checkpoint-format.md for the fields. Files are written atomically and never carry a
+timestamp, so a seeded run writes bit-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .datasets import DATASETS
+from .errors import CheckpointError, ConfigError
+from .models import ARCHITECTURES, LayerStack, build_model
+
+FORMAT = "flain-cli/1"
+ROLES = ("init", "final", "defended")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    path: Path | None = None
+    sha256: str | None = None
+
+    @property
+    def arch(self) -> str | None:
+        return self.meta.get("arch")
+
+    @property
+    def dataset(self) -> str | None:
+        return self.meta.get("dataset")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)``, then rename the temporary file over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def model_meta(arch: str, num_classes: int, dataset: str | None) -> dict[str, Any]:
+    """The fields that rebuild and interpret a model (architecture, data, normalization)."""
+    spec = ARCHITECTURES.get(arch)
+    meta: dict[str, Any] = {"format": FORMAT, "tool": f"flain-cli {__version__}", "arch": arch,
+                            "num_classes": num_classes, "input_shape": list(spec.input_shape),
+                            "defended_layer": spec.defended_layer, "dataset": dataset}
+    if dataset is not None:
+        ds = DATASETS.get(dataset)
+        meta["normalization"] = {"mean": list(ds.mean), "std": list(ds.std), "scale": 255}
+        meta["class_names"] = list(ds.classes)
+    return meta
+
+
+def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
+    """Write ``state`` with ``meta`` atomically; return the new file's sha256."""
+    if meta.get("role") not in ROLES:
+        raise ValueError(f"checkpoint role must be one of {ROLES}")
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
+    encoded = {key: json.dumps(value, sort_keys=True) for key, value in meta.items()}
+    try:
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=encoded))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return sha256_file(path)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a safetensors file; its metadata is decoded when flain-cli wrote it, else empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    meta: dict[str, Any] = {}
+    if "format" in raw:
+        try:
+            meta = {key: json.loads(value) for key, value in raw.items()}
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from None
+        if meta["format"] != FORMAT:
+            raise CheckpointError(f"{path} has format {meta['format']!r}; this flain-cli reads {FORMAT!r}")
+    return Checkpoint(tensors, meta, path, sha256_file(path))
+
+
+def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str | None = None,
+                       num_classes: int | None = None) -> dict[str, Any]:
+    """Model metadata from the checkpoint, with the user's options taking precedence.
+
+    A checkpoint written by another tool has no metadata: then ``arch`` is required and the
+    dataset (or ``num_classes``) tells the number of classes.
+    """
+    arch = arch or ckpt.arch
+    dataset = dataset or ckpt.dataset
+    if arch is None:
+        raise CheckpointError(f"{ckpt.path} carries no flain-cli metadata; pass --arch "
+                              f"({', '.join(ARCHITECTURES.names())}) and --dataset")
+    if num_classes is None:
+        num_classes = ckpt.meta.get("num_classes")
+    if num_classes is None and dataset is not None:
+        num_classes = DATASETS.get(dataset).num_classes
+    if num_classes is None:
+        raise ConfigError(f"cannot tell how many classes {ckpt.path} has; pass --dataset")
+    meta = model_meta(arch, int(num_classes), dataset)
+    if ckpt.meta.get("defended_layer"):
+        meta["defended_layer"] = ckpt.meta["defended_layer"]
+    return meta
+
+
+def build_from(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device | str = "cpu") -> LayerStack:
+    """Build the architecture named in ``meta`` and load the checkpoint's tensors into it."""
+    model = build_model(meta["arch"], meta["num_classes"])
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(ckpt.tensors))
+    extra = sorted(set(ckpt.tensors) - set(expected))
+    wrong = [name for name in expected if name in ckpt.tensors and ckpt.tensors[name].shape != expected[name].shape]
+    if missing or extra or wrong:
+        detail = "; ".join(part for part in (
+            f"missing {', '.join(missing[:4])}" if missing else "",
+            f"unexpected {', '.join(extra[:4])}" if extra else "",
+            f"wrong shape {', '.join(f'{n} {tuple(ckpt.tensors[n].shape)} vs {tuple(expected[n].shape)}' for n in wrong[:3])}" if wrong else "",
+        ) if part)
+        raise CheckpointError(f"{ckpt.path} does not fit architecture {meta['arch']} "
+                              f"with {meta['num_classes']} classes: {detail}")
+    model.load_state_dict(ckpt.tensors)
+    return model.to(device).eval()

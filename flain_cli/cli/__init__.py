@@ -1,0 +1,1 @@
+"""The command-line layer: parse options, call one core function, render the result."""

@@ -1,0 +1,42 @@
+"""Wires the commands together; each lives in its own module."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from .. import __version__
+from . import evaluate, train
+from .common import Settings, handle_errors
+
+app = typer.Typer(
+    name="flain",
+    help="Backdoored federated learning and the FLAIN defense, over safetensors checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"flain-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    Settings.debug = debug
+
+
+app.command("train")(handle_errors(train.train))
+app.command("eval")(handle_errors(evaluate.evaluate_command))
+
+
+def main() -> None:
+    app()

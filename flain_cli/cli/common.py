@@ -1,0 +1,112 @@
+"""What every command shares: consoles, option aliases, device choice and error handling."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+from rich.console import Console
+
+from ..errors import ConfigError, FlainError
+
+out = Console(highlight=False)  # data: tables (stdout)
+err = Console(stderr=True, highlight=False)  # people: progress, warnings, errors (stderr)
+
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint (.safetensors) to read.",
+                                          show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when present).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choice; a seed makes a run reproducible.")]
+DataDirOpt = Annotated[Path | None, typer.Option(
+    "--data-dir", help="Folder with the dataset's files (flat, or torchvision's <root>/<Name>/raw/).",
+    show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never an input).")]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but this torch build sees no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    return device
+
+
+def check_outputs(paths: list[Path], inputs: list[Path], force: bool) -> None:
+    """Refuse to overwrite an input, or an existing output without --force."""
+    resolved_inputs = {p.resolve() for p in inputs}
+    for path in paths:
+        if path.resolve() in resolved_inputs:
+            raise ConfigError(f"output {path} is also an input; choose another output path")
+        if path.exists() and not force:
+            raise ConfigError(f"{path} already exists; pass --force to overwrite it or choose another output")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: write null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(_clean(obj)) + "\n")
+    sys.stdout.flush()
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+class Settings:
+    """Process-wide CLI switches, set by the root callback on every invocation."""
+
+    debug: bool = False
+
+
+def handle_errors(command):
+    """Turn the core's FlainError (and I/O errors) into one 'Error: ...' line and exit code 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except FlainError as exc:
+            message = str(exc)
+        except OSError as exc:
+            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+            message = f"{exc.strerror or exc}{where}"
+        except KeyboardInterrupt:
+            err.print("Interrupted; nothing was written.")
+            raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, traceback with --debug
+            if hasattr(exc, "exit_code"):  # Typer's own usage errors keep their exit code
+                raise
+            message = f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+        if Settings.debug or os.environ.get("FLAIN_DEBUG"):
+            traceback.print_exc()
+        err.print(f"Error: {message}", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+    return wrapper

@@ -1,0 +1,54 @@
+"""`flain eval`: clean accuracy (ACC) and attack success rate (ASR) of a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..evaluation import evaluate_checkpoint
+from .common import DataDirOpt, DeviceOpt, JsonOpt, ModelArg, fmt, out, print_json, resolve_device
+
+
+def evaluate_command(
+    model: ModelArg,
+    dataset: Annotated[str | None, typer.Option(help="Dataset (default: from the checkpoint).", show_default=False)] = None,
+    data_dir: DataDirOpt = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture (default: from the checkpoint).", show_default=False)] = None,
+    attack: Annotated[str | None, typer.Option(
+        help="Attack task SRC:TGT or all:TGT to measure (default: from the checkpoint); 'none' skips ASR.",
+        show_default=False)] = None,
+    trigger: Annotated[str | None, typer.Option(help="Trigger stamped for ASR (default: from the checkpoint).",
+                                                show_default=False)] = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
+    report = evaluate_checkpoint(model, dataset=dataset, data_dir=data_dir, arch=arch, attack=attack,
+                                 trigger=trigger, device=resolve_device(device))
+    res, meta, spec_attack = report.result, report.meta, report.attack
+    summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "n_clean": res.n_clean,
+               "n_triggered": res.n_triggered, "dataset": meta["dataset"], "arch": meta["arch"],
+               "attack": str(spec_attack.task) if spec_attack else None,
+               "trigger": spec_attack.trigger if spec_attack else None,
+               "per_class_acc": list(res.per_class_acc)}
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title=f"flain eval {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("images", justify="right")
+    table.add_row("ACC (clean test)", fmt(res.acc), str(res.n_clean))
+    attack_label = f"ASR ({spec_attack.task}, {spec_attack.trigger})" if spec_attack else "ASR (no attack known)"
+    table.add_row(attack_label, fmt(res.asr), str(res.n_triggered))
+    out.print(table)
+    names = meta.get("class_names") or [str(c) for c in range(meta["num_classes"])]
+    per_class = Table(title="per-class accuracy")
+    per_class.add_column("class", justify="right")
+    per_class.add_column("name")
+    per_class.add_column("accuracy", justify="right")
+    for c, acc in enumerate(res.per_class_acc):
+        per_class.add_row(str(c), names[c] if c < len(names) else "", fmt(acc))
+    out.print(per_class)

@@ -1,0 +1,142 @@
+"""`flain train`: simulate federated learning with backdoor attackers; write init and final checkpoints."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ..aggregation import AGGREGATORS
+from ..checkpoint import model_meta, save_checkpoint
+from ..datasets import DATASETS, load_dataset
+from ..simulation import Listener, RoundLog, TrainConfig, simulate
+from ..splits import SPLITS
+from ..triggers import TRIGGERS
+from .common import DataDirOpt, DeviceOpt, ForceOpt, JsonOpt, SeedOpt, check_outputs, err, fmt, out, print_json, resolve_device
+
+
+def _choice(registry) -> str:
+    return "|".join(registry.names())
+
+
+class _RichListener(Listener):
+    def __init__(self, progress: Progress, rounds: int, log_file) -> None:
+        self.progress, self.log_file = progress, log_file
+        self.rounds_task = progress.add_task("rounds", total=rounds)
+        self.clients_task = progress.add_task("clients", total=1)
+
+    def round_start(self, rnd: int, sampled: list[int]) -> None:
+        self.progress.reset(self.clients_task, total=len(sampled), description=f"round {rnd} clients")
+
+    def client_done(self, rnd: int, client: int) -> None:
+        self.progress.advance(self.clients_task)
+
+    def round_end(self, log: RoundLog) -> None:
+        self.progress.advance(self.rounds_task)
+        self.progress.console.print(f"round {log.round}: acc {fmt(log.acc)} asr {fmt(log.asr)} "
+                                    f"({log.seconds:.1f} s)")
+        if self.log_file is not None:
+            self.log_file.write(json.dumps({"round": log.round, "acc": log.acc, "asr": log.asr,
+                                            "seconds": round(log.seconds, 3),
+                                            "train_seconds": round(log.train_seconds, 3)}) + "\n")
+            self.log_file.flush()
+
+
+def train(
+    dataset: Annotated[str, typer.Option(help=f"Dataset: {_choice(DATASETS)}.")] = "fmnist",
+    data_dir: DataDirOpt = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture (default: the dataset's model in the paper).",
+                                             show_default=False)] = None,
+    clients: Annotated[int, typer.Option(help="Number of clients N.")] = 10,
+    mcr: Annotated[float, typer.Option(help="Malicious client ratio: clients 0..floor(N*MCR)-1 attack.")] = 0.4,
+    pdr: Annotated[float, typer.Option(help="Poison data ratio: share of a malicious client's source-class samples poisoned.")] = 0.3,
+    attack: Annotated[str, typer.Option(help="Attack task SRC:TGT, all:TGT (all-to-one), or none.")] = "0:5",
+    trigger: Annotated[str, typer.Option(help=f"Trigger: {_choice(TRIGGERS)}.")] = "cba",
+    split: Annotated[str, typer.Option(help=f"Data split over clients: {_choice(SPLITS)}.")] = "iid",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --split dirichlet.")] = 0.5,
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 256,
+    lr: Annotated[float, typer.Option(help="Client Adam learning rate (betas 0.9, 0.999; fresh each round).")] = 1e-3,
+    sample_rate: Annotated[float, typer.Option(help="Share of clients sampled each round.")] = 1.0,
+    server_lr: Annotated[float, typer.Option(help="Global learning rate alpha of eq. 3.")] = 1.0,
+    aggregator: Annotated[str, typer.Option(help=f"Aggregation: {_choice(AGGREGATORS)}.")] = "fedavg",
+    rlr_threshold: Annotated[int | None, typer.Option(
+        help="RLR: flip the server lr where |sum of update signs| < this (default floor(m/2)+1 of m sampled clients).",
+        show_default=False)] = None,
+    train_samples: Annotated[int | None, typer.Option(
+        help="Use a seeded class-balanced subset of this many training samples.", show_default=False)] = None,
+    eval_every: Annotated[int, typer.Option(help="Evaluate ACC/ASR on the test set every K rounds (and the last).")] = 1,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "cpu",
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder for init.safetensors and final.safetensors.")] = Path("runs/latest"),
+    log: Annotated[Path | None, typer.Option(help="Write one JSON line per round (round, acc, asr, seconds).",
+                                             show_default=False)] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Simulate federated learning with backdoor attackers and write the initial and final global models."""
+    spec = DATASETS.get(dataset)
+    cfg = TrainConfig(dataset=dataset, arch=arch or spec.default_arch, clients=clients, mcr=mcr, pdr=pdr,
+                      attack=None if attack.lower() == "none" else attack, trigger=trigger, split=split,
+                      alpha=alpha, rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
+                      sample_rate=sample_rate, server_lr=server_lr, aggregator=aggregator,
+                      rlr_threshold=rlr_threshold, train_samples=train_samples, seed=seed, eval_every=eval_every)
+    cfg.validate(spec.num_classes)
+    torch_device = resolve_device(device)
+    init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
+    check_outputs([init_path, final_path] + ([log] if log else []), [], force)
+    data = load_dataset(dataset, data_dir)
+
+    started = time.perf_counter()
+    if log:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    log_file = open(log, "w", encoding="utf-8") if log else None
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as progress:
+            result = simulate(cfg, data, torch_device, _RichListener(progress, rounds, log_file))
+    finally:
+        if log_file is not None:
+            log_file.close()
+
+    task = cfg.task(spec.num_classes)
+    attack_meta = None if task is None else {
+        "task": str(task), "source": task.source, "target": task.target, "trigger": cfg.trigger,
+        "pdr": cfg.pdr, "mcr": cfg.mcr, "malicious_clients": cfg.malicious}
+    base = model_meta(cfg.arch, spec.num_classes, dataset) | {
+        "train_config": cfg.to_dict(), "seed": seed, "attack": attack_meta}
+    init_sha = save_checkpoint(init_path, result.init_state, base | {"role": "init"})
+    last = result.history[-1]
+    final_sha = save_checkpoint(final_path, result.final_state, base | {
+        "role": "final", "parents": {"init": init_sha}, "metrics": {"acc": last.acc, "asr": last.asr}})
+    seconds = time.perf_counter() - started
+    train_seconds = sum(h.train_seconds for h in result.history)
+    samples = sum(h.samples for h in result.history)
+    summary = {"init": str(init_path), "final": str(final_path), "init_sha256": init_sha,
+               "final_sha256": final_sha, "acc": last.acc, "asr": last.asr, "rounds": rounds,
+               "seconds": round(seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
+               "malicious_clients": cfg.malicious,
+               "poisoned_samples": sum(c.n_poisoned for c in result.clients),
+               "history": [{"round": h.round, "acc": h.acc, "asr": h.asr, "seconds": round(h.seconds, 3)}
+                           for h in result.history]}
+    if as_json:
+        print_json(summary)
+        return
+    table = Table(title=f"flain train: {spec.title}, {cfg.arch}, {clients} clients "
+                        f"({len(cfg.malicious)} malicious), {cfg.split}, {cfg.aggregator}")
+    for column in ("round", "ACC", "ASR", "seconds"):
+        table.add_column(column, justify="right")
+    for h in result.history:
+        table.add_row(str(h.round), fmt(h.acc), fmt(h.asr), f"{h.seconds:.1f}")
+    out.print(table)
+    out.print(f"attack {attack_meta['task'] if attack_meta else 'none'}"
+              f"{' trigger ' + cfg.trigger if attack_meta else ''}; "
+              f"{summary['poisoned_samples']} poisoned training samples; "
+              f"{summary['samples_per_second']} samples/s; {seconds:.1f} s in all")
+    out.print(f"wrote {init_path} and {final_path}")

@@ -1,0 +1,251 @@
+"""Real datasets in their standard file formats, held once in memory as uint8 tensors.
+
+- ``fmnist``, ``mnist``, ``emnist`` (byclass): IDX files, gzipped or not, flat in a folder or in
+  torchvision's ``<root>/<Name>/raw/`` layout; Fashion-MNIST is also found in Debian's
+  ``dataset-fashion-mnist`` package.
+- ``cifar10``: the ``cifar-10-batches-py`` pickles, read by an unpickler that only accepts
+  numpy arrays, lists, dicts and scalars (never arbitrary code).
+
+Images are kept as uint8 ``[N, C, H, W]``; triggers are stamped into these raw pixels and the
+normalization is applied per batch (:meth:`DatasetSpec.normalize`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .registry import Registry
+
+DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Split:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    title: str
+    shape: tuple[int, int, int]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    default_arch: str
+    how_to_get: str
+    load: Callable[[list[Path]], tuple[Split, Split]] = field(repr=False)
+    subdir: str = ""  # torchvision's folder name under the root
+    system_dirs: tuple[Path, ...] = ()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] -> float32, scaled to [0, 1] then standardized per channel."""
+        x = images.to(torch.float32).div_(255.0)
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def search_dirs(self, data_dir: Path | None) -> list[Path]:
+        roots = [data_dir] if data_dir is not None else [Path("data")]
+        dirs: list[Path] = []
+        for root in roots:
+            dirs.append(root)
+            if self.subdir:
+                dirs.append(root / self.subdir / "raw")
+        return dirs + ([] if data_dir is not None else list(self.system_dirs))
+
+
+@dataclass(frozen=True)
+class Dataset:
+    spec: DatasetSpec
+    train: Split
+    test: Split
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+
+
+def load_dataset(name: str, data_dir: Path | None = None) -> Dataset:
+    spec = DATASETS.get(name)
+    train, test = spec.load(spec.search_dirs(data_dir))
+    for split_name, split in (("train", train), ("test", test)):
+        if tuple(split.images.shape[1:]) != spec.shape:
+            raise DataError(
+                f"{spec.title} {split_name} images have shape {tuple(split.images.shape[1:])}, "
+                f"expected {spec.shape}; the files are not {spec.title}"
+            )
+        if len(split) and int(split.labels.max()) >= spec.num_classes:
+            raise DataError(f"{spec.title} {split_name} labels go up to {int(split.labels.max())}, "
+                            f"but the dataset has {spec.num_classes} classes")
+    return Dataset(spec, train, test)
+
+
+# ---------------------------------------------------------------- IDX (MNIST family)
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (gzipped or not) into a numpy array."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is truncated (header needs {header} bytes)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path} is truncated or padded: header says {dims} "
+                        f"({expected} bytes of data), file holds {len(raw) - header}")
+    return np.frombuffer(bytearray(raw), dtype=dtype, offset=header).reshape(dims)
+
+
+def _find(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem, stem + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def _idx_loader(prefix: str, title: str, how: str, transpose: bool = False):
+    stems = {"train": (f"{prefix}train-images-idx3-ubyte", f"{prefix}train-labels-idx1-ubyte"),
+             "test": (f"{prefix}t10k-images-idx3-ubyte", f"{prefix}t10k-labels-idx1-ubyte")}
+    if prefix:  # EMNIST names its test files "test", not "t10k"
+        stems["test"] = (f"{prefix}test-images-idx3-ubyte", f"{prefix}test-labels-idx1-ubyte")
+
+    def load(dirs: list[Path]) -> tuple[Split, Split]:
+        splits = []
+        for split_name, (img_stem, lbl_stem) in stems.items():
+            img_path, lbl_path = _find(dirs, img_stem), _find(dirs, lbl_stem)
+            if img_path is None or lbl_path is None:
+                missing = img_stem if img_path is None else lbl_stem
+                raise DataError(
+                    f"{title} file {missing}[.gz] not found in: {', '.join(str(d) for d in dirs)}; {how}"
+                )
+            images, labels = read_idx(img_path), read_idx(lbl_path)
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise DataError(f"{img_path} / {lbl_path}: expected images [N, H, W] and labels [N] "
+                                f"with the same N, got {images.shape} and {labels.shape}")
+            if transpose:
+                images = images.transpose(0, 2, 1)
+            splits.append(Split(torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1),
+                                torch.from_numpy(labels.astype(np.int64))))
+        return splits[0], splits[1]
+
+    return load
+
+
+_DIGITS = tuple(str(i) for i in range(10))
+_FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_EMNIST_CLASSES = _DIGITS + tuple(chr(c) for c in range(ord("A"), ord("Z") + 1)) + tuple(
+    chr(c) for c in range(ord("a"), ord("z") + 1))
+
+_FMNIST_HOW = ("install Debian's package (apt-get install dataset-fashion-mnist) or put the four "
+               "Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...) in --data-dir")
+DATASETS.register("fmnist")(DatasetSpec(
+    "fmnist", "Fashion-MNIST", (1, 28, 28), _FMNIST_CLASSES, (0.2860,), (0.3530,), "cnn-fmnist",
+    _FMNIST_HOW, _idx_loader("", "Fashion-MNIST", _FMNIST_HOW), "FashionMNIST", (DEBIAN_FMNIST,)))
+
+_MNIST_HOW = "put the four MNIST IDX files (train-images-idx3-ubyte.gz, ...) in --data-dir"
+DATASETS.register("mnist")(DatasetSpec(
+    "mnist", "MNIST", (1, 28, 28), _DIGITS, (0.1307,), (0.3081,), "cnn-mnist",
+    _MNIST_HOW, _idx_loader("", "MNIST", _MNIST_HOW), "MNIST"))
+
+_EMNIST_HOW = ("put the EMNIST byclass IDX files (emnist-byclass-train-images-idx3-ubyte.gz, ...) "
+               "from the EMNIST 'gzip' archive in --data-dir")
+DATASETS.register("emnist")(DatasetSpec(
+    "emnist", "EMNIST byclass", (1, 28, 28), _EMNIST_CLASSES, (0.1736,), (0.3317,), "cnn-mnist",
+    _EMNIST_HOW, _idx_loader("emnist-byclass-", "EMNIST byclass", _EMNIST_HOW, transpose=True),
+    "EMNIST"))
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles only what the CIFAR batches hold: dicts, lists, bytes, numpy arrays."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        if name == "_reconstruct":
+            try:
+                from numpy._core.multiarray import _reconstruct
+            except ImportError:  # numpy < 2
+                from numpy.core.multiarray import _reconstruct
+            return _reconstruct
+        return getattr(np, name)
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One ``cifar-10-batches-py`` file -> (uint8 [N, 3, 32, 32], int64 [N])."""
+    try:
+        obj = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} is not a CIFAR-10 batch (expected a dict)")
+    data = obj.get(b"data", obj.get("data"))
+    labels = obj.get(b"labels", obj.get("labels"))
+    if data is None or labels is None:
+        raise DataError(f"{path} is not a CIFAR-10 batch (no 'data'/'labels' entries)")
+    data = np.asarray(data, dtype=np.uint8)
+    labels = np.asarray(labels, dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DataError(f"{path}: expected data [N, 3072] and N labels, got {data.shape} and {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+_CIFAR_HOW = ("download 'CIFAR-10 python version' (cifar-10-python.tar.gz) and unpack it in "
+              "--data-dir, so that --data-dir/cifar-10-batches-py/data_batch_1 exists")
+
+
+def _load_cifar(dirs: list[Path]) -> tuple[Split, Split]:
+    candidates = [d / "cifar-10-batches-py" for d in dirs] + dirs
+    for d in candidates:
+        if (d / "data_batch_1").is_file() and (d / "test_batch").is_file():
+            train = [read_cifar_batch(d / f"data_batch_{i}") for i in range(1, 6)
+                     if (d / f"data_batch_{i}").is_file()]
+            test = read_cifar_batch(d / "test_batch")
+            return (Split(torch.from_numpy(np.concatenate([t[0] for t in train])),
+                          torch.from_numpy(np.concatenate([t[1] for t in train]))),
+                    Split(torch.from_numpy(test[0].copy()), torch.from_numpy(test[1])))
+    raise DataError(f"CIFAR-10 batches (data_batch_1 ... test_batch) not found in: "
+                    f"{', '.join(str(d) for d in candidates)}; {_CIFAR_HOW}")
+
+
+DATASETS.register("cifar10")(DatasetSpec(
+    "cifar10", "CIFAR-10", (3, 32, 32),
+    ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+    (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cnn-cifar", _CIFAR_HOW, _load_cifar))

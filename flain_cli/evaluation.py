@@ -1,0 +1,59 @@
+"""Evaluate a checkpoint: what it is (from its metadata, or the caller's overrides) and its ACC/ASR."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .attack import AttackTask
+from .checkpoint import Checkpoint, build_from, load_checkpoint, resolve_model_meta
+from .datasets import DATASETS, Split, load_dataset
+from .errors import ConfigError
+from .metrics import EvalResult, evaluate
+from .triggers import make_trigger
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    task: AttackTask
+    trigger: str
+
+
+def resolve_attack(ckpt: Checkpoint, num_classes: int, attack: str | None = None,
+                   trigger: str | None = None) -> AttackSpec | None:
+    """The attack to measure: the options if given ("none" turns it off), else the metadata's."""
+    if attack is not None and attack.lower() == "none":
+        return None
+    known = ckpt.meta.get("attack") or {}
+    text = attack or known.get("task")
+    if text is None:
+        return None
+    return AttackSpec(AttackTask.parse(text, num_classes), trigger or known.get("trigger") or "cba")
+
+
+@dataclass(frozen=True)
+class CheckpointEval:
+    meta: dict[str, Any]
+    attack: AttackSpec | None
+    result: EvalResult
+
+
+def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Path | None = None,
+                        arch: str | None = None, attack: str | None = None, trigger: str | None = None,
+                        device: torch.device | str = "cpu", test: Split | None = None) -> CheckpointEval:
+    """ACC on the clean test split and ASR of the known (or given) attack."""
+    ckpt = load_checkpoint(path)
+    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset)
+    if meta["dataset"] is None:
+        raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
+                          f"({', '.join(DATASETS.names())})")
+    spec = DATASETS.get(meta["dataset"])
+    model = build_from(ckpt, meta, device)
+    spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, trigger)
+    split = test if test is not None else load_dataset(meta["dataset"], data_dir).test
+    trig = make_trigger(spec_attack.trigger, *spec.shape[1:]) if spec_attack else None
+    result = evaluate(model, split, spec, spec_attack.task if spec_attack else None, trig, device)
+    return CheckpointEval(meta, spec_attack, result)

@@ -1,0 +1,60 @@
+"""Clean accuracy (ACC) and attack success rate (ASR)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .attack import AttackTask
+from .datasets import DatasetSpec, Split
+from .triggers import Trigger
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    acc: float
+    asr: float | None  # None when no attack is known
+    n_clean: int
+    n_triggered: int
+    per_class_acc: tuple[float, ...]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, spec: DatasetSpec, device: torch.device | str = "cpu",
+            batch_size: int = 1000) -> torch.Tensor:
+    """Predicted labels of uint8 images, in eval mode."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    for start in range(0, len(images), batch_size):
+        x = spec.normalize(images[start:start + batch_size].to(device))
+        preds.append(model(x).argmax(dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+def attack_success_rate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask, trigger: Trigger,
+                        device: torch.device | str = "cpu") -> tuple[float, int]:
+    """Share of source-class test images, stamped with the full trigger, classified as the target."""
+    idx = torch.nonzero(task.is_source(split.labels)).flatten()
+    if len(idx) == 0:
+        return 0.0, 0
+    preds = predict(model, trigger.stamp(split.images[idx]), spec, device)
+    return float((preds == task.target).float().mean()), len(idx)
+
+
+def evaluate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask | None = None,
+             trigger: Trigger | None = None, device: torch.device | str = "cpu") -> EvalResult:
+    preds = predict(model, split.images, spec, device)
+    correct = preds == split.labels
+    per_class = tuple(
+        float(correct[split.labels == c].float().mean()) if bool((split.labels == c).any()) else float("nan")
+        for c in range(spec.num_classes)
+    )
+    asr, n_triggered = (None, 0)
+    if task is not None and trigger is not None:
+        asr, n_triggered = attack_success_rate(model, split, spec, task, trigger, device)
+    return EvalResult(float(correct.float().mean()) if len(split) else float("nan"), asr, len(split),
+                      n_triggered, per_class)

@@ -1,0 +1,219 @@
+"""Federated learning with malicious clients (FedAvg or RLR), as the paper sets it up.
+
+Clients hold index views into the one in-memory training set; malicious clients (ids
+0..floor(N * MCR) - 1) stamp their trigger part on a fixed share PDR of their source-class
+samples and relabel them to the target. Each round every sampled client trains a copy of the
+global model with a fresh Adam optimizer and sends back its state_dict delta (BatchNorm
+buffers included); the server aggregates the deltas with the chosen rule.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .aggregation import AGGREGATORS, AggregatorSettings, Update, apply_update
+from .attack import AttackTask, choose_poisoned
+from .datasets import Dataset
+from .errors import ConfigError
+from .metrics import evaluate
+from .models import ARCHITECTURES, build_model
+from .splits import SPLITS, balanced_subset
+from .triggers import TRIGGERS, Trigger, make_trigger
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "fmnist"
+    arch: str = "cnn-fmnist"
+    clients: int = 10
+    mcr: float = 0.4
+    pdr: float = 0.3
+    attack: str | None = "0:5"  # SRC:TGT, all:TGT, or None for a clean run
+    trigger: str = "cba"
+    split: str = "iid"
+    alpha: float = 0.5
+    rounds: int = 20
+    local_epochs: int = 1
+    batch_size: int = 256
+    lr: float = 1e-3
+    sample_rate: float = 1.0
+    server_lr: float = 1.0
+    aggregator: str = "fedavg"
+    rlr_threshold: int | None = None
+    train_samples: int | None = None
+    seed: int = 0
+    eval_every: int = 1
+
+    @property
+    def malicious(self) -> list[int]:
+        return list(range(math.floor(self.clients * self.mcr + 1e-9))) if self.attack else []
+
+    @property
+    def sampled_per_round(self) -> int:
+        return max(1, round(self.clients * self.sample_rate))
+
+    def task(self, num_classes: int) -> AttackTask | None:
+        return AttackTask.parse(self.attack, num_classes) if self.attack else None
+
+    def validate(self, num_classes: int) -> None:
+        checks = [
+            (self.clients >= 1, f"--clients must be at least 1, got {self.clients}"),
+            (0.0 <= self.mcr <= 1.0, f"--mcr must be in [0, 1], got {self.mcr}"),
+            (0.0 <= self.pdr <= 1.0, f"--pdr must be in [0, 1], got {self.pdr}"),
+            (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
+            (self.local_epochs >= 1, f"--local-epochs must be at least 1, got {self.local_epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0.0 < self.sample_rate <= 1.0, f"--sample-rate must be in (0, 1], got {self.sample_rate}"),
+            (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        for registry, name in ((SPLITS, self.split), (AGGREGATORS, self.aggregator), (TRIGGERS, self.trigger),
+                               (ARCHITECTURES, self.arch)):
+            registry.get(name)
+        self.task(num_classes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ClientData:
+    indices: torch.Tensor  # into the training split
+    poisoned: torch.Tensor | None = None  # bool mask over ``indices``
+    trigger_part: int | None = None
+
+    @property
+    def n_poisoned(self) -> int:
+        return 0 if self.poisoned is None else int(self.poisoned.sum())
+
+
+@dataclass(frozen=True)
+class RoundLog:
+    round: int
+    acc: float | None
+    asr: float | None
+    seconds: float
+    train_seconds: float
+    samples: int
+
+
+@dataclass
+class SimulationResult:
+    init_state: dict[str, torch.Tensor]
+    final_state: dict[str, torch.Tensor]
+    clients: list[ClientData]
+    history: list[RoundLog] = field(default_factory=list)
+
+
+class Listener:
+    """Receives progress events; the CLI draws them, the library ignores them."""
+
+    def round_start(self, rnd: int, sampled: list[int]) -> None: ...
+    def client_done(self, rnd: int, client: int) -> None: ...
+    def round_end(self, log: RoundLog) -> None: ...
+
+
+def make_clients(cfg: TrainConfig, dataset: Dataset, rng: np.random.Generator) -> list[ClientData]:
+    labels = dataset.train.labels
+    pool = (balanced_subset(labels, cfg.train_samples, rng) if cfg.train_samples
+            else torch.arange(len(labels)))
+    parts = SPLITS.get(cfg.split)(labels[pool], cfg.clients, rng, alpha=cfg.alpha)
+    task = cfg.task(dataset.spec.num_classes)
+    trigger = make_trigger(cfg.trigger, *dataset.spec.shape[1:])
+    clients = []
+    for k, part in enumerate(parts):
+        indices = pool[part]
+        if k in cfg.malicious:
+            poisoned = choose_poisoned(labels[indices], task, cfg.pdr, rng)
+            clients.append(ClientData(indices, poisoned, trigger.part_for(k)))
+        else:
+            clients.append(ClientData(indices))
+    return clients
+
+
+def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, target: int | None,
+                   batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled (uint8 images, labels) batches; poisoned samples stamped and relabelled."""
+    perm = torch.randperm(len(client.indices), generator=gen)
+    for start in range(0, len(perm), batch_size):
+        pos = perm[start:start + batch_size]
+        idx = client.indices[pos]
+        x, y = dataset.train.images[idx], dataset.train.labels[idx]
+        if client.poisoned is not None:
+            hit = client.poisoned[pos]
+            if bool(hit.any()):
+                x[hit] = trigger.stamp(x[hit], client.trigger_part)
+                y[hit] = target
+        yield x, y
+
+
+def train_client(model: nn.Module, global_state: Update, client: ClientData, dataset: Dataset,
+                 trigger: Trigger, target: int | None, cfg: TrainConfig, gen: torch.Generator,
+                 device: torch.device) -> Update:
+    """Local training from the global model; returns the state_dict delta."""
+    model.load_state_dict(global_state)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    for _ in range(cfg.local_epochs):
+        for x, y in client_batches(client, dataset, trigger, target, cfg.batch_size, gen):
+            x = dataset.spec.normalize(x.to(device, non_blocking=True))
+            loss = F.cross_entropy(model(x), y.to(device, non_blocking=True))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return {name: t.detach() - global_state[name] for name, t in model.state_dict().items()}
+
+
+def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "cpu",
+             listener: Listener | None = None) -> SimulationResult:
+    """Run the whole federation; bit-reproducible for a seed on one machine."""
+    cfg.validate(dataset.spec.num_classes)
+    listener = listener or Listener()
+    device = torch.device(device)
+    rng = np.random.default_rng(cfg.seed)
+    task = cfg.task(dataset.spec.num_classes)
+    trigger = make_trigger(cfg.trigger, *dataset.spec.shape[1:])
+    clients = make_clients(cfg, dataset, rng)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    aggregate = AGGREGATORS.get(cfg.aggregator)
+    with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.arch, dataset.spec.num_classes).to(device)
+        buffers = {name for name, _ in model.named_buffers()}
+        settings = AggregatorSettings(cfg.server_lr, cfg.rlr_threshold, buffers)
+        state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+        result = SimulationResult({k: v.cpu() for k, v in state.items()}, {}, clients)
+        for rnd in range(1, cfg.rounds + 1):
+            started = time.perf_counter()
+            sampled = sorted(rng.choice(cfg.clients, size=cfg.sampled_per_round, replace=False).tolist())
+            listener.round_start(rnd, sampled)
+            updates, weights = [], []
+            for k in sampled:
+                updates.append(train_client(model, state, clients[k], dataset, trigger,
+                                            task.target if task else None, cfg, gen, device))
+                weights.append(float(len(clients[k].indices)))
+                listener.client_done(rnd, k)
+            train_seconds = time.perf_counter() - started
+            state = apply_update(state, aggregate(updates, weights, settings))
+            acc = asr = None
+            if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                model.load_state_dict(state)
+                res = evaluate(model, dataset.test, dataset.spec, task, trigger, device)
+                acc, asr = res.acc, res.asr
+            log = RoundLog(rnd, acc, asr, time.perf_counter() - started, train_seconds,
+                           int(sum(weights)) * cfg.local_epochs)
+            result.history.append(log)
+            listener.round_end(log)
+        result.final_state = {k: v.cpu() for k, v in state.items()}
+    return result

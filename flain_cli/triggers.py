@@ -1,0 +1,118 @@
+"""Pixel triggers, written into raw uint8 pixels before normalization.
+
+A trigger is one or more *parts* (boolean masks over the image) and the raw value written on
+every channel under the mask. CBA and the pixel-count variants have one part; DBA splits its
+global pattern into parts and malicious client ``k`` stamps part ``k mod P``. Evaluation always
+stamps the full pattern (the union of the parts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class Trigger:
+    name: str
+    parts: tuple[torch.Tensor, ...]  # bool [H, W] each
+    value: int  # raw pixel value (0..255) written on every channel
+
+    @property
+    def full(self) -> torch.Tensor:
+        mask = torch.zeros_like(self.parts[0])
+        for part in self.parts:
+            mask |= part
+        return mask
+
+    def part_for(self, client_id: int) -> int:
+        return client_id % len(self.parts)
+
+    def mask(self, part: int | None = None) -> torch.Tensor:
+        return self.full if part is None else self.parts[part]
+
+    def stamp(self, images: torch.Tensor, part: int | None = None) -> torch.Tensor:
+        """Return a copy of uint8 ``[N, C, H, W]`` images with the pattern (or one part) set."""
+        out = images.clone()
+        out[:, :, self.mask(part).to(images.device)] = self.value
+        return out
+
+
+TRIGGERS: Registry[Callable[[int, int], Trigger]] = Registry("trigger")
+
+
+def make_trigger(name: str, height: int, width: int) -> Trigger:
+    return TRIGGERS.get(name)(height, width)
+
+
+def _mask(height: int, width: int, pixels: list[tuple[int, int]]) -> torch.Tensor:
+    mask = torch.zeros(height, width, dtype=torch.bool)
+    for r, c in pixels:
+        mask[r, c] = True
+    return mask
+
+
+def _need(name: str, height: int, width: int) -> None:
+    if (height, width) not in ((28, 28), (32, 32)):
+        raise ConfigError(f"trigger {name!r} is defined for 28x28 and 32x32 images, not {height}x{width}")
+
+
+@TRIGGERS.register("cba")
+def cba(height: int, width: int) -> Trigger:
+    """28x28: 5x5 block of 255 at rows/cols 23..27; 32x32: 4x4 block of 10 at rows/cols 26..29."""
+    _need("cba", height, width)
+    if (height, width) == (28, 28):
+        span, value = range(23, 28), 255
+    else:  # the reference implementation writes value 10 on CIFAR-10
+        span, value = range(26, 30), 10
+    return Trigger("cba", (_mask(height, width, [(r, c) for r in span for c in span]),), value)
+
+
+@TRIGGERS.register("dba")
+def dba(height: int, width: int) -> Trigger:
+    """A plus sign split into parts.
+
+    28x28: centred at (25, 25), arms of length 2; part 0 = row 25 (cols 23..27), part 1 = col 25
+    (rows 23..27). 32x32: column 5 rows 5..11 and row 8 cols 2..8, in 4 parts: upper arm with the
+    centre, lower arm, left arm, right arm.
+    """
+    _need("dba", height, width)
+    if (height, width) == (28, 28):
+        parts = (_mask(height, width, [(25, c) for c in range(23, 28)]),
+                 _mask(height, width, [(r, 25) for r in range(23, 28)]))
+    else:
+        parts = (_mask(height, width, [(r, 5) for r in range(5, 9)]),
+                 _mask(height, width, [(r, 5) for r in range(9, 12)]),
+                 _mask(height, width, [(8, c) for c in range(2, 5)]),
+                 _mask(height, width, [(8, c) for c in range(6, 9)]))
+    return Trigger("dba", parts, 255)
+
+
+# Pixel-count variants (paper, Figures 3-4): n pixels of 255 inside the 3x3 box whose top-left
+# corner is 3 pixels from the bottom-right corner. The paper's figure is not reproduced in its
+# text, so these shapes are our own: a bar, a plus, a plus with two corners, the full block.
+_PIXEL_SHAPES = {
+    3: [(1, 0), (1, 1), (1, 2)],
+    5: [(0, 1), (1, 0), (1, 1), (1, 2), (2, 1)],
+    7: [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2), (2, 1), (2, 2)],
+    9: [(r, c) for r in range(3) for c in range(3)],
+}
+
+
+def _pixel_variant(n: int) -> Callable[[int, int], Trigger]:
+    def build(height: int, width: int) -> Trigger:
+        _need(f"pix{n}", height, width)
+        top, left = height - 4, width - 4
+        pixels = [(top + r, left + c) for r, c in _PIXEL_SHAPES[n]]
+        return Trigger(f"pix{n}", (_mask(height, width, pixels),), 255)
+
+    return build
+
+
+for _n in _PIXEL_SHAPES:
+    TRIGGERS.register(f"pix{_n}")(_pixel_variant(_n))
