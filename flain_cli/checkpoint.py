@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from . import __version__
 from .datasets import DATASETS
@@ -76,6 +77,21 @@ def model_meta(arch: str, num_classes: int, dataset: str | None) -> dict[str, An
     return meta
 
 
+def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the metadata keys in sorted order.
+
+    The safetensors writer emits ``__metadata__`` in hash-map order, which changes from run to
+    run; sorting it makes equal content give equal files (and equal sha256).
+    """
+    data = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + size:]
+
+
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     """Write ``state`` with ``meta`` atomically; return the new file's sha256."""
     if meta.get("role") not in ROLES:
@@ -83,7 +99,7 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, 
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in state.items()}
     encoded = {key: json.dumps(value, sort_keys=True) for key, value in meta.items()}
     try:
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=encoded))
+        atomic_write(path, lambda tmp: tmp.write_bytes(canonical_safetensors(tensors, encoded)))
     except OSError as exc:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
     return sha256_file(path)

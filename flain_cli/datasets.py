@@ -194,6 +194,7 @@ class _ArrayUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
     }
 
     def find_class(self, module: str, name: str):
@@ -205,6 +206,9 @@ class _ArrayUnpickler(pickle.Unpickler):
             except ImportError:  # numpy < 2
                 from numpy.core.multiarray import _reconstruct
             return _reconstruct
+        if module == "_codecs":
+            import codecs
+            return codecs.encode
         return getattr(np, name)
 
 

@@ -77,14 +77,14 @@ def cba(height: int, width: int) -> Trigger:
 def dba(height: int, width: int) -> Trigger:
     """A plus sign split into parts.
 
-    28x28: centred at (25, 25), arms of length 2; part 0 = row 25 (cols 23..27), part 1 = col 25
-    (rows 23..27). 32x32: column 5 rows 5..11 and row 8 cols 2..8, in 4 parts: upper arm with the
+    28x28: centred at (25, 25), arms of length 2; part 0 = row 25 (cols 23..27), part 1 = the
+    rest of col 25 (rows 23, 24, 26, 27). 32x32: column 5 rows 5..11 and row 8 cols 2..8, in 4 parts: upper arm with the
     centre, lower arm, left arm, right arm.
     """
     _need("dba", height, width)
     if (height, width) == (28, 28):
         parts = (_mask(height, width, [(25, c) for c in range(23, 28)]),
-                 _mask(height, width, [(r, 25) for r in range(23, 28)]))
+                 _mask(height, width, [(r, 25) for r in (23, 24, 26, 27)]))
     else:
         parts = (_mask(height, width, [(r, 5) for r in range(5, 9)]),
                  _mask(height, width, [(r, 5) for r in range(9, 12)]),

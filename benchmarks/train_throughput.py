@@ -1,0 +1,97 @@
+"""Client-training throughput of `flain train` against a bare PyTorch loop, side by side.
+
+Both train the same architecture on the same in-memory Fashion-MNIST tensors with the same batch
+size and optimizer (Adam, lr 1e-3); the bare loop gets its images pre-normalized (the fastest
+it can be), `flain train`'s path gathers uint8 client batches, stamps poisoned samples and
+normalizes per batch. Each measurement runs in its own subprocess (so peak memory is its own),
+alternating bare / flain, and the median of the repetitions is reported.
+
+    .venv/bin/python benchmarks/train_throughput.py --samples 6000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+def run_bare(samples: int, batch_size: int, arch: str) -> dict:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from flain_cli.datasets import load_dataset
+    from flain_cli.models import build_model
+    from flain_cli.splits import balanced_subset
+
+    data = load_dataset("fmnist")
+    idx = balanced_subset(data.train.labels, samples, np.random.default_rng(0))
+    x_all = data.spec.normalize(data.train.images[idx])
+    y_all = data.train.labels[idx]
+    torch.manual_seed(0)
+    model = build_model(arch, 10).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
+    gen = torch.Generator().manual_seed(0)
+    started = time.perf_counter()
+    perm = torch.randperm(len(y_all), generator=gen)
+    for start in range(0, len(perm), batch_size):
+        b = perm[start:start + batch_size]
+        loss = F.cross_entropy(model(x_all[b]), y_all[b])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return {"seconds": time.perf_counter() - started}
+
+
+def run_flain(samples: int, batch_size: int, arch: str) -> dict:
+    from flain_cli.datasets import load_dataset
+    from flain_cli.simulation import TrainConfig, simulate
+
+    data = load_dataset("fmnist")
+    # 2 clients, one malicious (poisoning and trigger stamping on the hot path), one round;
+    # RoundLog.train_seconds covers the client training only (not aggregation or evaluation).
+    cfg = TrainConfig(arch=arch, clients=2, mcr=0.5, pdr=0.3, rounds=1, batch_size=batch_size,
+                      train_samples=samples, seed=0)
+    result = simulate(cfg, data)
+    return {"seconds": result.history[0].train_seconds}
+
+
+def child(mode: str, samples: int, batch_size: int, arch: str) -> None:
+    result = (run_bare if mode == "bare" else run_flain)(samples, batch_size, arch)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=6000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--arch", default="cnn-fmnist")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", choices=["bare", "flain"])
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.samples, args.batch_size, args.arch)
+        return
+    runs: dict[str, list[dict]] = {"bare": [], "flain": []}
+    for _ in range(args.repeats):
+        for mode in ("bare", "flain"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--samples", str(args.samples),
+                                  "--batch-size", str(args.batch_size), "--arch", args.arch],
+                                 check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    report = {"arch": args.arch, "samples": args.samples, "batch_size": args.batch_size, "repeats": args.repeats}
+    for mode, rs in runs.items():
+        report[mode] = {"samples_per_s": round(args.samples / statistics.median(r["seconds"] for r in rs), 1),
+                        "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1)}
+    report["ratio_flain_over_bare"] = round(report["flain"]["samples_per_s"] / report["bare"]["samples_per_s"], 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

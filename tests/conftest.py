@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flain_cli.datasets import DEBIAN_FMNIST
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> Path:
+    """Write ``array`` (uint8) as an IDX file, as the MNIST family ships it."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+    return path
+
+
+def make_images(n: int, seed: int, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Small 28x28 images whose class is readable from a bright band (so a model can learn them)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 2 + 2 * c: 4 + 2 * c, 2:20] = 220
+    return images, labels.astype(np.uint8)
+
+
+def write_fmnist_like(root: Path, n_train: int = 400, n_test: int = 200, gz: bool = True) -> Path:
+    suffix = ".gz" if gz else ""
+    root.mkdir(parents=True, exist_ok=True)
+    for stem, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = make_images(n, seed)
+        write_idx(root / f"{stem}-images-idx3-ubyte{suffix}", images, gz)
+        write_idx(root / f"{stem}-labels-idx1-ubyte{suffix}", labels, gz)
+    return root
+
+
+@pytest.fixture
+def fmnist_dir(tmp_path: Path) -> Path:
+    """Tiny Fashion-MNIST-shaped IDX files (gzipped), written by the test."""
+    return write_fmnist_like(tmp_path / "fmnist")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+# CI sets FLAIN_REQUIRE_FMNIST=1: there a missing dataset fails the end-to-end tests instead of skipping them.
+real_fmnist = pytest.mark.skipif(
+    not (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").is_file() and not os.environ.get("FLAIN_REQUIRE_FMNIST"),
+    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

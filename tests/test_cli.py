@@ -1,0 +1,107 @@
+"""The CLI contract: exit codes, the one-line errors, the JSON on stdout."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from flain_cli.checkpoint import load_checkpoint
+from flain_cli.cli.app import app
+
+runner = CliRunner()
+TINY = ["--arch", "cnn-mnist", "--clients", "2", "--mcr", "0.5", "--pdr", "0.5", "--rounds", "1",
+        "--batch-size", "64", "--seed", "1"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def trained(tmp_path, fmnist_dir):
+    out = tmp_path / "run"
+    res = invoke("train", "--data-dir", fmnist_dir, *TINY, "--out", out, "--log", tmp_path / "log.jsonl", "--json")
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.stdout), fmnist_dir
+
+
+def test_train_writes_checkpoints_log_and_json(trained, tmp_path):
+    out, summary, _ = trained
+    assert {"init", "final", "acc", "asr", "history", "init_sha256", "final_sha256"} <= set(summary)
+    init, final = load_checkpoint(out / "init.safetensors"), load_checkpoint(out / "final.safetensors")
+    assert init.meta["role"] == "init" and final.meta["role"] == "final"
+    assert final.meta["parents"]["init"] == init.sha256 == summary["init_sha256"]
+    assert final.meta["attack"] == {"task": "0:5", "source": 0, "target": 5, "trigger": "cba", "pdr": 0.5,
+                                    "mcr": 0.5, "malicious_clients": [0]}
+    assert final.meta["train_config"]["clients"] == 2 and final.meta["seed"] == 1
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [line["round"] for line in lines] == [1] and {"acc", "asr", "seconds"} <= set(lines[0])
+
+
+def test_eval_json_contract(trained):
+    out, summary, data_dir = trained
+    res = invoke("eval", out / "final.safetensors", "--data-dir", data_dir, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert {"acc", "asr", "n_clean", "n_triggered"} <= set(report)
+    assert report["n_clean"] == 200 and report["n_triggered"] == 20
+    assert report["acc"] == pytest.approx(summary["acc"]) and report["asr"] == pytest.approx(summary["asr"])
+    assert len(report["per_class_acc"]) == 10
+    # overrides: another attack task, or none
+    other = json.loads(invoke("eval", out / "final.safetensors", "--data-dir", data_dir, "--attack", "all:3",
+                              "--json").stdout)
+    assert other["attack"] == "all:3" and other["n_triggered"] == 180
+    assert json.loads(invoke("eval", out / "final.safetensors", "--data-dir", data_dir, "--attack", "none",
+                             "--json").stdout)["asr"] is None
+
+
+def test_eval_table_shows_per_class_accuracy(trained):
+    out, _, data_dir = trained
+    res = invoke("eval", out / "final.safetensors", "--data-dir", data_dir)
+    assert res.exit_code == 0 and "per-class accuracy" in res.stdout and "Ankle boot" in res.stdout
+
+
+def test_existing_outputs_are_not_overwritten(trained):
+    out, _, data_dir = trained
+    before = (out / "final.safetensors").read_bytes()
+    res = invoke("train", "--data-dir", data_dir, *TINY, "--out", out)
+    assert res.exit_code == 1
+    assert res.stderr.strip().splitlines() == [f"Error: {out / 'init.safetensors'} already exists; "
+                                               "pass --force to overwrite it or choose another output"]
+    assert (out / "final.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("args,message", [
+    (["eval", "missing.safetensors"], "Error: checkpoint missing.safetensors does not exist"),
+    (["train", "--attack", "0:12"], "Error: attack 0:12 names class 12"),
+    (["train", "--mcr", "1.5"], "Error: --mcr must be in [0, 1], got 1.5"),
+    (["train", "--trigger", "star"], "Error: unknown trigger 'star'; choose one of: cba, dba"),
+    (["train", "--dataset", "mnist", "--data-dir", "nowhere"], "Error: MNIST file train-images-idx3-ubyte[.gz] not found in: nowhere"),
+    pytest.param(["train", "--device", "cuda:0"], "Error: --device cuda was asked for",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
+])
+def test_bad_input_is_one_error_line_and_exit_1(args, message):
+    res = invoke(*args)
+    assert res.exit_code == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.safetensors"
+    bad.write_text("hello")
+    res = invoke("eval", bad)
+    assert res.exit_code == 1 and res.stderr.startswith(f"Error: {bad} is not a readable safetensors file")
+
+
+def test_usage_errors_keep_exit_code_2():
+    assert invoke("train", "--rounds", "many").exit_code == 2
+    assert invoke("eval").exit_code == 2
+    assert invoke("frobnicate").exit_code == 2
+
+
+def test_version():
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.stdout.startswith("flain-cli ")

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from torch import nn
+
+from flain_cli.attack import AttackTask
+from flain_cli.datasets import DATASETS, Split
+from flain_cli.errors import ConfigError
+from flain_cli.metrics import evaluate
+from flain_cli.triggers import make_trigger
+
+SPEC = DATASETS.get("fmnist")
+
+
+class ReadsPixels(nn.Module):
+    """Predicts the class written in pixel (0, 0) as 10*c, unless it is 'wrong' (pixel (0, 1) = 1);
+    predicts 5 when the trigger corner is lit and pixel (0, 2) = 1 (a half-working backdoor)."""
+
+    def forward(self, x):
+        raw = (x * SPEC.std[0] + SPEC.mean[0]) * 255
+        cls = (raw[:, 0, 0, 0] / 10).round().long()
+        cls = torch.where(raw[:, 0, 0, 1].round() == 1, (cls + 1) % 10, cls)
+        backdoor = (raw[:, 0, 25, 25].round() == 255) & (raw[:, 0, 0, 2].round() == 1)
+        cls = torch.where(backdoor, torch.full_like(cls, 5), cls)
+        return nn.functional.one_hot(cls, 10).float()
+
+
+def _split():
+    labels = torch.arange(100) % 10
+    images = torch.zeros(100, 1, 28, 28, dtype=torch.uint8)
+    images[:, 0, 0, 0] = labels.to(torch.uint8) * 10
+    images[:20, 0, 0, 1] = 1  # the first 20 are misclassified (two of each class)
+    images[labels == 0, 0, 0, 2] = torch.tensor([1, 1, 1, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    return Split(images, labels)
+
+
+def test_acc_and_asr_on_a_hand_made_model():
+    res = evaluate(ReadsPixels(), _split(), SPEC, AttackTask(0, 5), make_trigger("cba", 28, 28))
+    assert res.acc == pytest.approx(0.8)
+    assert res.per_class_acc == pytest.approx((0.8,) * 10)
+    assert res.n_clean == 100 and res.n_triggered == 10
+    assert res.asr == pytest.approx(0.3)  # 3 of the 10 source images carry the working backdoor
+
+
+def test_all_to_one_counts_every_non_target_image():
+    split = _split()
+    res = evaluate(ReadsPixels(), split, SPEC, AttackTask(None, 5), make_trigger("cba", 28, 28))
+    assert res.n_triggered == 90
+    # 3 working backdoors on class 0, plus the 2 class-4 images the model already calls 5
+    assert res.asr == pytest.approx(5 / 90)
+
+
+def test_no_attack_gives_no_asr():
+    res = evaluate(ReadsPixels(), _split(), SPEC)
+    assert res.asr is None and res.n_triggered == 0
+
+
+def test_attack_task_parsing():
+    assert AttackTask.parse("0:5", 10) == AttackTask(0, 5)
+    assert AttackTask.parse("all:3", 10) == AttackTask(None, 3)
+    for bad in ("0-5", "a:b", "0:10", "4:4", "0:5:1"):
+        with pytest.raises(ConfigError):
+            AttackTask.parse(bad, 10)

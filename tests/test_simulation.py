@@ -1,0 +1,67 @@
+import dataclasses
+
+import numpy as np
+import torch
+
+from flain_cli.datasets import DATASETS, Dataset, Split
+from flain_cli.simulation import TrainConfig, client_batches, make_clients, simulate
+from flain_cli.triggers import make_trigger
+
+from .conftest import make_images
+
+
+def _dataset(n_train=300, n_test=100):
+    def split(n, seed):
+        images, labels = make_images(n, seed)
+        return Split(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
+    return Dataset(DATASETS.get("fmnist"), split(n_train, 0), split(n_test, 1))
+
+
+CFG = TrainConfig(arch="cnn-mnist", clients=4, mcr=0.5, pdr=0.5, attack="0:5", trigger="dba", rounds=2,
+                  batch_size=64, seed=3)
+
+
+def test_malicious_clients_and_poisoning():
+    data = _dataset()
+    clients = make_clients(CFG, data, np.random.default_rng(0))
+    assert CFG.malicious == [0, 1]
+    for k, client in enumerate(clients):
+        if k < 2:
+            sources = int((data.train.labels[client.indices] == 0).sum())
+            assert client.n_poisoned == int(0.5 * sources) > 0
+            assert bool((data.train.labels[client.indices][client.poisoned] == 0).all())
+            assert client.trigger_part == k % 2
+        else:
+            assert client.poisoned is None
+    # batches: poisoned samples carry their client's trigger part and the target label
+    trig = make_trigger("dba", 28, 28)
+    xs, ys = zip(*client_batches(clients[1], data, trig, 5, 1000, torch.Generator().manual_seed(0)))
+    x, y = torch.cat(xs), torch.cat(ys)
+    assert int((y == 5).sum()) - int((data.train.labels[clients[1].indices] == 5).sum()) == clients[1].n_poisoned
+    lit = x[:, 0][:, trig.parts[1]].eq(255).all(dim=1)
+    assert int(lit.sum()) >= clients[1].n_poisoned
+    assert data.train.images[:, :, 25, 23:28].ne(255).any()  # the stored dataset was not stamped
+
+
+def test_mcr_floor():
+    assert TrainConfig(clients=10, mcr=0.4).malicious == [0, 1, 2, 3]
+    assert TrainConfig(clients=15, mcr=0.4).malicious == list(range(6))
+    assert TrainConfig(clients=10, mcr=0.4, attack=None).malicious == []
+
+
+def test_seeded_run_is_reproducible_bit_for_bit_and_the_seed_matters():
+    data = _dataset()
+    a, b = simulate(CFG, data), simulate(CFG, data)
+    c = simulate(dataclasses.replace(CFG, seed=4), data)
+    assert all(torch.equal(a.final_state[k], b.final_state[k]) for k in a.final_state)
+    assert all(torch.equal(a.init_state[k], b.init_state[k]) for k in a.init_state)
+    assert not torch.equal(a.final_state["fc1.weight"], c.final_state["fc1.weight"])
+    assert not torch.equal(a.init_state["fc1.weight"], a.final_state["fc1.weight"])
+    assert [h.round for h in a.history] == [1, 2] and a.history[-1].acc is not None
+
+
+def test_rlr_and_sampling_run():
+    data = _dataset()
+    res = simulate(dataclasses.replace(CFG, aggregator="rlr", sample_rate=0.5, rounds=1, eval_every=5), data)
+    assert res.history[0].samples == 150  # 2 of 4 clients, 75 samples each
+    assert res.history[0].acc is not None  # the last round is always evaluated
