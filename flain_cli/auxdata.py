@@ -1,0 +1,185 @@
+"""The defender's small clean auxiliary set: read from an image folder or a tensor file, or exported.
+
+Accepted inputs:
+- a folder in torchvision's ImageFolder layout, ``AUX/<class>/<image>`` (PNG/JPEG/BMP), where
+  ``<class>`` is a class index or a class name recorded in the checkpoint metadata;
+- a ``.safetensors`` or ``.npz`` file with ``images`` (uint8 ``[N, H, W]`` or ``[N, H, W, C]``)
+  and ``labels`` (integers).
+
+Images are converted to the model's channel count and size (grayscale <-> RGB, resized with
+Pillow's bilinear filter when the size differs); normalization comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .datasets import Split, load_dataset
+from .errors import AuxError, ConfigError
+from .splits import balanced_subset
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
+
+
+@dataclass(frozen=True)
+class AuxSet:
+    images: torch.Tensor  # uint8 [N, C, H, W], in the model's shape
+    labels: torch.Tensor  # int64 [N]
+    source: str
+    resized: int = 0  # how many images had to be resized
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def normalized(self, mean: list[float], std: list[float]) -> torch.Tensor:
+        x = self.images.to(torch.float32).div_(255.0)
+        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        return x.sub_(m).div_(s)
+
+
+def load_aux(path: Path, input_shape: tuple[int, int, int], num_classes: int,
+             class_names: list[str] | None = None) -> AuxSet:
+    path = Path(path)
+    if path.is_dir():
+        aux = _load_folder(path, input_shape, class_names or [])
+    elif path.is_file() and path.suffix in (".safetensors", ".npz"):
+        aux = _load_tensor_file(path, input_shape)
+    elif path.exists():
+        raise AuxError(f"aux set {path} is neither a folder of class subfolders nor a .safetensors/.npz file")
+    else:
+        raise AuxError(f"aux set {path} does not exist; create one with `flain aux export`")
+    if len(aux) == 0:
+        raise AuxError(f"aux set {path} holds no images")
+    bad = aux.labels[(aux.labels < 0) | (aux.labels >= num_classes)]
+    if len(bad):
+        raise AuxError(f"aux set {path} has label {int(bad[0])}, but the model has classes 0..{num_classes - 1}")
+    return aux
+
+
+def _class_index(name: str, class_names: list[str], folder: Path) -> int:
+    if name.isdigit():
+        return int(name)
+    if name in class_names:
+        return class_names.index(name)
+    known = f"; known names: {', '.join(class_names)}" if class_names else ""
+    raise AuxError(f"aux class folder {folder / name} is neither a class index nor a class name of the model{known}")
+
+
+def _convert(image: Image.Image, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
+    channels, height, width = shape
+    image = image.convert("L" if channels == 1 else "RGB")
+    resized = image.size != (width, height)
+    if resized:
+        image = image.resize((width, height), Image.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
+    return (array[None] if channels == 1 else array.transpose(2, 0, 1)), resized
+
+
+def _load_folder(root: Path, shape: tuple[int, int, int], class_names: list[str]) -> AuxSet:
+    images, labels, resized = [], [], 0
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise AuxError(f"aux folder {root} has no class subfolders (expected {root}/<class>/<image>.png)")
+    for class_dir in class_dirs:
+        label = _class_index(class_dir.name, class_names, root)
+        for file in sorted(class_dir.iterdir()):
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as image:
+                    array, was_resized = _convert(image, shape)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise AuxError(f"cannot read aux image {file}: {exc}") from None
+            images.append(array)
+            labels.append(label)
+            resized += was_resized
+    if not images:
+        raise AuxError(f"aux folder {root} has no PNG/JPEG images in its class subfolders")
+    return AuxSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64), str(root), resized)
+
+
+def _load_tensor_file(path: Path, shape: tuple[int, int, int]) -> AuxSet:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in ("images", "labels") if k in f}
+        else:
+            from safetensors.numpy import load_file
+            arrays = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file
+        raise AuxError(f"cannot read aux file {path}: {exc}") from None
+    if "images" not in arrays or "labels" not in arrays:
+        raise AuxError(f"aux file {path} needs arrays 'images' and 'labels', has: {', '.join(arrays) or 'none'}")
+    images, labels = arrays["images"], arrays["labels"]
+    if images.dtype != np.uint8 or images.ndim not in (3, 4):
+        raise AuxError(f"aux file {path}: 'images' must be uint8 [N, H, W] or [N, H, W, C], "
+                       f"got {images.dtype} {list(images.shape)}")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise AuxError(f"aux file {path}: 'labels' must be N integers, got {labels.dtype} {list(labels.shape)}")
+    if images.ndim == 4 and images.shape[3] not in (1, 3, 4):
+        raise AuxError(f"aux file {path}: images have {images.shape[3]} channels; expected 1, 3 or 4 (last axis)")
+    channels, height, width = shape
+    if images.ndim == 3:
+        images = images[..., None]
+    labels = torch.from_numpy(labels.astype(np.int64))
+    if images.shape[1:] == (height, width, channels):
+        return AuxSet(torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), labels, str(path))
+    converted = [_convert(Image.fromarray(image[..., 0] if image.shape[2] == 1 else image), shape)
+                 for image in images]
+    return AuxSet(torch.from_numpy(np.stack([array for array, _ in converted])), labels, str(path),
+                  sum(resized for _, resized in converted))
+
+
+def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", seed: int = 0,
+               data_dir: Path | None = None, overwrite: bool = False) -> dict:
+    """Write a class-balanced, seeded aux folder (PNG files) drawn from a dataset split.
+
+    The folder is built in a temporary sibling and renamed into place, so ``out`` is either
+    complete or absent. Returns the manifest also written as ``out/aux.json``.
+    """
+    if per_class < 1:
+        raise ConfigError(f"--per-class must be at least 1, got {per_class}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
+    if split not in ("train", "test"):
+        raise ConfigError(f"--split must be train or test, got {split!r}")
+    data = load_dataset(dataset, data_dir)
+    source: Split = getattr(data, split)
+    counts = torch.bincount(source.labels, minlength=data.spec.num_classes)
+    if int(counts.min()) < per_class:
+        raise ConfigError(f"the {split} split has only {int(counts.min())} images of class "
+                          f"{int(counts.argmin())}; ask for at most that many --per-class")
+    chosen = balanced_subset(source.labels, per_class * data.spec.num_classes, np.random.default_rng(seed))
+    manifest = {"dataset": dataset, "split": split, "per_class": per_class, "seed": seed,
+                "count": len(chosen), "indices": chosen.tolist(), "class_names": list(data.spec.classes)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for i in chosen.tolist():
+            label = int(source.labels[i])
+            (tmp / str(label)).mkdir(exist_ok=True)
+            image = source.images[i].numpy()
+            Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
+                tmp / str(label) / f"{split}-{i:05d}.png")
+        (tmp / "aux.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        if out.exists():  # --force: keep the old folder until the new one is in place
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest

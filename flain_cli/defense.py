@@ -1,0 +1,187 @@
+"""FLAIN (Algorithm 1 of the paper) and the pruning baseline, as pure functions over tensors.
+
+Notation follows the paper: ``W`` is the defended layer's weight at the end of training, ``W0``
+its initial weight, ``dW = W - W0``; ``x`` holds the mean activation of each *input* neuron of the
+layer over the aux set (the ReLU'd inputs of eq. 6). In torch a Linear weight is ``[out, in]``,
+so the paper's column ``w^[i]`` of neuron ``i`` is ``W[:, i]``.
+
+Thresholds are ``lambda_k = mu + k * step`` for k = 1, 2, ... (line 4 and line 23 of Algorithm 1),
+computed by multiplication rather than repeated addition so that no rounding drift accumulates.
+
+Two search loops return identical results:
+- :func:`search_plain` follows Algorithm 1 step by step and evaluates at every lambda;
+- :func:`search_fast` evaluates only where the set {i : x_i <= lambda_k} changes, since every
+  lambda between two consecutive x_i gives the same model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .registry import Registry
+
+Evaluate = Callable[[torch.Tensor], float]  # weight of the defended layer -> aux accuracy
+METHODS: Registry[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("method")
+SELECTS = ("crossing", "last-safe")
+
+
+@METHODS.register("flain")
+def flip_updates(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: columns in ``mask`` become W0 - dW, the others keep W0 + dW (= W, exactly)."""
+    flipped = init - (weight - init)
+    return torch.where(mask.view(1, -1), flipped, weight)
+
+
+@METHODS.register("prune")
+def prune_columns(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pruning baseline: the selected input neurons' columns set to zero."""
+    return torch.where(mask.view(1, -1), torch.zeros_like(weight), weight)
+
+
+def rescale(weight: torch.Tensor, norm: float) -> torch.Tensor:
+    """Lines 18-20: scale the layer back to the original Frobenius norm ``norm``."""
+    current = float(torch.linalg.matrix_norm(weight.double()))
+    return weight if current == 0.0 else (weight.double() * (norm / current)).to(weight.dtype)
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    lam: float
+    selected: int
+    acc: float
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    method: str
+    select: str
+    step: float
+    rho: float
+    mu: float
+    acc0: float
+    lam: float  # threshold of the kept model (mu for last-safe when even the first step crossed)
+    mask: torch.Tensor  # bool [in_features]: the neurons changed
+    weight: torch.Tensor  # the new weight (rescaled for flain)
+    acc_kept: float  # aux accuracy of the kept model before the rescale
+    all_selected: bool  # every neuron was selected before the drop reached rho
+    evaluations: int  # network evaluations, acc0 included
+    trace: list[SearchStep] = field(default_factory=list)
+
+    @property
+    def changed(self) -> int:
+        return int(self.mask.sum())
+
+    @property
+    def steps(self) -> int:
+        """Thresholds Algorithm 1 visits (k of the last lambda evaluated), whichever loop ran."""
+        return round((self.trace[-1].lam - self.mu) / self.step)
+
+
+def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, step: float, rho: float,
+           method: str, select: str) -> None:
+    METHODS.get(method)
+    if weight.shape != init.shape or weight.dim() != 2:
+        raise ConfigError(f"the defended weight {tuple(weight.shape)} and the initial weight "
+                          f"{tuple(init.shape)} must be the same 2-D shape")
+    if x.shape != (weight.shape[1],):
+        raise ConfigError(f"{tuple(x.shape)} activations for a layer with {weight.shape[1]} inputs")
+    if not step > 0 or not math.isfinite(step):
+        raise ConfigError(f"--step must be > 0, got {step}")
+    if not 0 <= rho <= 1:
+        raise ConfigError(f"--rho must be in [0, 1], got {rho}")
+    if select not in SELECTS:
+        raise ConfigError(f"--select must be one of {', '.join(SELECTS)}, got {select!r}")
+
+
+def _lam(mu: float, k: int, step: float) -> float:
+    return mu + k * step
+
+
+def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, step, rho, mu, evaluations):
+    """Pick the kept model, rebuild it and rescale it (flain only).
+
+    ``crossing`` keeps the model at ``lambda_{k_last}``; ``last-safe`` (when rho was crossed) the
+    one at ``lambda_{k_last - 1}``, the largest threshold whose drop stayed below rho.
+    """
+    if crossed and select == "last-safe":
+        if k_last == 1:  # the very first threshold already cost rho: keep the model as it was
+            lam, acc_kept, mask = mu, acc0, torch.zeros_like(x, dtype=torch.bool)
+        else:
+            lam, acc_kept = _lam(mu, k_last - 1, step), trace[-2].acc
+            mask = x.double() <= lam
+    else:
+        lam, acc_kept = trace[-1].lam, trace[-1].acc
+        mask = x.double() <= lam
+    new = METHODS.get(method)(weight, init, mask)
+    if method == "flain" and bool(mask.any()):
+        new = rescale(new, float(torch.linalg.matrix_norm(weight.double())))
+    return SearchResult(method, select, step, rho, mu, acc0, lam, mask, new, acc_kept,
+                        not crossed, evaluations, trace)
+
+
+def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
+                 step: float = 0.001, rho: float = 0.03, method: str = "flain", select: str = "crossing",
+                 max_steps: int = 10_000_000) -> SearchResult:
+    """Algorithm 1, one lambda at a time (the reference for :func:`search_fast`)."""
+    _check(weight, init, x, step, rho, method, select)
+    build = METHODS.get(method)
+    xd = x.double()
+    mu = float(xd.min())
+    acc0 = evaluate(weight)  # line 5
+    evaluations, trace, crossed = 1, [], False
+    for k in range(1, max_steps + 1):
+        lam = _lam(mu, k, step)
+        mask = xd <= lam  # lines 7-13
+        acc1 = evaluate(build(weight, init, mask))  # lines 15-16
+        evaluations += 1
+        trace.append(SearchStep(lam, int(mask.sum()), acc1))
+        if rho <= acc0 - acc1:  # line 17
+            crossed = True
+            break
+        if bool(mask.all()):  # every neuron selected and rho never reached: stop
+            break
+    return _finish(weight, init, x, trace, acc0, crossed, k, method=method, select=select, step=step,
+                   rho=rho, mu=mu, evaluations=evaluations)
+
+
+def first_k_covering(mu: float, value: float, step: float) -> int:
+    """The smallest k >= 1 with mu + k * step >= value (exactly as _lam computes it)."""
+    k = max(1, math.ceil((value - mu) / step))
+    while _lam(mu, k, step) < value:
+        k += 1
+    while k > 1 and _lam(mu, k - 1, step) >= value:
+        k -= 1
+    return k
+
+
+def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
+                step: float = 0.001, rho: float = 0.03, method: str = "flain", select: str = "crossing") -> SearchResult:
+    """Algorithm 1, evaluating only the thresholds at which the selected set grows."""
+    _check(weight, init, x, step, rho, method, select)
+    build = METHODS.get(method)
+    xd = x.double()
+    values = torch.sort(xd).values.tolist()
+    mu = values[0]
+    acc0 = evaluate(weight)
+    evaluations, trace, crossed = 1, [], False
+    k, z = 1, len(values)
+    while True:
+        lam = _lam(mu, k, step)
+        mask = xd <= lam
+        count = int(mask.sum())
+        acc1 = evaluate(build(weight, init, mask))
+        evaluations += 1
+        trace.append(SearchStep(lam, count, acc1))
+        if rho <= acc0 - acc1:
+            crossed = True
+            break
+        if count == z:
+            break
+        k = first_k_covering(mu, values[count], step)  # the next lambda that takes in a new neuron
+    return _finish(weight, init, x, trace, acc0, crossed, k, method=method, select=select, step=step,
+                   rho=rho, mu=mu, evaluations=evaluations)
