@@ -26,21 +26,36 @@ from .errors import ConfigError
 from .registry import Registry
 
 Evaluate = Callable[[torch.Tensor], float]  # weight of the defended layer -> aux accuracy
-METHODS: Registry[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("method")
+# A method maps (W, W0) to the values its selected columns take; the search applies it per mask.
+METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("method")
 SELECTS = ("crossing", "last-safe")
 
 
 @METHODS.register("flain")
-def flip_updates(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: columns in ``mask`` become W0 - dW, the others keep W0 + dW (= W, exactly)."""
-    flipped = init - (weight - init)
-    return torch.where(mask.view(1, -1), flipped, weight)
+def flipped_updates(weight: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """Eq. 7, first case: W0 - dW."""
+    return init - (weight - init)
 
 
 @METHODS.register("prune")
+def pruned(weight: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+    """Pruning baseline: zero weights."""
+    return torch.zeros_like(weight)
+
+
+def apply_mask(weight: torch.Tensor, replacement: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Columns in ``mask`` from ``replacement``, the others kept as they are (W0 + dW = W, exactly)."""
+    return torch.where(mask.view(1, -1), replacement, weight)
+
+
+def flip_updates(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 7: columns in ``mask`` become W0 - dW, the others keep W0 + dW."""
+    return apply_mask(weight, flipped_updates(weight, init), mask)
+
+
 def prune_columns(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Pruning baseline: the selected input neurons' columns set to zero."""
-    return torch.where(mask.view(1, -1), torch.zeros_like(weight), weight)
+    """The selected input neurons' columns set to zero."""
+    return apply_mask(weight, pruned(weight, init), mask)
 
 
 def rescale(weight: torch.Tensor, norm: float) -> torch.Tensor:
@@ -117,7 +132,7 @@ def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, st
     else:
         lam, acc_kept = trace[-1].lam, trace[-1].acc
         mask = x.double() <= lam
-    new = METHODS.get(method)(weight, init, mask)
+    new = apply_mask(weight, METHODS.get(method)(weight, init), mask)
     if method == "flain" and bool(mask.any()):
         new = rescale(new, float(torch.linalg.matrix_norm(weight.double())))
     return SearchResult(method, select, step, rho, mu, acc0, lam, mask, new, acc_kept,
@@ -129,7 +144,7 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
                  max_steps: int = 10_000_000) -> SearchResult:
     """Algorithm 1, one lambda at a time (the reference for :func:`search_fast`)."""
     _check(weight, init, x, step, rho, method, select)
-    build = METHODS.get(method)
+    replacement = METHODS.get(method)(weight, init)
     xd = x.double()
     mu = float(xd.min())
     acc0 = evaluate(weight)  # line 5
@@ -137,7 +152,7 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
     for k in range(1, max_steps + 1):
         lam = _lam(mu, k, step)
         mask = xd <= lam  # lines 7-13
-        acc1 = evaluate(build(weight, init, mask))  # lines 15-16
+        acc1 = evaluate(apply_mask(weight, replacement, mask))  # lines 15-16
         evaluations += 1
         trace.append(SearchStep(lam, int(mask.sum()), acc1))
         if rho <= acc0 - acc1:  # line 17
@@ -163,7 +178,7 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
                 step: float = 0.001, rho: float = 0.03, method: str = "flain", select: str = "crossing") -> SearchResult:
     """Algorithm 1, evaluating only the thresholds at which the selected set grows."""
     _check(weight, init, x, step, rho, method, select)
-    build = METHODS.get(method)
+    replacement = METHODS.get(method)(weight, init)
     xd = x.double()
     values = torch.sort(xd).values.tolist()
     mu = values[0]
@@ -174,7 +189,7 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
         lam = _lam(mu, k, step)
         mask = xd <= lam
         count = int(mask.sum())
-        acc1 = evaluate(build(weight, init, mask))
+        acc1 = evaluate(apply_mask(weight, replacement, mask))
         evaluations += 1
         trace.append(SearchStep(lam, count, acc1))
         if rho <= acc0 - acc1:

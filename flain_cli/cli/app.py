@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from .. import __version__
-from . import evaluate, train
+from . import aux_cmd, defend, evaluate, scan, train
 from .common import Settings, handle_errors
 
 app = typer.Typer(
@@ -36,6 +36,10 @@ def root(
 
 app.command("train")(handle_errors(train.train))
 app.command("eval")(handle_errors(evaluate.evaluate_command))
+app.command("scan")(handle_errors(scan.scan))
+app.command("defend")(handle_errors(defend.defend))
+aux_cmd.app.command("export")(handle_errors(aux_cmd.export))
+app.add_typer(aux_cmd.app, name="aux")
 
 
 def main() -> None:

@@ -28,6 +28,14 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of every random choic
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Folder with the dataset's files (flat, or torchvision's <root>/<Name>/raw/).",
     show_default=False)]
+AuxOpt = Annotated[Path, typer.Option(
+    "--aux", help="Clean aux set: a folder AUX/<class>/<image>.png, or a .safetensors/.npz with images and labels.",
+    show_default=False)]
+LayerOpt = Annotated[str | None, typer.Option(help="Linear layer to work on (default: the checkpoint's defended layer, fc1).",
+                                              show_default=False)]
+ArchOpt = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without flain-cli metadata.",
+                                             show_default=False)]
+DatasetOpt = Annotated[str | None, typer.Option(help="Dataset (default: from the checkpoint).", show_default=False)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never an input).")]
 
 

@@ -1,0 +1,194 @@
+"""Scan and defend checkpoints: load the model and the aux set, then call the pure search.
+
+The layers before the defended layer never change during the search, so their output on the
+aux set (the layer's inputs x) is computed once; each candidate weight only re-runs the network
+from the defended layer on (:class:`AuxFeatures`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from .auxdata import AuxSet, load_aux
+from .checkpoint import Checkpoint, build_from, load_checkpoint, resolve_model_meta
+from .defense import SearchResult, search_fast, search_plain
+from .errors import AuxError, CheckpointError
+from .models import LayerStack
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    ckpt: Checkpoint
+    meta: dict[str, Any]
+    model: LayerStack
+
+
+def load_model(path: Path, *, arch: str | None = None, dataset: str | None = None,
+               device: torch.device | str = "cpu") -> LoadedModel:
+    ckpt = load_checkpoint(path)
+    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset)
+    return LoadedModel(ckpt, meta, build_from(ckpt, meta, device))
+
+
+def load_aux_for(loaded: LoadedModel, aux_path: Path) -> AuxSet:
+    meta = loaded.meta
+    if "normalization" not in meta:
+        raise AuxError(f"{loaded.ckpt.path} does not say how its inputs are normalized; pass --dataset")
+    return load_aux(aux_path, tuple(meta["input_shape"]), meta["num_classes"], meta.get("class_names"))
+
+
+class AuxFeatures:
+    """The aux set pushed once through the layers before ``layer``; aux accuracy for any new weight.
+
+    The search evaluates the defended layer and everything after it in float64. :meth:`accuracy`
+    keeps the layer's pre-activation and, for a new weight, adds only the change of the columns
+    that differ from the last weight it saw, so a step that selects a few more neurons costs a
+    few columns, not the whole layer. :meth:`accuracy_full` computes the same from scratch
+    through the whole network. In float64 the two agree to ~1e-15, far below any argmax tie,
+    so both search loops see the same accuracies (a test checks it on trained models).
+    """
+
+    def __init__(self, model: LayerStack, layer: str, aux: AuxSet, meta: dict[str, Any],
+                 device: torch.device | str = "cpu") -> None:
+        self.linear = model.linear(layer)  # a Linear layer, or a clear error
+        self.model, self.layer = model.eval(), layer
+        self.inputs = aux.normalized(meta["normalization"]["mean"], meta["normalization"]["std"]).to(device)
+        self.labels = aux.labels.to(device)
+        self.prefix, suffix = model.split_at(layer)
+        self.rest = copy.deepcopy(suffix[1:]).double().eval()
+        self.bias = (self.linear.bias.detach().double() if self.linear.bias is not None
+                     else torch.zeros(self.linear.out_features, dtype=torch.float64, device=device))
+        with torch.no_grad():
+            self.features = self.prefix(self.inputs)
+        self.features64 = self.features.double()
+        self._weight: torch.Tensor | None = None  # the weight behind self._pre
+        self._pre: torch.Tensor | None = None
+        self.evaluations = 0
+
+    def mean_activations(self) -> torch.Tensor:
+        """Mean of each input neuron of the layer over the aux set (x of eq. 6)."""
+        return self.features64.mean(dim=0).to(torch.float32).cpu()
+
+    @torch.no_grad()
+    def _score(self, pre: torch.Tensor) -> float:
+        self.evaluations += 1
+        return float((self.rest(pre).argmax(dim=1) == self.labels).double().mean())
+
+    @torch.no_grad()
+    def accuracy(self, weight: torch.Tensor) -> float:
+        """Aux accuracy with the layer's weight replaced, updating only the changed columns."""
+        weight = weight.to(self.features64.device)
+        if self._weight is None:
+            self._weight = weight.clone()
+            self._pre = torch.addmm(self.bias, self.features64, weight.double().T)
+        else:
+            cols = torch.nonzero((weight != self._weight).any(dim=0)).flatten()
+            if len(cols):
+                new, old = weight[:, cols], self._weight[:, cols]
+                self._pre.addmm_(self.features64[:, cols], (new.double() - old.double()).T)
+                self._weight[:, cols] = new
+        return self._score(self._pre)
+
+    @torch.no_grad()
+    def accuracy_full(self, weight: torch.Tensor) -> float:
+        """The same from scratch through the whole network, as Algorithm 1's Evaluate(theta*, psi)."""
+        features = self.prefix(self.inputs).double()
+        w = weight.to(features.device, torch.float64)
+        return self._score(torch.addmm(self.bias, features, w.T))
+
+    @torch.no_grad()
+    def accuracy_model(self, weight: torch.Tensor) -> float:
+        """Aux accuracy of the model as it will be written (float32 forward pass)."""
+        logits = functional_call(self.model, {f"{self.layer}.weight": weight.to(self.inputs.device)}, (self.inputs,))
+        return float((logits.argmax(dim=1) == self.labels).float().mean())
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    meta: dict[str, Any]
+    layer: str
+    means: torch.Tensor
+    n_aux: int
+    aux_acc: float
+
+
+def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, arch: str | None = None,
+                    dataset: str | None = None, device: torch.device | str = "cpu") -> ScanResult:
+    loaded = load_model(path, arch=arch, dataset=dataset, device=device)
+    layer = layer or loaded.meta["defended_layer"]
+    aux = load_aux_for(loaded, aux_path)
+    feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
+    return ScanResult(loaded.meta, layer, feats.mean_activations(), len(aux),
+                      feats.accuracy_model(loaded.model.linear(layer).weight.detach()))
+
+
+@dataclass(frozen=True)
+class DefendOutcome:
+    meta: dict[str, Any]  # metadata of the defended checkpoint
+    state: dict[str, torch.Tensor]
+    result: SearchResult
+    layer: str
+    aux_acc_after: float
+    n_aux: int
+    seconds: float
+
+
+def check_pair(model: Checkpoint, init: Checkpoint) -> None:
+    """MODEL and INIT must be the same network: architecture, tensor names and shapes."""
+    if model.arch and init.arch and model.arch != init.arch:
+        raise CheckpointError(f"{model.path} is a {model.arch} but --init {init.path} is a {init.arch}")
+    names_m, names_i = set(model.tensors), set(init.tensors)
+    if names_m != names_i:
+        diff = sorted(names_m ^ names_i)
+        raise CheckpointError(f"{model.path} and --init {init.path} hold different tensors "
+                              f"(e.g. {', '.join(diff[:3])}); pass the initial checkpoint of the same run")
+    for name in sorted(names_m):
+        if model.tensors[name].shape != init.tensors[name].shape:
+            raise CheckpointError(f"{name} is {tuple(model.tensors[name].shape)} in {model.path} but "
+                                  f"{tuple(init.tensors[name].shape)} in --init {init.path}")
+
+
+def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = 0.001,
+                      rho: float = 0.03, select: str = "crossing", layer: str | None = None,
+                      arch: str | None = None, dataset: str | None = None, plain: bool = False,
+                      device: torch.device | str = "cpu") -> DefendOutcome:
+    """Apply FLAIN (or pruning) to the checkpoint at ``path``; nothing is written here."""
+    started = time.perf_counter()
+    loaded = load_model(path, arch=arch, dataset=dataset, device=device)
+    init = load_checkpoint(init_path)
+    check_pair(loaded.ckpt, init)
+    layer = layer or loaded.meta["defended_layer"]
+    aux = load_aux_for(loaded, aux_path)
+    feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
+    weight = loaded.ckpt.tensors[f"{layer}.weight"]
+    init_weight = init.tensors[f"{layer}.weight"].to(weight.dtype)
+    x = feats.mean_activations()
+    if plain:  # Algorithm 1 as written: every lambda, the whole network (slow; for verification)
+        result = search_plain(weight, init_weight, x, feats.accuracy_full, step=step, rho=rho, method=method,
+                              select=select)
+    else:
+        result = search_fast(weight, init_weight, x, feats.accuracy, step=step, rho=rho, method=method,
+                             select=select)
+    aux_acc_after = feats.accuracy_model(result.weight)
+    state = dict(loaded.ckpt.tensors)
+    state[f"{layer}.weight"] = result.weight.contiguous()
+    meta = {key: value for key, value in loaded.ckpt.meta.items() if key not in ("metrics",)} | loaded.meta
+    meta |= {
+        "role": "defended",
+        "parents": {"final": loaded.ckpt.sha256, "init": init.sha256},
+        "defense": {
+            "method": method, "layer": layer, "step": step, "rho": rho, "select": select,
+            "lambda": result.lam, "mu": result.mu, "flipped": result.changed, "of": int(x.numel()),
+            "neurons": torch.nonzero(result.mask).flatten().tolist(), "all_selected": result.all_selected,
+            "aux_acc_before": result.acc0, "aux_acc_kept": result.acc_kept, "aux_acc_after": aux_acc_after,
+            "steps": result.steps, "evaluations": result.evaluations, "aux": {"source": aux.source, "n": len(aux)},
+        },
+    }
+    return DefendOutcome(meta, state, result, layer, aux_acc_after, len(aux), time.perf_counter() - started)

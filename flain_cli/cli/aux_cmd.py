@@ -1,0 +1,33 @@
+"""`flain aux export`: write a class-balanced aux folder from a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..auxdata import export_aux
+from ..datasets import DATASETS
+from .common import DataDirOpt, ForceOpt, JsonOpt, SeedOpt, out, print_json
+
+app = typer.Typer(help="Make auxiliary (clean) sets for scan and defend.", no_args_is_help=True)
+
+
+def export(
+    dataset: Annotated[str, typer.Option(help=f"Dataset: {'|'.join(DATASETS.names())}.")] = "fmnist",
+    per_class: Annotated[int, typer.Option(help="Images per class (the paper: 20 for MNIST/FMNIST, 60 for CIFAR-10).")] = 20,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder to create: OUT/<class>/<image>.png and OUT/aux.json.")] = Path("aux"),
+    split: Annotated[str, typer.Option(help="Draw from the train or test split.")] = "test",
+    data_dir: DataDirOpt = None,
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a class-balanced, seeded aux folder (PNG) drawn from a dataset split."""
+    manifest = export_aux(dataset, per_class, out_dir, split=split, seed=seed, data_dir=data_dir, overwrite=force)
+    summary = {k: v for k, v in manifest.items() if k != "indices"} | {"out": str(out_dir)}
+    if as_json:
+        print_json(summary)
+        return
+    out.print(f"wrote {manifest['count']} images ({per_class} per class, {split} split, seed {seed}) to {out_dir}/")

@@ -1,0 +1,75 @@
+"""`flain scan`: mean activation of every input neuron of the defended layer on the aux set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.table import Table
+
+from ..audit import scan_checkpoint
+from ..checkpoint import atomic_write
+from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
+                     check_outputs, out, print_json, resolve_device)
+
+
+def histogram_rows(values: torch.Tensor, bins: int = 12, width: int = 40) -> list[tuple[str, int, str]]:
+    """(range label, count, bar) for a terminal histogram."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi == lo:
+        return [(f"{lo:.4f}", len(values), "#" * width)]
+    counts = torch.histc(values.double(), bins=bins, min=lo, max=hi).long().tolist()
+    edges = [lo + (hi - lo) * i / bins for i in range(bins + 1)]
+    top = max(counts)
+    return [(f"{edges[i]:.4f} - {edges[i + 1]:.4f}", c, "#" * round(width * c / top)) for i, c in enumerate(counts)]
+
+
+def scan(
+    model: ModelArg,
+    aux: AuxOpt,
+    layer: LayerOpt = None,
+    lowest: Annotated[int, typer.Option(help="How many of the least active neurons to list.")] = 10,
+    csv: Annotated[Path | None, typer.Option(help="Write 'neuron,mean' for every neuron to this CSV file.",
+                                             show_default=False)] = None,
+    arch: ArchOpt = None,
+    dataset: DatasetOpt = None,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print the mean activation of each input neuron of a Linear layer over the aux set."""
+    if csv is not None:
+        check_outputs([csv], [model], force)
+    res = scan_checkpoint(model, aux, layer=layer, arch=arch, dataset=dataset, device=resolve_device(device))
+    means = res.means
+    if csv is not None:
+        text = "neuron,mean\n" + "".join(f"{i},{v:.9g}\n" for i, v in enumerate(means.tolist()))
+        atomic_write(csv, lambda tmp: tmp.write_text(text))
+    summary = {"model": str(model), "layer": res.layer, "neurons": int(means.numel()), "n_aux": res.n_aux,
+               "aux_acc": res.aux_acc, "min": float(means.min()), "median": float(means.median()),
+               "max": float(means.max()), "zeros": int((means == 0).sum())}
+    if as_json:
+        print_json(summary | {"means": means.tolist()})
+        return
+    table = Table(title=f"flain scan {model}: inputs of {res.layer} over {res.n_aux} aux images")
+    for column in ("neurons", "min", "median", "max", "exactly 0", "aux accuracy"):
+        table.add_column(column, justify="right")
+    table.add_row(str(summary["neurons"]), f"{summary['min']:.4f}", f"{summary['median']:.4f}",
+                  f"{summary['max']:.4f}", str(summary["zeros"]), f"{res.aux_acc:.4f}")
+    out.print(table)
+    hist = Table(title="mean activation histogram")
+    hist.add_column("mean activation", justify="right")
+    hist.add_column("neurons", justify="right")
+    hist.add_column("", no_wrap=True)
+    for label, count, bar in histogram_rows(means):
+        hist.add_row(label, str(count), bar)
+    out.print(hist)
+    low = Table(title=f"{min(lowest, means.numel())} least active neurons")
+    low.add_column("neuron", justify="right")
+    low.add_column("mean activation", justify="right")
+    values, order = torch.sort(means, stable=True)
+    for i, v in zip(order[:lowest].tolist(), values[:lowest].tolist()):
+        low.add_row(str(i), f"{v:.6f}")
+    out.print(low)
