@@ -55,3 +55,32 @@ def _seed():
 real_fmnist = pytest.mark.skipif(
     not (DEBIAN_FMNIST / "train-images-idx3-ubyte.gz").is_file() and not os.environ.get("FLAIN_REQUIRE_FMNIST"),
     reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A checkpoint pair (init, final) from `flain train` on tiny IDX files, plus its data folder."""
+    from typer.testing import CliRunner
+
+    from flain_cli.cli.app import app
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = write_fmnist_like(root / "data", n_train=600, n_test=200)
+    out = root / "run"
+    res = CliRunner().invoke(app, ["train", "--data-dir", str(data), "--arch", "cnn-mnist", "--clients", "2",
+                                   "--mcr", "0.5", "--pdr", "0.5", "--rounds", "2", "--batch-size", "32",
+                                   "--seed", "2", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out, data
+
+
+def write_aux_folder(root: Path, per_class: int = 5, seed: int = 2, names: list[str] | None = None,
+                     size: int = 28, mode: str = "L") -> Path:
+    from PIL import Image
+
+    images, labels = make_images(per_class * 10, seed)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = root / (names[label] if names else str(label))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).convert(mode).resize((size, size)).save(folder / f"{i}.png")
+    return root

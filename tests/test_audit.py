@@ -1,0 +1,80 @@
+"""scan/defend on checkpoints written by `flain train`."""
+
+import pytest
+import torch
+
+from flain_cli.audit import defend_checkpoint, load_model, scan_checkpoint
+from flain_cli.checkpoint import load_checkpoint, model_meta, save_checkpoint
+from flain_cli.errors import CheckpointError, ConfigError
+from flain_cli.models import build_model
+
+from .conftest import write_aux_folder
+
+
+@pytest.fixture(scope="module")
+def aux_dir(tmp_path_factory):
+    return write_aux_folder(tmp_path_factory.mktemp("aux") / "aux", per_class=8)
+
+
+@pytest.mark.parametrize("method", ["flain", "prune"])
+@pytest.mark.parametrize("rho", [0.0, 0.05])
+def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, method, rho):
+    out, _ = tiny_run
+    kwargs = dict(method=method, step=0.01, rho=rho)
+    fast = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, **kwargs)
+    plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, plain=True, **kwargs)
+    assert fast.result.lam == plain.result.lam
+    assert torch.equal(fast.result.mask, plain.result.mask)
+    assert all(torch.equal(fast.state[k], plain.state[k]) for k in plain.state)
+    assert fast.result.evaluations <= plain.result.evaluations
+    assert fast.result.changed > 0
+
+
+def test_only_the_defended_weight_changes(tiny_run, aux_dir):
+    out, _ = tiny_run
+    outcome = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, rho=0.05)
+    original = load_checkpoint(out / "final.safetensors")
+    changed = [k for k in original.tensors if not torch.equal(original.tensors[k], outcome.state[k])]
+    assert changed == ["fc1.weight"]
+    w, w0 = original.tensors["fc1.weight"], load_checkpoint(out / "init.safetensors").tensors["fc1.weight"]
+    assert float(torch.linalg.matrix_norm(outcome.state["fc1.weight"].double())) == pytest.approx(
+        float(torch.linalg.matrix_norm(w.double())), rel=1e-6)
+    cols = outcome.result.mask
+    unscaled = torch.where(cols.view(1, -1), 2 * w0 - w, w)
+    assert torch.allclose(outcome.state["fc1.weight"], unscaled * torch.linalg.matrix_norm(w) /
+                          torch.linalg.matrix_norm(unscaled), atol=1e-6)
+    d = outcome.meta["defense"]
+    assert outcome.meta["role"] == "defended" and d["flipped"] == int(cols.sum()) and d["of"] == 3136
+    assert outcome.meta["parents"] == {"final": original.sha256,
+                                       "init": load_checkpoint(out / "init.safetensors").sha256}
+
+
+def test_scan_means_are_the_fc1_inputs(tiny_run, aux_dir):
+    out, _ = tiny_run
+    res = scan_checkpoint(out / "final.safetensors", aux_dir)
+    assert res.layer == "fc1" and res.means.shape == (3136,) and res.n_aux == 80
+    assert bool((res.means >= 0).all())  # ReLU'd inputs
+    loaded = load_model(out / "final.safetensors")
+    from flain_cli.auxdata import load_aux
+    aux = load_aux(aux_dir, (1, 28, 28), 10)
+    x = aux.normalized(loaded.meta["normalization"]["mean"], loaded.meta["normalization"]["std"])
+    prefix, _ = loaded.model.split_at("fc1")
+    with torch.no_grad():
+        assert torch.allclose(res.means, prefix(x).mean(dim=0), atol=1e-6)
+    assert scan_checkpoint(out / "final.safetensors", aux_dir, layer="fc2").means.shape == (128,)
+    with pytest.raises(ConfigError, match="not a Linear layer"):
+        scan_checkpoint(out / "final.safetensors", aux_dir, layer="conv1")
+
+
+def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
+    out, _ = tiny_run
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, build_model("cnn-fmnist", 10).state_dict(),
+                    model_meta("cnn-fmnist", 10, "fmnist") | {"role": "init"})
+    with pytest.raises(CheckpointError, match="is a cnn-mnist but --init .* is a cnn-fmnist"):
+        defend_checkpoint(out / "final.safetensors", other, aux_dir)
+    wrong_classes = tmp_path / "c.safetensors"
+    save_checkpoint(wrong_classes, build_model("cnn-mnist", 12).state_dict(),
+                    model_meta("cnn-mnist", 12, None) | {"role": "init"})
+    with pytest.raises(CheckpointError, match="fc2.bias is \\(10,\\) in .* but \\(12,\\)"):
+        defend_checkpoint(out / "final.safetensors", wrong_classes, aux_dir)

@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from flain_cli.auxdata import export_aux, load_aux
+from flain_cli.datasets import DATASETS
+from flain_cli.errors import AuxError, ConfigError
+
+from .conftest import make_images, write_aux_folder
+
+SHAPE = (1, 28, 28)
+NAMES = list(DATASETS.get("fmnist").classes)
+
+
+def test_folder_with_class_indices(tmp_path):
+    aux = load_aux(write_aux_folder(tmp_path / "aux"), SHAPE, 10)
+    images, labels = make_images(50, 2)
+    assert aux.images.shape == (50, 1, 28, 28) and aux.resized == 0
+    assert sorted(aux.labels.tolist()) == sorted(labels.tolist())
+    # every image decoded exactly (PNG is lossless)
+    order = sorted(range(50), key=lambda i: (str(labels[i]), str(i)))
+    assert torch.equal(aux.images[0, 0], torch.from_numpy(images[order[0]]))
+
+
+def test_folder_with_class_names_rgb_and_other_sizes_is_converted(tmp_path):
+    root = write_aux_folder(tmp_path / "aux", names=[n.replace("/", "-") for n in NAMES], size=32, mode="RGB")
+    names = [n.replace("/", "-") for n in NAMES]
+    aux = load_aux(root, SHAPE, 10, names)
+    assert aux.images.shape == (50, 1, 28, 28) and aux.resized == 50
+    assert torch.bincount(aux.labels).tolist() == [5] * 10
+    assert load_aux(root, (3, 32, 32), 10, names).images.shape == (50, 3, 32, 32)
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_tensor_files(tmp_path, suffix):
+    images, labels = make_images(20, 0)
+    path = tmp_path / f"aux{suffix}"
+    arrays = {"images": images, "labels": labels.astype(np.int64)}
+    np.savez(path, **arrays) if suffix == ".npz" else save_file(arrays, str(path))
+    aux = load_aux(path, SHAPE, 10)
+    assert torch.equal(aux.images[:, 0], torch.from_numpy(images)) and aux.labels.tolist() == labels.tolist()
+    rgb = np.repeat(images[..., None], 3, axis=3)
+    np.savez(tmp_path / "rgb.npz", images=rgb, labels=labels)
+    assert torch.equal(load_aux(tmp_path / "rgb.npz", SHAPE, 10).images[:, 0], torch.from_numpy(images))
+
+
+def test_bad_aux_sets(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AuxError, match="no class subfolders"):
+        load_aux(tmp_path / "empty", SHAPE, 10)
+    (tmp_path / "noimg" / "3").mkdir(parents=True)
+    with pytest.raises(AuxError, match="no PNG/JPEG images"):
+        load_aux(tmp_path / "noimg", SHAPE, 10)
+    root = write_aux_folder(tmp_path / "broken")
+    (root / "3" / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(AuxError, match="cannot read aux image .*bad.png"):
+        load_aux(root, SHAPE, 10)
+    with pytest.raises(AuxError, match="has label 5, but the model has classes 0..4"):
+        load_aux(write_aux_folder(tmp_path / "many"), SHAPE, 5)
+    (tmp_path / "named" / "Sweater").mkdir(parents=True)
+    with pytest.raises(AuxError, match="neither a class index nor a class name"):
+        load_aux(tmp_path / "named", SHAPE, 10, NAMES)
+    np.savez(tmp_path / "two.npz", images=np.zeros((2, 28, 28, 2), np.uint8), labels=np.zeros(2, np.int64))
+    with pytest.raises(AuxError, match="2 channels"):
+        load_aux(tmp_path / "two.npz", SHAPE, 10)
+    np.savez(tmp_path / "float.npz", images=np.zeros((2, 28, 28), np.float32), labels=np.zeros(2, np.int64))
+    with pytest.raises(AuxError, match="must be uint8"):
+        load_aux(tmp_path / "float.npz", SHAPE, 10)
+    np.savez(tmp_path / "nolabels.npz", images=np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(AuxError, match="needs arrays 'images' and 'labels'"):
+        load_aux(tmp_path / "nolabels.npz", SHAPE, 10)
+    with pytest.raises(AuxError, match="does not exist"):
+        load_aux(tmp_path / "missing", SHAPE, 10)
+
+
+def test_export_is_balanced_seeded_and_loadable(tmp_path, fmnist_dir):
+    manifest = export_aux("fmnist", 3, tmp_path / "aux", data_dir=fmnist_dir, seed=4)
+    again = export_aux("fmnist", 3, tmp_path / "aux2", data_dir=fmnist_dir, seed=4)
+    assert manifest["indices"] == again["indices"] and manifest["count"] == 30
+    aux = load_aux(tmp_path / "aux", SHAPE, 10, NAMES)
+    assert torch.bincount(aux.labels).tolist() == [3] * 10
+    with pytest.raises(ConfigError, match="already exists"):
+        export_aux("fmnist", 3, tmp_path / "aux", data_dir=fmnist_dir)
+    export_aux("fmnist", 2, tmp_path / "aux", data_dir=fmnist_dir, overwrite=True)
+    assert len(load_aux(tmp_path / "aux", SHAPE, 10)) == 20
+    with pytest.raises(ConfigError, match="only 20 images of class"):
+        export_aux("fmnist", 25, tmp_path / "aux3", data_dir=fmnist_dir)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "aux"))) == ["aux", "aux2"]

@@ -1,0 +1,117 @@
+"""CLI contract of scan, defend and aux export."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flain_cli.checkpoint import load_checkpoint
+from flain_cli.cli.app import app
+
+from .conftest import write_aux_folder
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def aux_dir(tmp_path_factory):
+    return write_aux_folder(tmp_path_factory.mktemp("aux") / "aux", per_class=6)
+
+
+def test_defend_json_contract_trace_and_checkpoint(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    out, trace = tmp_path / "clean.safetensors", tmp_path / "trace.csv"
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--rho", "0.05", "--out", out, "--trace", trace, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert {"method", "lambda", "flipped", "of", "aux_acc_before", "aux_acc_after", "steps", "out"} <= set(report)
+    assert report["method"] == "flain" and report["of"] == 3136 and report["out"] == str(out)
+    ckpt = load_checkpoint(out)
+    assert ckpt.meta["role"] == "defended" and ckpt.meta["defense"]["flipped"] == report["flipped"]
+    assert ckpt.meta["defense"]["lambda"] == report["lambda"] and ckpt.meta["attack"]["task"] == "0:5"
+    rows = list(csv.DictReader(trace.open()))
+    assert list(rows[0]) == ["lambda", "selected", "aux_acc", "drop"]
+    assert float(rows[-1]["lambda"]) == pytest.approx(report["lambda"])
+    assert float(rows[-1]["drop"]) >= 0.05 or report["all_selected"]
+    # the defended checkpoint evaluates like any other
+    ev = invoke("eval", out, "--data-dir", tiny_run[1], "--json")
+    assert ev.exit_code == 0 and json.loads(ev.stdout)["n_triggered"] == 20
+
+
+def test_defend_prune_and_default_output_name(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    model = tmp_path / "final.safetensors"
+    model.write_bytes((run / "final.safetensors").read_bytes())
+    res = invoke("defend", model, "--init", run / "init.safetensors", "--aux", aux_dir, "--method", "prune",
+                 "--rho", "0", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["out"] == str(tmp_path / "final.prune.safetensors")
+    assert (tmp_path / "final.prune.safetensors").is_file()
+    again = invoke("defend", model, "--init", run / "init.safetensors", "--aux", aux_dir, "--method", "prune")
+    assert again.exit_code == 1 and "already exists; pass --force" in again.stderr
+
+
+def test_defend_table_view(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--out", tmp_path / "o.safetensors", "--rho", "0")
+    assert res.exit_code == 0 and "neurons changed" in res.stdout and "final lambda" in res.stdout
+
+
+def test_defend_never_overwrites_an_input(tiny_run, aux_dir):
+    run, _ = tiny_run
+    before = (run / "final.safetensors").read_bytes()
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--out", run / "final.safetensors", "--force")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: output")
+    assert (run / "final.safetensors").read_bytes() == before
+
+
+def test_defend_bad_inputs(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["--aux", empty], "Error: aux folder"),
+        (["--aux", aux_dir, "--rho", "2"], "Error: --rho must be in [0, 1], got 2.0"),
+        (["--aux", aux_dir, "--select", "best"], "Error: --select must be one of crossing, last-safe"),
+        (["--aux", aux_dir, "--method", "erase"], "Error: unknown method 'erase'"),
+    ]
+    for extra, message in cases:
+        res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", *extra,
+                     "--out", tmp_path / "x.safetensors")
+        assert res.exit_code == 1, res.output
+        assert res.stderr.strip().splitlines() == [res.stderr.strip()] and res.stderr.startswith(message), res.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+    res = invoke("defend", run / "final.safetensors", "--aux", aux_dir)
+    assert res.exit_code == 2  # --init is required: a usage error
+
+
+def test_scan_json_csv_and_table(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    res = invoke("scan", run / "final.safetensors", "--aux", aux_dir, "--csv", tmp_path / "m.csv", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert len(report["means"]) == 3136 == report["neurons"] and report["layer"] == "fc1"
+    assert report["zeros"] == sum(1 for m in report["means"] if m == 0)
+    assert report["min"] == min(report["means"]) and report["n_aux"] == 60
+    rows = list(csv.DictReader((tmp_path / "m.csv").open()))
+    assert len(rows) == 3136 and float(rows[7]["mean"]) == pytest.approx(report["means"][7], rel=1e-6)
+    table = invoke("scan", run / "final.safetensors", "--aux", aux_dir, "--layer", "fc2", "--lowest", "3")
+    assert table.exit_code == 0 and "histogram" in table.stdout and "3 least active" in table.stdout
+    assert "inputs of fc2" in " ".join(table.stdout.split())
+
+
+def test_aux_export_cli(tmp_path, fmnist_dir):
+    res = invoke("aux", "export", "--dataset", "fmnist", "--data-dir", fmnist_dir, "--per-class", "2",
+                 "--out", tmp_path / "aux", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["count"] == 20
+    res = invoke("aux", "export", "--dataset", "fmnist", "--data-dir", fmnist_dir, "--out", tmp_path / "aux")
+    assert res.exit_code == 1 and res.stderr.startswith(f"Error: {tmp_path / 'aux'} already exists")
