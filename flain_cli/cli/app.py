@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+import torch
 import typer
 
 from .. import __version__
@@ -28,10 +29,15 @@ def _version(value: bool) -> None:
 @app.callback()
 def root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", min=1, help="CPU threads for torch (default: torch's choice). Use 1 when running "
+                                 "several flain processes side by side.", show_default=False)] = None,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ) -> None:
     Settings.debug = debug
+    if threads is not None:
+        torch.set_num_threads(threads)
 
 
 app.command("train")(handle_errors(train.train))
