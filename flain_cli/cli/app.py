@@ -8,7 +8,7 @@ import torch
 import typer
 
 from .. import __version__
-from . import aux_cmd, defend, evaluate, scan, train
+from . import aux_cmd, defend, evaluate, experiment, scan, train
 from .common import Settings, handle_errors
 
 app = typer.Typer(
@@ -46,6 +46,7 @@ app.command("scan")(handle_errors(scan.scan))
 app.command("defend")(handle_errors(defend.defend))
 aux_cmd.app.command("export")(handle_errors(aux_cmd.export))
 app.add_typer(aux_cmd.app, name="aux")
+app.command("experiment")(handle_errors(experiment.experiment))
 
 
 def main() -> None:

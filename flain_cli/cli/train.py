@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -12,9 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..aggregation import AGGREGATORS
-from ..checkpoint import model_meta, save_checkpoint
 from ..datasets import DATASETS, load_dataset
-from ..simulation import Listener, RoundLog, TrainConfig, simulate
+from ..simulation import Listener, RoundLog, TrainConfig
+from ..training import train_to_dir
 from ..splits import SPLITS
 from ..triggers import TRIGGERS
 from .common import DataDirOpt, DeviceOpt, ForceOpt, JsonOpt, SeedOpt, check_outputs, err, fmt, out, print_json, resolve_device
@@ -93,38 +92,18 @@ def train(
     check_outputs([init_path, final_path] + ([log] if log else []), [], force)
     data = load_dataset(dataset, data_dir)
 
-    started = time.perf_counter()
     if log:
         log.parent.mkdir(parents=True, exist_ok=True)
     log_file = open(log, "w", encoding="utf-8") if log else None
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as progress:
-            result = simulate(cfg, data, torch_device, _RichListener(progress, rounds, log_file))
+            outcome = train_to_dir(cfg, data, out_dir, torch_device, _RichListener(progress, rounds, log_file))
     finally:
         if log_file is not None:
             log_file.close()
-
-    task = cfg.task(spec.num_classes)
-    attack_meta = None if task is None else {
-        "task": str(task), "source": task.source, "target": task.target, "trigger": cfg.trigger,
-        "pdr": cfg.pdr, "mcr": cfg.mcr, "malicious_clients": cfg.malicious}
-    base = model_meta(cfg.arch, spec.num_classes, dataset) | {
-        "train_config": cfg.to_dict(), "seed": seed, "attack": attack_meta}
-    init_sha = save_checkpoint(init_path, result.init_state, base | {"role": "init"})
-    last = result.history[-1]
-    final_sha = save_checkpoint(final_path, result.final_state, base | {
-        "role": "final", "parents": {"init": init_sha}, "metrics": {"acc": last.acc, "asr": last.asr}})
-    seconds = time.perf_counter() - started
-    train_seconds = sum(h.train_seconds for h in result.history)
-    samples = sum(h.samples for h in result.history)
-    summary = {"init": str(init_path), "final": str(final_path), "init_sha256": init_sha,
-               "final_sha256": final_sha, "acc": last.acc, "asr": last.asr, "rounds": rounds,
-               "seconds": round(seconds, 2), "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
-               "malicious_clients": cfg.malicious,
-               "poisoned_samples": sum(c.n_poisoned for c in result.clients),
-               "history": [{"round": h.round, "acc": h.acc, "asr": h.asr, "seconds": round(h.seconds, 3)}
-                           for h in result.history]}
+    summary = outcome.summary(cfg)
+    result = outcome.result
     if as_json:
         print_json(summary)
         return
@@ -135,8 +114,7 @@ def train(
     for h in result.history:
         table.add_row(str(h.round), fmt(h.acc), fmt(h.asr), f"{h.seconds:.1f}")
     out.print(table)
-    out.print(f"attack {attack_meta['task'] if attack_meta else 'none'}"
-              f"{' trigger ' + cfg.trigger if attack_meta else ''}; "
+    out.print(f"attack {cfg.attack or 'none'}{' trigger ' + cfg.trigger if cfg.attack else ''}; "
               f"{summary['poisoned_samples']} poisoned training samples; "
-              f"{summary['samples_per_second']} samples/s; {seconds:.1f} s in all")
+              f"{summary['samples_per_second']} samples/s; {summary['seconds']:.1f} s in all")
     out.print(f"wrote {init_path} and {final_path}")

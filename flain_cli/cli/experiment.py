@@ -1,0 +1,77 @@
+"""`flain experiment`: a grid of attacks and defenses from a TOML file, cached and resumable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ..errors import FlainError
+from ..experiment import ExperimentListener, config_hash, load_experiment, markdown_table, run_experiment, write_results
+from ..simulation import RoundLog
+from .common import DataDirOpt, DeviceOpt, JsonOpt, err, out, print_json, resolve_device
+
+
+class _RichListener(ExperimentListener):
+    def __init__(self, progress: Progress, total: int) -> None:
+        self.progress = progress
+        self.cells = progress.add_task("cells", total=total)
+        self.rounds = progress.add_task("training", total=None, visible=False)
+
+    def round_start(self, rnd: int, sampled: list[int]) -> None:
+        self.progress.update(self.rounds, visible=True, description=f"training round {rnd}")
+
+    def round_end(self, log: RoundLog) -> None:
+        self.progress.console.print(f"  round {log.round}: acc {log.acc if log.acc is None else round(log.acc, 4)} "
+                                    f"asr {log.asr if log.asr is None else round(log.asr, 4)} ({log.seconds:.0f} s)")
+
+    def cell(self, label: str, status: str) -> None:
+        self.progress.update(self.rounds, visible=False)
+        self.progress.advance(self.cells)
+        self.progress.console.print(f"{status:>6}: {label}")
+
+
+def experiment(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Experiment grid (see experiments/).",
+                                           show_default=False)],
+    out_dir: Annotated[Path | None, typer.Option(
+        "--out", help="Folder for checkpoints and results (default: the file's `out`, else runs/experiments/NAME).",
+        show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and trainings, run nothing.")] = False,
+    data_dir: DataDirOpt = None,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Train each configuration of a grid once, apply every defense, and tabulate ACC and ASR."""
+    exp = load_experiment(config, out_dir)
+    points = exp.points()
+    total = len(points) * len(exp.defense.methods)
+    if dry_run:
+        trainings = {config_hash(exp.config(p, "rlr" if d == "rlr" else "fedavg"))
+                     for p in points for d in exp.defense.methods}
+        plan = {"name": exp.name, "out": str(exp.out), "cells": total, "trainings": len(trainings),
+                "points": points, "defenses": list(exp.defense.methods)}
+        if as_json:
+            print_json(plan)
+        else:
+            out.print(f"{exp.name}: {len(points)} grid points x {len(exp.defense.methods)} defenses = {total} cells, "
+                      f"{len(trainings)} trainings, into {exp.out}/")
+        return
+    torch_device = resolve_device(device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        cells = run_experiment(exp, device=torch_device, data_dir=data_dir, listener=_RichListener(progress, total))
+    paths = write_results(exp, cells)
+    failed = [c for c in cells if c.status == "failed"]
+    if as_json:
+        print_json({"name": exp.name, "results": {k: str(v) for k, v in paths.items()},
+                    "rows": [c.row() for c in cells]})
+    else:
+        out.print(markdown_table(exp, cells), markup=False)
+        out.print(f"results: {paths['md']}, {paths['csv']}, {paths['json']}")
+    if failed:
+        for cell in failed:
+            err.print(f"failed: {cell.point} {cell.defense}: {cell.error}", markup=False)
+        raise FlainError(f"{len(failed)} of {len(cells)} cells failed (listed above); the others are in {paths['json']}")

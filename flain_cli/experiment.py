@@ -1,0 +1,274 @@
+"""Batch experiments: attack once, evaluate many defenses, cached on disk.
+
+A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
+
+    name = "table1-fmnist"
+    [train]            # fixed `flain train` options (names with _ or -)
+    dataset = "fmnist"
+    rounds = 30
+    [grid]             # lists; their cartesian product is the set of training configurations
+    attack = ["0:5", "0:6", "0:7"]
+    [defense]
+    methods = ["none", "prune", "flain", "rlr"]   # rlr trains again with the RLR aggregator
+    aux_per_class = 20
+
+Every distinct training configuration is trained once into ``OUT/train-<hash>/``; the post-training
+defenses are applied to that same final checkpoint. Each finished step leaves a JSON record
+(written last, atomically), so a re-run skips what is done and an interrupted grid resumes. A cell
+that fails is recorded with its error and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .audit import defend_checkpoint
+from .auxdata import export_aux
+from .checkpoint import atomic_write, save_checkpoint
+from .datasets import DATASETS, Dataset, load_dataset
+from .errors import ConfigError, FlainError
+from .evaluation import evaluate_checkpoint
+from .simulation import Listener, TrainConfig
+from .training import train_to_dir
+
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+POST_TRAINING = ("prune", "flain")
+DEFENSES = ("none", "prune", "flain", "rlr")
+
+
+@dataclass(frozen=True)
+class DefenseSettings:
+    methods: tuple[str, ...] = DEFENSES
+    aux_per_class: int = 20
+    aux_seed: int = 0
+    step: float = 0.001
+    rho: float = 0.03
+    select: str = "crossing"
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    out: Path
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    defense: DefenseSettings
+
+    def points(self) -> list[dict[str, Any]]:
+        keys = list(self.grid)
+        return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
+
+    def config(self, point: dict[str, Any], aggregator: str = "fedavg") -> TrainConfig:
+        values = self.base | point | {"aggregator": aggregator}
+        if "arch" not in values:
+            values["arch"] = DATASETS.get(values.get("dataset", "fmnist")).default_arch
+        return TrainConfig(**values)
+
+
+def _keys(table: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {key.replace("-", "_"): value for key, value in table.items()}
+    unknown = sorted(set(out) - TRAIN_FIELDS)
+    if unknown:
+        raise ConfigError(f"[{where}] has unknown option(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(TRAIN_FIELDS))}")
+    return out
+
+
+def load_experiment(path: Path, out: Path | None = None) -> Experiment:
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    base, grid = _keys(raw.get("train", {}), "train"), _keys(raw.get("grid", {}), "grid")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"[grid] {key} must be a non-empty list, got {values!r}")
+    if "aggregator" in base or "aggregator" in grid:
+        raise ConfigError("set the aggregator through [defense] methods (\"rlr\"), not [train] or [grid]")
+    dset = raw.get("defense", {})
+    known = {f.name for f in dataclasses.fields(DefenseSettings)}
+    unknown = sorted(set(dset) - known)
+    if unknown:
+        raise ConfigError(f"[defense] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    defense = DefenseSettings(**(dset | {"methods": tuple(dset.get("methods", DEFENSES))}))
+    bad = [m for m in defense.methods if m not in DEFENSES]
+    if bad:
+        raise ConfigError(f"[defense] methods {bad} unknown; choose from {', '.join(DEFENSES)}")
+    name = raw.get("name", Path(path).stem)
+    experiment = Experiment(name, Path(out or raw.get("out") or Path("runs/experiments") / name), base, grid,
+                            defense)
+    for point in experiment.points():  # fail early on a bad option, before hours of training
+        cfg = experiment.config(point)
+        cfg.validate(DATASETS.get(cfg.dataset).num_classes)
+    return experiment
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _write(path: Path, record: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
+
+
+class ExperimentListener(Listener):
+    """Progress of the grid; the CLI draws it."""
+
+    def cell(self, label: str, status: str) -> None: ...
+
+
+@dataclass
+class Cell:
+    point: dict[str, Any]
+    defense: str
+    status: str = "pending"  # done | cached | failed
+    acc: float | None = None
+    asr: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    def row(self) -> dict[str, Any]:
+        return self.point | {"defense": self.defense, "acc": self.acc, "asr": self.asr, "status": self.status,
+                             "error": self.error} | self.detail
+
+
+def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_dir: Path | None = None,
+                   listener: ExperimentListener | None = None,
+                   datasets: dict[str, Dataset] | None = None) -> list[Cell]:
+    listener = listener or ExperimentListener()
+    exp.out.mkdir(parents=True, exist_ok=True)
+    _write(exp.out / "experiment.json", {"name": exp.name, "train": exp.base, "grid": exp.grid,
+                                         "defense": dataclasses.asdict(exp.defense)})
+    datasets = datasets if datasets is not None else {}
+    for name in sorted({exp.config(p).dataset for p in exp.points()}):  # a missing dataset fails once, up front
+        _dataset(name, data_dir, datasets)
+    cells: list[Cell] = []
+    for point in exp.points():
+        for defense in exp.defense.methods:
+            cell = Cell(point, defense)
+            label = ", ".join(f"{k}={v}" for k, v in point.items()) + f", {defense}"
+            try:
+                _run_cell(exp, cell, device, data_dir, datasets, listener)
+            except FlainError as exc:
+                cell.status, cell.error = "failed", str(exc)
+            except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the grid
+                cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
+            listener.cell(label, cell.status)
+            cells.append(cell)
+    return cells
+
+
+def _dataset(name: str, data_dir: Path | None, cache: dict[str, Dataset]) -> Dataset:
+    if name not in cache:
+        cache[name] = load_dataset(name, data_dir)
+    return cache[name]
+
+
+def _trained(exp: Experiment, cfg: TrainConfig, device, data_dir, datasets, listener) -> tuple[Path, bool]:
+    run_dir = exp.out / f"train-{config_hash(cfg)}"
+    record = _read(run_dir / "train.json")
+    if record is not None and (run_dir / "final.safetensors").is_file():
+        return run_dir, True
+    outcome = train_to_dir(cfg, _dataset(cfg.dataset, data_dir, datasets), run_dir, device, listener)
+    _write(run_dir / "train.json", {"config": cfg.to_dict()} | outcome.summary(cfg))
+    return run_dir, False
+
+
+def _aux(exp: Experiment, dataset: str, data_dir: Path | None) -> Path:
+    d = exp.defense
+    path = exp.out / f"aux-{dataset}-{d.aux_per_class}x-seed{d.aux_seed}"
+    if not (path / "aux.json").is_file():
+        export_aux(dataset, d.aux_per_class, path, seed=d.aux_seed, data_dir=data_dir, overwrite=True)
+    return path
+
+
+def _run_cell(exp: Experiment, cell: Cell, device, data_dir, datasets, listener) -> None:
+    aggregator = "rlr" if cell.defense == "rlr" else "fedavg"
+    cfg = exp.config(cell.point, aggregator)
+    run_dir, cached = _trained(exp, cfg, device, data_dir, datasets, listener)
+    model = run_dir / "final.safetensors"
+    if cell.defense in POST_TRAINING:
+        d = exp.defense
+        tag = f"{cell.defense}-step{d.step:g}-rho{d.rho:g}-{d.select}"
+        model = run_dir / f"{tag}.safetensors"
+        record = _read(run_dir / f"{tag}.json")
+        if record is None or not model.is_file():
+            cached = False
+            outcome = defend_checkpoint(run_dir / "final.safetensors", run_dir / "init.safetensors",
+                                        _aux(exp, cfg.dataset, data_dir), method=cell.defense, step=d.step,
+                                        rho=d.rho, select=d.select, device=device)
+            save_checkpoint(model, outcome.state, outcome.meta)
+            record = {k: outcome.meta["defense"][k] for k in ("lambda", "flipped", "of", "aux_acc_before",
+                                                              "aux_acc_after", "all_selected")}
+            _write(run_dir / f"{tag}.json", record)
+        cell.detail = record
+    eval_path = model.with_suffix(".eval.json")
+    report = _read(eval_path)
+    if report is None:
+        cached = False
+        data = _dataset(cfg.dataset, data_dir, datasets)
+        res = evaluate_checkpoint(model, device=device, test=data.test).result
+        report = {"acc": res.acc, "asr": res.asr}
+        _write(eval_path, report)
+    cell.acc, cell.asr = report["acc"], report["asr"]
+    cell.detail = cell.detail | {"checkpoint": str(model)}
+    cell.status = "cached" if cached else "done"
+
+
+def varying_keys(exp: Experiment) -> list[str]:
+    return [k for k, v in exp.grid.items() if len(v) > 1] or list(exp.grid)[:1]
+
+
+def markdown_table(exp: Experiment, cells: list[Cell]) -> str:
+    """Rows: grid point and defense; columns ASR and ACC, as in the paper's tables."""
+    keys = varying_keys(exp)
+    header = "| " + " | ".join(keys + ["defense", "ASR", "ACC"]) + " |"
+    lines = [header, "|" + "---|" * (len(keys) + 3)]
+    for cell in cells:
+        value = (lambda v: "-" if v is None else f"{v:.3f}")
+        asr, acc = (value(cell.asr), value(cell.acc)) if cell.status != "failed" else ("failed", "failed")
+        lines.append("| " + " | ".join([str(cell.point.get(k, "")) for k in keys] + [cell.defense, asr, acc]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(exp: Experiment, cells: list[Cell]) -> dict[str, Path]:
+    rows = [cell.row() for cell in cells]
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    paths = {"json": exp.out / "results.json", "csv": exp.out / "results.csv", "md": exp.out / "results.md"}
+    _write(paths["json"], {"name": exp.name, "rows": rows})
+
+    def csv_text() -> str:
+        import csv
+        import io
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+
+    text = csv_text()
+    atomic_write(paths["csv"], lambda tmp: tmp.write_text(text))
+    md = f"## {exp.name}\n\n" + markdown_table(exp, cells)
+    atomic_write(paths["md"], lambda tmp: tmp.write_text(md))
+    return paths

@@ -1,0 +1,111 @@
+"""`flain experiment`: grid expansion, one training per configuration, caching, failed cells."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from flain_cli.cli.app import app
+from flain_cli.errors import ConfigError
+from flain_cli.experiment import load_experiment
+
+runner = CliRunner()
+
+TINY = """
+name = "tiny"
+[train]
+arch = "cnn-mnist"
+clients = 2
+mcr = 0.5
+pdr = 0.5
+rounds = 1
+batch-size = 64
+seed = 1
+[grid]
+attack = ["0:5"]
+[defense]
+methods = ["none", "flain", "rlr"]
+aux_per_class = {per_class}
+rho = 0.05
+"""
+
+
+def write(tmp_path, text, name="grid.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_grid_expansion_and_validation(tmp_path):
+    exp = load_experiment(write(tmp_path, """
+[train]
+dataset = "fmnist"
+[grid]
+attack = ["0:5", "0:6"]
+mcr = [0.4, 0.6]
+[defense]
+methods = ["none", "flain"]
+"""))
+    assert exp.name == "grid" and len(exp.points()) == 4
+    assert exp.config({"attack": "0:6", "mcr": 0.6}).mcr == 0.6
+    assert exp.config({"attack": "0:6", "mcr": 0.6}, "rlr").aggregator == "rlr"
+    assert exp.config({"attack": "0:6", "mcr": 0.6}).arch == "cnn-fmnist"
+    for bad, message in [("[train]\nclientz = 3", "unknown option"), ("[grid]\nattack = \"0:5\"", "non-empty list"),
+                         ("[grid]\nattack = [\"0:11\"]", "names class 11"), ("[defense]\nmethods = [\"krum\"]", "unknown"),
+                         ("[train]\naggregator = \"rlr\"", "through \\[defense\\]"), ("[train\n", "not valid TOML")]:
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(write(tmp_path, bad, "bad.toml"))
+
+
+def run(*args):
+    return runner.invoke(app, ["experiment", *[str(a) for a in args]])
+
+
+def test_runs_once_then_resumes_from_cache(tmp_path, fmnist_dir):
+    config, out = write(tmp_path, TINY.format(per_class=3)), tmp_path / "out"
+    first = run(config, "--out", out, "--data-dir", fmnist_dir, "--json")
+    assert first.exit_code == 0, first.output
+    rows = json.loads(first.stdout)["rows"]
+    assert [(r["defense"], r["status"]) for r in rows] == [("none", "done"), ("flain", "done"), ("rlr", "done")]
+    assert all(0 <= r["acc"] <= 1 and 0 <= r["asr"] <= 1 for r in rows)
+    assert len(list(out.glob("train-*/train.json"))) == 2  # fedavg once (none + flain share it), rlr once
+    assert rows[1]["flipped"] > 0 and rows[0]["checkpoint"].endswith("final.safetensors")
+    # a second run computes nothing
+    second = json.loads(run(config, "--out", out, "--data-dir", fmnist_dir, "--json").stdout)["rows"]
+    assert [r["status"] for r in second] == ["cached"] * 3
+    assert [r["acc"] for r in second] == [r["acc"] for r in rows]
+    # an interrupted defense (its record missing) is redone, the training is not
+    (flain_record,) = [p for p in out.glob("train-*/flain-*.json") if not p.name.endswith(".eval.json")]
+    flain_record.unlink()
+    third = json.loads(run(config, "--out", out, "--data-dir", fmnist_dir, "--json").stdout)["rows"]
+    assert [r["status"] for r in third] == ["cached", "done", "cached"]
+    md = (out / "results.md").read_text()
+    assert "| attack | defense | ASR | ACC |" in md and "| 0:5 | flain |" in md
+    assert (out / "results.csv").read_text().startswith("attack,defense,acc,asr,status")
+
+
+def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path, fmnist_dir):
+    config = write(tmp_path, TINY.format(per_class=500))  # more aux images than the test split has
+    res = run(config, "--out", tmp_path / "out", "--data-dir", fmnist_dir)
+    assert res.exit_code == 1
+    assert "Error: 1 of 3 cells failed" in res.stderr and "ask for at most that many" in res.stderr
+    rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["done", "failed", "done"]
+
+
+def test_dry_run_plans_without_running(tmp_path):
+    res = run(write(tmp_path, TINY.format(per_class=3)), "--out", tmp_path / "out", "--dry-run", "--json")
+    assert res.exit_code == 0
+    assert json.loads(res.stdout) | {"points": None} == {"name": "tiny", "out": str(tmp_path / "out"), "cells": 3,
+                                                          "trainings": 2, "points": None,
+                                                          "defenses": ["none", "flain", "rlr"]}
+    assert not (tmp_path / "out").exists()
+
+
+def test_shipped_experiment_configs_are_valid():
+    from pathlib import Path
+    configs = sorted((Path(__file__).resolve().parent.parent / "experiments").glob("*.toml"))
+    assert {c.stem for c in configs} >= {"table1-fmnist", "table2-fmnist", "table5-fmnist", "figure3-fmnist",
+                                         "figure6-fmnist"}
+    for config in configs:
+        assert load_experiment(config).points()
