@@ -32,5 +32,5 @@ pip_install() {  # quiet on success, the whole log on failure
   rm -f "$log"
 }
 pip_install "torch==2.13.0"
-pip_install -e ".[test]"
+pip_install -e ".[test,plot]"
 .venv/bin/flain --version >&2

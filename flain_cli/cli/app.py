@@ -8,7 +8,7 @@ import torch
 import typer
 
 from .. import __version__
-from . import aux_cmd, defend, evaluate, experiment, scan, train
+from . import aux_cmd, defend, evaluate, experiment, plot, scan, train
 from .common import Settings, handle_errors
 
 app = typer.Typer(
@@ -47,6 +47,9 @@ app.command("defend")(handle_errors(defend.defend))
 aux_cmd.app.command("export")(handle_errors(aux_cmd.export))
 app.add_typer(aux_cmd.app, name="aux")
 app.command("experiment")(handle_errors(experiment.experiment))
+for _name, _command in (("training", plot.training), ("trace", plot.trace), ("activations", plot.activations)):
+    plot.app.command(_name)(handle_errors(_command))
+app.add_typer(plot.app, name="plot")
 
 
 def main() -> None:

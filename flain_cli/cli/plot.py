@@ -1,0 +1,45 @@
+"""`flain plot`: PNG figures from the files train, defend and scan write (needs matplotlib)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..plots import plot_activations, plot_trace, plot_training
+from .common import ForceOpt, check_outputs, out
+
+app = typer.Typer(help="Draw PNG figures (needs the optional matplotlib: pip install 'flain-cli[plot]').",
+                  no_args_is_help=True)
+
+OutOpt = Annotated[Path, typer.Option("--out", help="PNG file to write.", show_default=False)]
+TitleOpt = Annotated[str | None, typer.Option(help="Figure title.", show_default=False)]
+
+
+def training(log: Annotated[Path, typer.Argument(metavar="LOG.jsonl", help="A `flain train --log` file.",
+                                                 show_default=False)],
+             out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False) -> None:
+    """ACC and ASR per round."""
+    check_outputs([out_path], [log], force)
+    plot_training(log, out_path, title)
+    out.print(f"wrote {out_path}")
+
+
+def trace(trace_csv: Annotated[Path, typer.Argument(metavar="TRACE.csv", help="A `flain defend --trace` file.",
+                                                    show_default=False)],
+          out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False) -> None:
+    """The search curve: aux accuracy and neurons selected against the threshold lambda."""
+    check_outputs([out_path], [trace_csv], force)
+    plot_trace(trace_csv, out_path, title)
+    out.print(f"wrote {out_path}")
+
+
+def activations(means_csv: Annotated[Path, typer.Argument(metavar="MEANS.csv", help="A `flain scan --csv` file.",
+                                                          show_default=False)],
+                out_path: OutOpt, bins: Annotated[int, typer.Option(help="Histogram bins.")] = 60,
+                title: TitleOpt = None, force: ForceOpt = False) -> None:
+    """Histogram of the mean activations of the defended layer's inputs."""
+    check_outputs([out_path], [means_csv], force)
+    plot_activations(means_csv, out_path, bins, title)
+    out.print(f"wrote {out_path}")

@@ -1,0 +1,101 @@
+"""PNG figures: training curves, the FLAIN search curve, the activation histogram.
+
+matplotlib is an optional extra (``pip install 'flain-cli[plot]'``); it is imported only here.
+Readers take the files the other commands write: ``train --log`` (JSON lines), ``defend --trace``
+and ``scan --csv`` (CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from .checkpoint import atomic_write
+from .errors import ConfigError, FlainError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise FlainError("plotting needs matplotlib: pip install 'flain-cli[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out: Path) -> None:
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out} must end in .png")
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+
+
+def read_csv(path: Path, columns: tuple[str, ...]) -> dict[str, list[float]]:
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    if not rows or any(c not in rows[0] for c in columns):
+        raise ConfigError(f"{path} is not a CSV with columns {', '.join(columns)}")
+    try:
+        return {c: [float(r[c]) for r in rows] for c in columns}
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def read_train_log(path: Path) -> list[dict]:
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except json.JSONDecodeError:
+        raise ConfigError(f"{path} is not a `flain train --log` file (JSON lines)") from None
+    rows = [r for r in rows if r.get("acc") is not None]
+    if not rows:
+        raise ConfigError(f"{path} holds no evaluated rounds")
+    return rows
+
+
+def plot_training(log: Path, out: Path, title: str | None = None) -> None:
+    rows = read_train_log(log)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    rounds = [r["round"] for r in rows]
+    ax.plot(rounds, [r["acc"] for r in rows], marker="o", ms=3, label="ACC (clean test)")
+    if any(r.get("asr") is not None for r in rows):
+        ax.plot(rounds, [r["asr"] for r in rows], marker="s", ms=3, label="ASR (triggered)")
+    ax.set(xlabel="round", ylabel="share", ylim=(0, 1.02), title=title or f"training: {log.name}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    _save(fig, out)
+    plt.close(fig)
+
+
+def plot_trace(trace: Path, out: Path, title: str | None = None) -> None:
+    data = read_csv(trace, ("lambda", "selected", "aux_acc"))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.step(data["lambda"], data["aux_acc"], where="post", color="tab:blue", label="aux accuracy")
+    ax.set(xlabel="threshold lambda", ylabel="aux accuracy", title=title or f"FLAIN search: {trace.name}")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.step(data["lambda"], data["selected"], where="post", color="tab:red", label="neurons selected")
+    twin.set_ylabel("neurons selected")
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
+    _save(fig, out)
+    plt.close(fig)
+
+
+def plot_activations(means_csv: Path, out: Path, bins: int = 60, title: str | None = None) -> None:
+    data = read_csv(means_csv, ("neuron", "mean"))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.hist(data["mean"], bins=bins, color="tab:gray")
+    ax.set(xlabel="mean activation on the aux set", ylabel="input neurons", yscale="log",
+           title=title or f"activations: {means_csv.name}")
+    ax.grid(alpha=0.3)
+    _save(fig, out)
+    plt.close(fig)
