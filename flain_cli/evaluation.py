@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .attack import AttackTask
+from .auxdata import load_aux
 from .checkpoint import Checkpoint, build_from, load_checkpoint, resolve_model_meta
 from .datasets import DATASETS, Split, load_dataset
 from .errors import ConfigError
@@ -41,10 +42,17 @@ class CheckpointEval:
     result: EvalResult
 
 
+def load_test_file(path: Path, meta: dict[str, Any]) -> Split:
+    """A test set in the aux-file format (.safetensors/.npz with images and labels)."""
+    aux = load_aux(path, tuple(meta["input_shape"]), meta["num_classes"], meta.get("class_names"))
+    return Split(aux.images, aux.labels)
+
+
 def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Path | None = None,
                         arch: str | None = None, attack: str | None = None, trigger: str | None = None,
-                        device: torch.device | str = "cpu", test: Split | None = None) -> CheckpointEval:
-    """ACC on the clean test split and ASR of the known (or given) attack."""
+                        device: torch.device | str = "cpu", test: Split | None = None,
+                        test_file: Path | None = None) -> CheckpointEval:
+    """ACC on the clean test split (or ``test``/``test_file``) and ASR of the known (or given) attack."""
     ckpt = load_checkpoint(path)
     meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset)
     if meta["dataset"] is None:
@@ -53,7 +61,9 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Pat
     spec = DATASETS.get(meta["dataset"])
     model = build_from(ckpt, meta, device)
     spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, trigger)
-    split = test if test is not None else load_dataset(meta["dataset"], data_dir).test
+    if test is None:
+        test = load_test_file(test_file, meta) if test_file else load_dataset(meta["dataset"], data_dir).test
+    split = test
     trig = make_trigger(spec_attack.trigger, *spec.shape[1:]) if spec_attack else None
     result = evaluate(model, split, spec, spec_attack.task if spec_attack else None, trig, device)
     return CheckpointEval(meta, spec_attack, result)

@@ -8,7 +8,7 @@ import torch
 import typer
 
 from .. import __version__
-from . import aux_cmd, defend, evaluate, experiment, plot, scan, train
+from . import aux_cmd, defend, demo, evaluate, experiment, plot, scan, train
 from .common import Settings, handle_errors
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ def root(
 
 
 app.command("train")(handle_errors(train.train))
+app.command("demo")(handle_errors(demo.demo))
 app.command("eval")(handle_errors(evaluate.evaluate_command))
 app.command("scan")(handle_errors(scan.scan))
 app.command("defend")(handle_errors(defend.defend))

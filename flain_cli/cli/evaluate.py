@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -21,12 +22,15 @@ def evaluate_command(
         show_default=False)] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger stamped for ASR (default: from the checkpoint).",
                                                 show_default=False)] = None,
+    test: Annotated[Path | None, typer.Option(
+        help="Evaluate on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
+        show_default=False)] = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
     report = evaluate_checkpoint(model, dataset=dataset, data_dir=data_dir, arch=arch, attack=attack,
-                                 trigger=trigger, device=resolve_device(device))
+                                 trigger=trigger, device=resolve_device(device), test_file=test)
     res, meta, spec_attack = report.result, report.meta, report.attack
     summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "n_clean": res.n_clean,
                "n_triggered": res.n_triggered, "dataset": meta["dataset"], "arch": meta["arch"],

@@ -1,0 +1,85 @@
+"""The main job on a shipped sample model: scan -> defend -> eval before and after.
+
+A sample folder (sample_models/NAME/) holds ``init.safetensors``, ``final.safetensors`` and an
+``aux/`` folder; sample_models/ also ships a class-balanced test subset used when the dataset
+itself is not installed, so the demo needs no download.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .audit import defend_checkpoint, scan_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .datasets import Split, load_dataset
+from .errors import DataError, FlainError
+from .evaluation import evaluate_checkpoint, load_test_file
+
+TEST_SUBSET = "fmnist-test-2000.npz"
+
+
+@dataclass(frozen=True)
+class DemoReport:
+    sample: str
+    test_source: str
+    n_test: int
+    before: dict[str, Any]
+    after: dict[str, Any]
+    defense: dict[str, Any]
+    seconds: dict[str, float]
+    out: Path
+
+
+def sample_names(samples_dir: Path) -> list[str]:
+    return sorted(p.name for p in samples_dir.iterdir() if (p / "final.safetensors").is_file()) \
+        if samples_dir.is_dir() else []
+
+
+def _test_split(samples_dir: Path, meta: dict[str, Any], use_subset: bool) -> tuple[Split, str]:
+    subset = samples_dir / TEST_SUBSET
+    if not use_subset:
+        try:
+            return load_dataset(meta["dataset"]).test, f"{meta['dataset']} test split"
+        except DataError:
+            pass  # not installed: fall back on the shipped subset
+    if not subset.is_file():
+        raise FlainError(f"no test data: {meta['dataset']} is not installed and {subset} is missing")
+    return load_test_file(subset, meta), str(subset)
+
+
+def run_demo(samples_dir: Path, sample: str, out: Path, *, use_subset: bool = False,
+             device: torch.device | str = "cpu") -> DemoReport:
+    folder = samples_dir / sample
+    if not (folder / "final.safetensors").is_file():
+        names = sample_names(samples_dir)
+        raise FlainError(f"no sample model {folder}; available: {', '.join(names) or 'none'}")
+    final, init, aux = folder / "final.safetensors", folder / "init.safetensors", folder / "aux"
+    meta = load_checkpoint(final).meta
+    test, source = _test_split(samples_dir, meta, use_subset)
+    seconds: dict[str, float] = {}
+
+    started = time.perf_counter()
+    scan = scan_checkpoint(final, aux, device=device)
+    seconds["scan"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    outcome = defend_checkpoint(final, init, aux, device=device)
+    save_checkpoint(out, outcome.state, outcome.meta)
+    seconds["defend"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    before = evaluate_checkpoint(final, test=test, device=device).result
+    after = evaluate_checkpoint(out, test=test, device=device).result
+    seconds["eval"] = time.perf_counter() - started
+    d = outcome.meta["defense"]
+    return DemoReport(
+        sample, source, before.n_clean,
+        {"acc": before.acc, "asr": before.asr, "aux_acc": d["aux_acc_before"]},
+        {"acc": after.acc, "asr": after.asr, "aux_acc": d["aux_acc_after"]},
+        {"lambda": d["lambda"], "flipped": d["flipped"], "of": d["of"], "silent_neurons": int((scan.means == 0).sum())},
+        seconds, out)

@@ -1,0 +1,49 @@
+"""`flain demo` on a sample folder laid out like sample_models/, and `eval --test`."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flain_cli.cli.app import app
+
+from .conftest import make_images, write_aux_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def samples(tiny_run, tmp_path):
+    run, _ = tiny_run
+    folder = tmp_path / "samples" / "tiny-cba"
+    folder.mkdir(parents=True)
+    for name in ("init.safetensors", "final.safetensors"):
+        shutil.copy(run / name, folder / name)
+    write_aux_folder(folder / "aux", per_class=4)
+    images, labels = make_images(100, seed=9)
+    np.savez(tmp_path / "samples" / "fmnist-test-2000.npz", images=images, labels=labels)
+    return tmp_path / "samples"
+
+
+def test_demo_before_and_after(samples, tmp_path):
+    res = runner.invoke(app, ["demo", "--samples-dir", str(samples), "--sample", "tiny-cba", "--out",
+                              str(tmp_path / "demo"), "--test-subset", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["n_test"] == 100 and report["test"].endswith("fmnist-test-2000.npz")
+    assert {"acc", "asr"} <= set(report["before"]) and {"acc", "asr"} <= set(report["after"])
+    assert report["defense"]["of"] == 3136 and (tmp_path / "demo" / "tiny-cba.flain.safetensors").is_file()
+    # the same numbers as eval --test on the same files
+    ev = json.loads(runner.invoke(app, ["eval", str(samples / "tiny-cba" / "final.safetensors"), "--test",
+                                        str(samples / "fmnist-test-2000.npz"), "--json"]).stdout)
+    assert ev["acc"] == pytest.approx(report["before"]["acc"]) and ev["asr"] == pytest.approx(report["before"]["asr"])
+    table = runner.invoke(app, ["demo", "--samples-dir", str(samples), "--sample", "tiny-cba", "--out",
+                                str(tmp_path / "demo"), "--test-subset", "--force"])
+    assert table.exit_code == 0 and "after FLAIN" in table.stdout
+
+
+def test_demo_unknown_sample(samples, tmp_path):
+    res = runner.invoke(app, ["demo", "--samples-dir", str(samples), "--sample", "nope", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "available: tiny-cba" in res.stderr
