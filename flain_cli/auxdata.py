@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .checkpoint import atomic_write
 from .datasets import Split, load_dataset
 from .errors import AuxError, ConfigError
 from .splits import balanced_subset
@@ -140,13 +141,30 @@ def _load_tensor_file(path: Path, shape: tuple[int, int, int]) -> AuxSet:
                   sum(resized for _, resized in converted))
 
 
-def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", seed: int = 0,
-               data_dir: Path | None = None, overwrite: bool = False) -> dict:
-    """Write a class-balanced, seeded aux folder (PNG files) drawn from a dataset split.
+def exported_indices(path: Path) -> list[int]:
+    """The dataset indices of an earlier export (a folder with aux.json, or an .npz with indices)."""
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return json.loads((path / "aux.json").read_text())["indices"]
+        with np.load(path, allow_pickle=False) as f:
+            return f["indices"].tolist()
+    except (OSError, KeyError, ValueError, json.JSONDecodeError):
+        raise ConfigError(f"--exclude {path} is not a `flain aux export` output (folder with aux.json, or .npz)") from None
 
-    The folder is built in a temporary sibling and renamed into place, so ``out`` is either
-    complete or absent. Returns the manifest also written as ``out/aux.json``.
+
+def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", seed: int = 0,
+               data_dir: Path | None = None, overwrite: bool = False, fmt: str = "folder",
+               exclude: list[int] | None = None) -> dict:
+    """Write a class-balanced, seeded aux set drawn from a dataset split.
+
+    ``fmt="folder"``: PNG files in ``out/<class>/`` and ``out/aux.json``, built in a temporary
+    sibling and renamed into place, so ``out`` is either complete or absent. ``fmt="npz"``: one
+    ``.npz`` with ``images``, ``labels`` and ``indices``. ``exclude``: dataset indices never to
+    draw (e.g. an aux set, when writing a test subset). Returns the manifest.
     """
+    if fmt not in ("folder", "npz"):
+        raise ConfigError(f"--format must be folder or npz, got {fmt!r}")
     if per_class < 1:
         raise ConfigError(f"--per-class must be at least 1, got {per_class}")
     out = Path(out)
@@ -156,14 +174,30 @@ def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", 
         raise ConfigError(f"--split must be train or test, got {split!r}")
     data = load_dataset(dataset, data_dir)
     source: Split = getattr(data, split)
-    counts = torch.bincount(source.labels, minlength=data.spec.num_classes)
+    pool = torch.ones(len(source), dtype=torch.bool)
+    if exclude:
+        pool[torch.tensor(exclude, dtype=torch.long)] = False
+    pool_idx = torch.nonzero(pool).flatten()
+    counts = torch.bincount(source.labels[pool_idx], minlength=data.spec.num_classes)
     if int(counts.min()) < per_class:
         raise ConfigError(f"the {split} split has only {int(counts.min())} images of class "
                           f"{int(counts.argmin())}; ask for at most that many --per-class")
-    chosen = balanced_subset(source.labels, per_class * data.spec.num_classes, np.random.default_rng(seed))
+    chosen = pool_idx[balanced_subset(source.labels[pool_idx], per_class * data.spec.num_classes,
+                                      np.random.default_rng(seed))]
     manifest = {"dataset": dataset, "split": split, "per_class": per_class, "seed": seed,
-                "count": len(chosen), "indices": chosen.tolist(), "class_names": list(data.spec.classes)}
+                "count": len(chosen), "indices": chosen.tolist(), "class_names": list(data.spec.classes),
+                "excluded": len(exclude or [])}
     out.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "npz":
+        images = source.images[chosen].numpy()
+        images = images[:, 0] if images.shape[1] == 1 else images.transpose(0, 2, 3, 1)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, images=images, labels=source.labels[chosen].numpy(), indices=chosen.numpy())
+
+        atomic_write(out, write)
+        return manifest
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for i in chosen.tolist():

@@ -87,3 +87,19 @@ def test_export_is_balanced_seeded_and_loadable(tmp_path, fmnist_dir):
     with pytest.raises(ConfigError, match="only 20 images of class"):
         export_aux("fmnist", 25, tmp_path / "aux3", data_dir=fmnist_dir)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".", "aux"))) == ["aux", "aux2"]
+
+
+def test_npz_export_can_exclude_an_earlier_export(tmp_path, fmnist_dir):
+    from flain_cli.auxdata import exported_indices
+    aux = export_aux("fmnist", 5, tmp_path / "aux", data_dir=fmnist_dir)
+    test = export_aux("fmnist", 10, tmp_path / "test.npz", data_dir=fmnist_dir, fmt="npz",
+                      exclude=exported_indices(tmp_path / "aux"))
+    assert not set(aux["indices"]) & set(test["indices"])
+    assert exported_indices(tmp_path / "test.npz") == test["indices"]
+    loaded = load_aux(tmp_path / "test.npz", SHAPE, 10)
+    assert len(loaded) == 100 and torch.bincount(loaded.labels).tolist() == [10] * 10
+    with pytest.raises(ConfigError, match="only 15 images of class"):  # 20 per class, 5 excluded
+        export_aux("fmnist", 16, tmp_path / "t2.npz", data_dir=fmnist_dir, fmt="npz",
+                   exclude=exported_indices(tmp_path / "aux"))
+    with pytest.raises(ConfigError, match="is not a `flain aux export` output"):
+        exported_indices(tmp_path)
