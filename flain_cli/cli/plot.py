@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..plots import plot_activations, plot_trace, plot_training
-from .common import ForceOpt, check_outputs, out
+from .common import ForceOpt, JsonOpt, check_outputs, out, print_json
 
 app = typer.Typer(help="Draw PNG figures (needs the optional matplotlib: pip install 'flain-cli[plot]').",
                   no_args_is_help=True)
@@ -17,29 +17,36 @@ OutOpt = Annotated[Path, typer.Option("--out", help="PNG file to write.", show_d
 TitleOpt = Annotated[str | None, typer.Option(help="Figure title.", show_default=False)]
 
 
+def _done(path: Path, as_json: bool) -> None:
+    if as_json:
+        print_json({"out": str(path)})
+    else:
+        out.print(f"wrote {path}")
+
+
 def training(log: Annotated[Path, typer.Argument(metavar="LOG.jsonl", help="A `flain train --log` file.",
                                                  show_default=False)],
-             out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False) -> None:
+             out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """ACC and ASR per round."""
     check_outputs([out_path], [log], force)
     plot_training(log, out_path, title)
-    out.print(f"wrote {out_path}")
+    _done(out_path, as_json)
 
 
 def trace(trace_csv: Annotated[Path, typer.Argument(metavar="TRACE.csv", help="A `flain defend --trace` file.",
                                                     show_default=False)],
-          out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False) -> None:
+          out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """The search curve: aux accuracy and neurons selected against the threshold lambda."""
     check_outputs([out_path], [trace_csv], force)
     plot_trace(trace_csv, out_path, title)
-    out.print(f"wrote {out_path}")
+    _done(out_path, as_json)
 
 
 def activations(means_csv: Annotated[Path, typer.Argument(metavar="MEANS.csv", help="A `flain scan --csv` file.",
                                                           show_default=False)],
                 out_path: OutOpt, bins: Annotated[int, typer.Option(help="Histogram bins.")] = 60,
-                title: TitleOpt = None, force: ForceOpt = False) -> None:
+                title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """Histogram of the mean activations of the defended layer's inputs."""
     check_outputs([out_path], [means_csv], force)
     plot_activations(means_csv, out_path, bins, title)
-    out.print(f"wrote {out_path}")
+    _done(out_path, as_json)
