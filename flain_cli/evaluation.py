@@ -63,7 +63,6 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Pat
     spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, trigger)
     if test is None:
         test = load_test_file(test_file, meta) if test_file else load_dataset(meta["dataset"], data_dir).test
-    split = test
     trig = make_trigger(spec_attack.trigger, *spec.shape[1:]) if spec_attack else None
-    result = evaluate(model, split, spec, spec_attack.task if spec_attack else None, trig, device)
+    result = evaluate(model, test, spec, spec_attack.task if spec_attack else None, trig, device)
     return CheckpointEval(meta, spec_attack, result)

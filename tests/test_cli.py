@@ -105,3 +105,19 @@ def test_usage_errors_keep_exit_code_2():
 def test_version():
     res = invoke("--version")
     assert res.exit_code == 0 and res.stdout.startswith("flain-cli ")
+
+
+def test_same_seed_same_files_and_a_clean_run(tmp_path, fmnist_dir):
+    shas = []
+    for name in ("a", "b"):
+        res = invoke("train", "--data-dir", fmnist_dir, *TINY, "--out", tmp_path / name, "--json")
+        assert res.exit_code == 0, res.output
+        shas.append((json.loads(res.stdout)["init_sha256"], json.loads(res.stdout)["final_sha256"]))
+    assert shas[0] == shas[1]
+    assert (tmp_path / "a" / "final.safetensors").read_bytes() == (tmp_path / "b" / "final.safetensors").read_bytes()
+    clean = invoke("train", "--data-dir", fmnist_dir, *TINY, "--attack", "none", "--out", tmp_path / "c", "--json")
+    summary = json.loads(clean.stdout)
+    assert summary["asr"] is None and summary["poisoned_samples"] == 0 and summary["malicious_clients"] == []
+    assert load_checkpoint(tmp_path / "c" / "final.safetensors").meta["attack"] is None
+    assert json.loads(invoke("eval", tmp_path / "c" / "final.safetensors", "--data-dir", fmnist_dir,
+                             "--json").stdout)["asr"] is None
