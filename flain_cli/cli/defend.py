@@ -33,8 +33,10 @@ def defend(
     layer: LayerOpt = None,
     out_path: Annotated[Path | None, typer.Option(
         "--out", help="Cleaned checkpoint (default: MODEL's name with .METHOD.safetensors).", show_default=False)] = None,
-    trace: Annotated[Path | None, typer.Option(help="Write the search curve (lambda, neurons, aux accuracy) as CSV.",
-                                               show_default=False)] = None,
+    trace: Annotated[Path | None, typer.Option(
+        help="Write the search curve as CSV (lambda, selected, aux_acc, drop): one row per threshold at which the "
+             "selection changed, the curve being constant in between (with --plain: every threshold).",
+        show_default=False)] = None,
     plain: Annotated[bool, typer.Option(
         "--plain", help="Run Algorithm 1 literally (every lambda, whole network): slow, same result.")] = False,
     arch: ArchOpt = None,
