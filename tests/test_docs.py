@@ -31,3 +31,19 @@ def test_readme_links_resolve():
     for target in ("docs/simulation.md", "docs/flain.md", "docs/checkpoint-format.md", "docs/results.md",
                    "docs/benchmarks.md"):
         assert target in readme and (ROOT / target).is_file(), target
+
+
+def test_sample_models_are_real_small_and_described():
+    from flain_cli.checkpoint import load_checkpoint
+    samples = ROOT / "sample_models"
+    size = sum(p.stat().st_size for p in samples.rglob("*") if p.is_file())
+    assert size < 25 * 2**20, f"sample_models/ is {size / 2**20:.1f} MB"
+    folders = [p for p in samples.iterdir() if (p / "final.safetensors").is_file()]
+    assert {p.name for p in folders} >= {"fmnist-cba-iid"}
+    readme = (samples / "README.md").read_text()
+    for folder in folders:
+        final, init = load_checkpoint(folder / "final.safetensors"), load_checkpoint(folder / "init.safetensors")
+        assert final.meta["role"] == "final" and final.meta["parents"]["init"] == init.sha256
+        assert final.meta["dataset"] == "fmnist" and final.meta["train_config"]["train_samples"] is None
+        assert (folder / "aux" / "aux.json").is_file() and folder.name in readme
+    assert (samples / "fmnist-test-2000.npz").is_file()
