@@ -14,8 +14,9 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
 
 Every distinct training configuration is trained once into ``OUT/train-<hash>/``; the post-training
 defenses are applied to that same final checkpoint. Each finished step leaves a JSON record
-(written last, atomically), so a re-run skips what is done and an interrupted grid resumes. A cell
-that fails is recorded with its error and the grid goes on.
+(written last, atomically), so a re-run skips what is done and an interrupted grid resumes; the
+results files are rewritten after every cell. A cell that fails is recorded with its error and
+the grid goes on.
 """
 
 from __future__ import annotations
@@ -172,8 +173,9 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
                 cell.status, cell.error = "failed", str(exc)
             except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the grid
                 cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
-            listener.cell(label, cell.status)
             cells.append(cell)
+            write_results(exp, cells)  # an interrupted grid still leaves what it finished
+            listener.cell(label, cell.status)
     return cells
 
 
@@ -250,12 +252,16 @@ def markdown_table(exp: Experiment, cells: list[Cell]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def result_paths(exp: Experiment) -> dict[str, Path]:
+    return {"md": exp.out / "results.md", "csv": exp.out / "results.csv", "json": exp.out / "results.json"}
+
+
 def write_results(exp: Experiment, cells: list[Cell]) -> dict[str, Path]:
     rows = [cell.row() for cell in cells]
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    paths = {"json": exp.out / "results.json", "csv": exp.out / "results.csv", "md": exp.out / "results.md"}
+    paths = result_paths(exp)
     _write(paths["json"], {"name": exp.name, "rows": rows})
 
     def csv_text() -> str:

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import FlainError
-from ..experiment import ExperimentListener, config_hash, load_experiment, markdown_table, run_experiment, write_results
+from ..experiment import ExperimentListener, config_hash, load_experiment, markdown_table, result_paths, run_experiment
 from ..simulation import RoundLog
 from .common import DataDirOpt, DeviceOpt, JsonOpt, err, out, print_json, resolve_device
 
@@ -63,7 +63,7 @@ def experiment(
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=True) as progress:
         cells = run_experiment(exp, device=torch_device, data_dir=data_dir, listener=_RichListener(progress, total))
-    paths = write_results(exp, cells)
+    paths = result_paths(exp)
     failed = [c for c in cells if c.status == "failed"]
     if as_json:
         print_json({"name": exp.name, "results": {k: str(v) for k, v in paths.items()},
