@@ -82,14 +82,18 @@ class AuxFeatures:
         return float((self.rest(pre).argmax(dim=1) == self.labels).double().mean())
 
     @torch.no_grad()
-    def accuracy(self, weight: torch.Tensor) -> float:
-        """Aux accuracy with the layer's weight replaced, updating only the changed columns."""
+    def accuracy(self, weight: torch.Tensor, changed: torch.Tensor | None = None) -> float:
+        """Aux accuracy with the layer's weight replaced, updating only the changed columns.
+
+        ``changed`` (from the search) names the columns that can differ from the last call;
+        without it they are found by comparing the whole weight.
+        """
         weight = weight.to(self.features64.device)
         if self._weight is None:
             self._weight = weight.clone()
             self._pre = torch.addmm(self.bias, self.features64, weight.double().T)
         else:
-            cols = torch.nonzero((weight != self._weight).any(dim=0)).flatten()
+            cols = changed if changed is not None else torch.nonzero((weight != self._weight).any(dim=0)).flatten()
             if len(cols):
                 new, old = weight[:, cols], self._weight[:, cols]
                 self._pre.addmm_(self.features64[:, cols], (new.double() - old.double()).T)
@@ -97,7 +101,7 @@ class AuxFeatures:
         return self._score(self._pre)
 
     @torch.no_grad()
-    def accuracy_full(self, weight: torch.Tensor) -> float:
+    def accuracy_full(self, weight: torch.Tensor, changed: torch.Tensor | None = None) -> float:
         """The same from scratch through the whole network, as Algorithm 1's Evaluate(theta*, psi)."""
         features = self.prefix(self.inputs).double()
         w = weight.to(features.device, torch.float64)

@@ -25,7 +25,10 @@ import torch
 from .errors import ConfigError
 from .registry import Registry
 
-Evaluate = Callable[[torch.Tensor], float]  # weight of the defended layer -> aux accuracy
+# (weight of the defended layer, changed) -> aux accuracy. ``changed``, when not None, holds the
+# only columns in which ``weight`` can differ from the weight of the previous call (a hint that
+# lets an evaluator update instead of recompute); the callee must not keep ``weight`` itself.
+Evaluate = Callable[[torch.Tensor, torch.Tensor | None], float]
 # A method maps (W, W0) to the values its selected columns take; the search applies it per mask.
 METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("method")
 SELECTS = ("crossing", "last-safe")
@@ -147,12 +150,12 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
     replacement = METHODS.get(method)(weight, init)
     xd = x.double()
     mu = float(xd.min())
-    acc0 = evaluate(weight)  # line 5
+    acc0 = evaluate(weight, None)  # line 5
     evaluations, trace, crossed = 1, [], False
     for k in range(1, max_steps + 1):
         lam = _lam(mu, k, step)
         mask = xd <= lam  # lines 7-13
-        acc1 = evaluate(apply_mask(weight, replacement, mask))  # lines 15-16
+        acc1 = evaluate(apply_mask(weight, replacement, mask), None)  # lines 15-16
         evaluations += 1
         trace.append(SearchStep(lam, int(mask.sum()), acc1))
         if rho <= acc0 - acc1:  # line 17
@@ -182,14 +185,18 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
     xd = x.double()
     values = torch.sort(xd).values.tolist()
     mu = values[0]
-    acc0 = evaluate(weight)
+    acc0 = evaluate(weight, None)
     evaluations, trace, crossed = 1, [], False
     k, z = 1, len(values)
+    current, previous = weight.clone(), torch.zeros_like(xd, dtype=torch.bool)
     while True:
         lam = _lam(mu, k, step)
         mask = xd <= lam
         count = int(mask.sum())
-        acc1 = evaluate(apply_mask(weight, replacement, mask))
+        new = torch.nonzero(mask & ~previous).flatten()  # the neurons this threshold takes in
+        current[:, new] = replacement[:, new]  # = apply_mask(weight, replacement, mask), column by column
+        previous = mask
+        acc1 = evaluate(current, new)
         evaluations += 1
         trace.append(SearchStep(lam, count, acc1))
         if rho <= acc0 - acc1:

@@ -18,10 +18,10 @@ def losing(per_column: float = 0.02):
     """Aux accuracy 1.0 minus `per_column` for every column that differs from W."""
     calls = []
 
-    def evaluate(weight):
-        calls.append(weight)
-        changed = int((weight != W).any(dim=0).sum())
-        return 1.0 - per_column * changed
+    def evaluate(weight, changed=None):
+        calls.append(weight.clone())
+        n_changed = int((weight != W).any(dim=0).sum())
+        return 1.0 - per_column * n_changed
 
     evaluate.calls = calls
     return evaluate
@@ -65,7 +65,7 @@ def test_rho_zero_stops_at_the_first_threshold(search):
 
 @pytest.mark.parametrize("search", [search_plain, search_fast])
 def test_every_neuron_flipped_before_rho_is_reached(search):
-    res = search(W, W0, X, lambda w: 1.0, step=0.1, rho=0.03)
+    res = search(W, W0, X, lambda w, changed=None: 1.0, step=0.1, rho=0.03)
     assert res.all_selected and res.mask.all() and res.lam == pytest.approx(2.0)
     unscaled = 2 * W0 - W
     assert torch.allclose(res.weight, unscaled * torch.linalg.matrix_norm(W) / torch.linalg.matrix_norm(unscaled))
@@ -129,8 +129,14 @@ def test_fast_search_equals_algorithm_1_step_by_step(z, seed, step, rho, method,
     labels = (features @ w.T).argmax(dim=1)
     labels[:8] = torch.randint(0, 6, (8,), generator=g)
 
-    def evaluate(weight):
+    def evaluate(weight, changed=None):
+        if changed is not None:  # the hint must be right: no other column moved since the last call
+            moved = torch.nonzero((weight != last[0]).any(dim=0)).flatten()
+            assert set(moved.tolist()) <= set(changed.tolist())
+        last[0] = weight.clone()
         return float(((features @ weight.T).argmax(dim=1) == labels).float().mean())
+
+    last = [w]
 
     plain = search_plain(w, w0, x, evaluate, step=step, rho=rho, method=method, select=select)
     fast = search_fast(w, w0, x, evaluate, step=step, rho=rho, method=method, select=select)
