@@ -162,18 +162,28 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
 def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = 0.001,
                       rho: float = 0.03, select: str = "crossing", layer: str | None = None,
                       arch: str | None = None, dataset: str | None = None, plain: bool = False,
-                      device: torch.device | str = "cpu") -> DefendOutcome:
-    """Apply FLAIN (or pruning) to the checkpoint at ``path``; nothing is written here."""
+                      holdout: float = 0.0, seed: int = 0, device: torch.device | str = "cpu") -> DefendOutcome:
+    """Apply FLAIN (or pruning) to the checkpoint at ``path``; nothing is written here.
+
+    ``holdout`` > 0 (our option, not the paper's): the mean activations come from one part of the
+    aux set and the accuracies of the stopping rule from the held-out rest, so that the rule does
+    not judge the flipped neurons on the very images on which they were found silent.
+    """
     started = time.perf_counter()
     loaded = load_model(path, arch=arch, dataset=dataset, device=device)
     init = load_checkpoint(init_path)
     check_pair(loaded.ckpt, init)
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
-    feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
+    if holdout:
+        activation_set, scoring_set = aux.split(holdout, seed)
+        x = AuxFeatures(loaded.model, layer, activation_set, loaded.meta, device).mean_activations()
+        feats = AuxFeatures(loaded.model, layer, scoring_set, loaded.meta, device)
+    else:  # the paper: one aux set for both
+        feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
+        x = feats.mean_activations()
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     init_weight = init.tensors[f"{layer}.weight"].to(weight.dtype)
-    x = feats.mean_activations()
     if plain:  # Algorithm 1 as written: every lambda, the whole network (slow; for verification)
         result = search_plain(weight, init_weight, x, feats.accuracy_full, step=step, rho=rho, method=method,
                               select=select)
@@ -192,7 +202,8 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: st
             "lambda": result.lam, "mu": result.mu, "flipped": result.changed, "of": int(x.numel()),
             "neurons": torch.nonzero(result.mask).flatten().tolist(), "all_selected": result.all_selected,
             "aux_acc_before": result.acc0, "aux_acc_kept": result.acc_kept, "aux_acc_after": aux_acc_after,
-            "steps": result.steps, "evaluations": result.evaluations, "aux": {"source": aux.source, "n": len(aux)},
+            "steps": result.steps, "evaluations": result.evaluations, "holdout": holdout, "seed": seed,
+            "aux": {"source": aux.source, "n": len(aux), "scored_on": int(feats.labels.numel())},
         },
     }
     return DefendOutcome(meta, state, result, layer, aux_acc_after, len(aux), time.perf_counter() - started)

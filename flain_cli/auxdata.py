@@ -41,6 +41,21 @@ class AuxSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def split(self, fraction: float, seed: int = 0) -> tuple[AuxSet, AuxSet]:
+        """(rest, held out): ``fraction`` of each class held out, chosen with a seeded shuffle."""
+        if not 0 < fraction < 1:
+            raise ConfigError(f"--holdout must be between 0 and 1 (exclusive), got {fraction}")
+        gen = torch.Generator().manual_seed(seed)
+        held = torch.zeros(len(self), dtype=torch.bool)
+        for label in torch.unique(self.labels):
+            idx = torch.nonzero(self.labels == label).flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            held[idx[:round(fraction * len(idx))]] = True
+        if held.all() or not held.any():
+            raise AuxError(f"--holdout {fraction} of {len(self)} aux images leaves one part empty")
+        return (AuxSet(self.images[~held], self.labels[~held], f"{self.source} (activations)"),
+                AuxSet(self.images[held], self.labels[held], f"{self.source} (held out)"))
+
     def normalized(self, mean: list[float], std: list[float]) -> torch.Tensor:
         x = self.images.to(torch.float32).div_(255.0)
         m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)

@@ -78,3 +78,12 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
                     model_meta("cnn-mnist", 12, None) | {"role": "init"})
     with pytest.raises(CheckpointError, match="fc2.bias is \\(10,\\) in .* but \\(12,\\)"):
         defend_checkpoint(out / "final.safetensors", wrong_classes, aux_dir)
+
+
+def test_holdout_scores_on_the_held_out_images(tiny_run, aux_dir):
+    out, _ = tiny_run
+    plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, rho=0.05)
+    held = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, rho=0.05, holdout=0.5)
+    assert plain.meta["defense"]["aux"]["scored_on"] == 80 and plain.meta["defense"]["holdout"] == 0.0
+    assert held.meta["defense"]["aux"]["scored_on"] == 40 and held.meta["defense"]["holdout"] == 0.5
+    assert not torch.equal(plain.result.mask, held.result.mask) or plain.result.acc0 != held.result.acc0

@@ -103,3 +103,16 @@ def test_npz_export_can_exclude_an_earlier_export(tmp_path, fmnist_dir):
                    exclude=exported_indices(tmp_path / "aux"))
     with pytest.raises(ConfigError, match="is not a `flain aux export` output"):
         exported_indices(tmp_path)
+
+
+def test_holdout_split_is_stratified_seeded_and_disjoint(tmp_path):
+    aux = load_aux(write_aux_folder(tmp_path / "aux", per_class=6), SHAPE, 10)
+    rest, held = aux.split(0.5, seed=3)
+    assert len(rest) == len(held) == 30
+    assert torch.bincount(held.labels).tolist() == [3] * 10 == torch.bincount(rest.labels).tolist()
+    again = aux.split(0.5, seed=3)[1]
+    assert torch.equal(again.images, held.images)
+    assert not torch.equal(aux.split(0.5, seed=4)[1].images, held.images)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ConfigError, match="--holdout must be between 0 and 1"):
+            aux.split(bad)

@@ -12,7 +12,7 @@ from ..audit import defend_checkpoint
 from ..checkpoint import atomic_write, save_checkpoint
 from ..defense import METHODS, SELECTS
 from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     check_outputs, err, out, print_json, resolve_device)
+                     SeedOpt, check_outputs, err, out, print_json, resolve_device)
 
 
 def default_out(model: Path, method: str) -> Path:
@@ -30,6 +30,10 @@ def defend(
     rho: Annotated[float, typer.Option(help="Tolerated aux accuracy drop (the paper: at most 0.03).")] = 0.03,
     select: Annotated[str, typer.Option(help=f"{'|'.join(SELECTS)}: keep the model at which the drop "
                                              "first reached rho (the paper), or the last one below it.")] = "crossing",
+    holdout: Annotated[float, typer.Option(
+        help="Not in the paper: take the mean activations from a share 1-F of the aux set and the stopping "
+             "rule's accuracies from the held-out share F (0: the paper, one set for both).")] = 0.0,
+    seed: SeedOpt = 0,
     layer: LayerOpt = None,
     out_path: Annotated[Path | None, typer.Option(
         "--out", help="Cleaned checkpoint (default: MODEL's name with .METHOD.safetensors).", show_default=False)] = None,
@@ -49,7 +53,8 @@ def defend(
     target = out_path or default_out(model, method)
     check_outputs([target] + ([trace] if trace else []), [model, init, aux], force)
     outcome = defend_checkpoint(model, init, aux, method=method, step=step, rho=rho, select=select, layer=layer,
-                                arch=arch, dataset=dataset, plain=plain, device=resolve_device(device))
+                                arch=arch, dataset=dataset, plain=plain, holdout=holdout, seed=seed,
+                                device=resolve_device(device))
     res = outcome.result
     save_checkpoint(target, outcome.state, outcome.meta)
     if trace is not None:
@@ -62,7 +67,8 @@ def defend(
                "aux_acc_before": res.acc0, "aux_acc_after": outcome.aux_acc_after, "steps": res.steps,
                "out": str(target), "layer": outcome.layer, "select": select, "step": step, "rho": rho,
                "mu": res.mu, "aux_acc_kept": res.acc_kept, "all_selected": res.all_selected,
-               "evaluations": res.evaluations, "n_aux": outcome.n_aux, "seconds": round(outcome.seconds, 3)}
+               "evaluations": res.evaluations, "n_aux": outcome.n_aux, "holdout": holdout,
+               "seconds": round(outcome.seconds, 3)}
     if as_json:
         print_json(summary)
         return
