@@ -39,7 +39,7 @@ def test_sample_models_are_real_small_and_described():
     size = sum(p.stat().st_size for p in samples.rglob("*") if p.is_file())
     assert size < 25 * 2**20, f"sample_models/ is {size / 2**20:.1f} MB"
     folders = [p for p in samples.iterdir() if (p / "final.safetensors").is_file()]
-    assert {p.name for p in folders} >= {"fmnist-cba-iid"}
+    assert {p.name for p in folders} >= {"fmnist-cba-iid", "fmnist-dba-noniid"}
     readme = (samples / "README.md").read_text()
     for folder in folders:
         final, init = load_checkpoint(folder / "final.safetensors"), load_checkpoint(folder / "init.safetensors")
