@@ -141,7 +141,7 @@ def _idx_loader(prefix: str, title: str, how: str, transpose: bool = False):
 
     def load(dirs: list[Path]) -> tuple[Split, Split]:
         splits = []
-        for split_name, (img_stem, lbl_stem) in stems.items():
+        for img_stem, lbl_stem in stems.values():
             img_path, lbl_path = _find(dirs, img_stem), _find(dirs, lbl_stem)
             if img_path is None or lbl_path is None:
                 missing = img_stem if img_path is None else lbl_stem

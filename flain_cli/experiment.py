@@ -26,7 +26,6 @@ import hashlib
 import itertools
 import json
 import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,13 @@ class DefenseSettings:
     step: float = 0.001
     rho: float = 0.03
     select: str = "crossing"
+    holdout: float = 0.0
+
+    def tag(self, method: str) -> str:
+        """File stem of a defended checkpoint: every setting that changes it, aux set included."""
+        held = f"-holdout{self.holdout:g}" if self.holdout else ""
+        return (f"{method}-step{self.step:g}-rho{self.rho:g}-{self.select}{held}"
+                f"-aux{self.aux_per_class}x-seed{self.aux_seed}")
 
 
 @dataclass(frozen=True)
@@ -210,14 +216,15 @@ def _run_cell(exp: Experiment, cell: Cell, device, data_dir, datasets, listener)
     model = run_dir / "final.safetensors"
     if cell.defense in POST_TRAINING:
         d = exp.defense
-        tag = f"{cell.defense}-step{d.step:g}-rho{d.rho:g}-{d.select}"
+        tag = d.tag(cell.defense)
         model = run_dir / f"{tag}.safetensors"
         record = _read(run_dir / f"{tag}.json")
         if record is None or not model.is_file():
             cached = False
             outcome = defend_checkpoint(run_dir / "final.safetensors", run_dir / "init.safetensors",
                                         _aux(exp, cfg.dataset, data_dir), method=cell.defense, step=d.step,
-                                        rho=d.rho, select=d.select, device=device)
+                                        rho=d.rho, select=d.select, holdout=d.holdout, seed=d.aux_seed,
+                                        device=device)
             save_checkpoint(model, outcome.state, outcome.meta)
             record = {k: outcome.meta["defense"][k] for k in ("lambda", "flipped", "of", "aux_acc_before",
                                                               "aux_acc_after", "all_selected")}

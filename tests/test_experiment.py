@@ -79,6 +79,10 @@ def test_runs_once_then_resumes_from_cache(tmp_path, fmnist_dir):
     flain_record.unlink()
     third = json.loads(run(config, "--out", out, "--data-dir", fmnist_dir, "--json").stdout)["rows"]
     assert [r["status"] for r in third] == ["cached", "done", "cached"]
+    # another aux set is another defense: it is computed, not taken from the cache
+    other = write(tmp_path, TINY.format(per_class=2), "other.toml")
+    fourth = json.loads(run(other, "--out", out, "--data-dir", fmnist_dir, "--json").stdout)["rows"]
+    assert [r["status"] for r in fourth] == ["cached", "done", "cached"]
     md = (out / "results.md").read_text()
     assert "| attack | defense | ASR | ACC |" in md and "| 0:5 | flain |" in md
     assert (out / "results.csv").read_text().startswith("attack,defense,acc,asr,status")
