@@ -157,6 +157,14 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
         if model.tensors[name].shape != init.tensors[name].shape:
             raise CheckpointError(f"{name} is {tuple(model.tensors[name].shape)} in {model.path} but "
                                   f"{tuple(init.tensors[name].shape)} in --init {init.path}")
+    if all(torch.equal(model.tensors[name], init.tensors[name]) for name in names_m):
+        raise CheckpointError(f"{model.path} and --init {init.path} hold the same weights: there are no "
+                              f"updates to flip; pass the model before training as --init")
+    recorded = (model.meta.get("parents") or {}).get("init")
+    if recorded and model.meta.get("role") == "final" and recorded != init.sha256:
+        raise CheckpointError(f"{model.path} was trained from an initial checkpoint with sha256 {recorded[:16]}..., "
+                              f"but --init {init.path} has sha256 {init.sha256[:16]}...; pass the "
+                              f"init.safetensors written by the same `flain train` run")
 
 
 def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = 0.001,

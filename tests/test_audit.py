@@ -73,6 +73,14 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
                     model_meta("cnn-fmnist", 10, "fmnist") | {"role": "init"})
     with pytest.raises(CheckpointError, match="is a cnn-mnist but --init .* is a cnn-fmnist"):
         defend_checkpoint(out / "final.safetensors", other, aux_dir)
+    with pytest.raises(CheckpointError, match="hold the same weights"):
+        defend_checkpoint(out / "final.safetensors", out / "final.safetensors", aux_dir)
+    # an init of the same architecture but from another run: the recorded parent hash catches it
+    stranger = tmp_path / "stranger.safetensors"
+    save_checkpoint(stranger, build_model("cnn-mnist", 10).state_dict(),
+                    model_meta("cnn-mnist", 10, "fmnist") | {"role": "init"})
+    with pytest.raises(CheckpointError, match="was trained from an initial checkpoint with sha256"):
+        defend_checkpoint(out / "final.safetensors", stranger, aux_dir)
     wrong_classes = tmp_path / "c.safetensors"
     save_checkpoint(wrong_classes, build_model("cnn-mnist", 12).state_dict(),
                     model_meta("cnn-mnist", 12, None) | {"role": "init"})
