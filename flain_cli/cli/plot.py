@@ -10,7 +10,7 @@ import typer
 from ..plots import plot_activations, plot_trace, plot_training
 from .common import ForceOpt, JsonOpt, check_outputs, out, print_json
 
-app = typer.Typer(help="Draw PNG figures (needs the optional matplotlib: pip install 'flain-cli[plot]').",
+app = typer.Typer(help="Draw PNG figures (needs matplotlib, the optional 'plot' extra of flain-cli).",
                   no_args_is_help=True)
 
 OutOpt = Annotated[Path, typer.Option("--out", help="PNG file to write.", show_default=False)]
