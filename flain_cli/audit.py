@@ -66,8 +66,7 @@ class AuxFeatures:
         self.bias = (self.linear.bias.detach().double() if self.linear.bias is not None
                      else torch.zeros(self.linear.out_features, dtype=torch.float64, device=device))
         with torch.no_grad():
-            self.features = self.prefix(self.inputs)
-        self.features64 = self.features.double()
+            self.features64 = self.prefix(self.inputs).double()
         self._weight: torch.Tensor | None = None  # the weight behind self._pre
         self._pre: torch.Tensor | None = None
         self.evaluations = 0

@@ -24,7 +24,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .checkpoint import atomic_write
-from .datasets import Split, load_dataset
+from .datasets import Split, load_dataset, normalize
 from .errors import AuxError, ConfigError
 from .splits import balanced_subset
 
@@ -57,10 +57,7 @@ class AuxSet:
                 AuxSet(self.images[held], self.labels[held], f"{self.source} (held out)"))
 
     def normalized(self, mean: list[float], std: list[float]) -> torch.Tensor:
-        x = self.images.to(torch.float32).div_(255.0)
-        m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        return x.sub_(m).div_(s)
+        return normalize(self.images, mean, std)
 
 
 def load_aux(path: Path, input_shape: tuple[int, int, int], num_classes: int,

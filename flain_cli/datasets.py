@@ -37,6 +37,14 @@ class Split:
         return int(self.labels.shape[0])
 
 
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [N, C, H, W] -> float32, scaled to [0, 1] then standardized per channel."""
+    x = images.to(torch.float32).div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(m).div_(s)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
@@ -56,11 +64,7 @@ class DatasetSpec:
         return len(self.classes)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, C, H, W] -> float32, scaled to [0, 1] then standardized per channel."""
-        x = images.to(torch.float32).div_(255.0)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-        return x.sub_(mean).div_(std)
+        return normalize(images, self.mean, self.std)
 
     def search_dirs(self, data_dir: Path | None) -> list[Path]:
         roots = [data_dir] if data_dir is not None else [Path("data")]
