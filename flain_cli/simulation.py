@@ -5,13 +5,17 @@ Clients hold index views into the one in-memory training set; malicious clients 
 samples and relabel them to the target. Each round every sampled client trains a copy of the
 global model with a fresh Adam optimizer and sends back its state_dict delta (BatchNorm
 buffers included); the server aggregates the deltas with the chosen rule.
+
+After every round ``simulate`` can hand out a ``Snapshot`` (global weights, history and every
+random state); passing it back as ``resume`` continues the run bit for bit as if it had never
+stopped. training.py stores it on disk; this module does no I/O.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -116,9 +120,24 @@ class SimulationResult:
     history: list[RoundLog] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A run after round ``round``: everything needed to continue it exactly."""
+    config: dict
+    round: int
+    init_state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor]
+    history: list[RoundLog]
+    numpy_rng: dict  # np.random.Generator.bit_generator.state: client sampling
+    torch_gen: torch.Tensor  # batch order
+    torch_rng: torch.Tensor  # the CPU default generator: dropout
+    cuda_rng: torch.Tensor | None = None  # dropout on a CUDA device
+
+
 class Listener:
     """Receives progress events; the CLI draws them, the library ignores them."""
 
+    def resumed(self, history: list[RoundLog]) -> None: ...
     def round_start(self, rnd: int, sampled: list[int]) -> None: ...
     def client_done(self, rnd: int, client: int) -> None: ...
     def round_end(self, log: RoundLog) -> None: ...
@@ -176,8 +195,13 @@ def train_client(model: nn.Module, global_state: Update, client: ClientData, dat
 
 
 def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "cpu",
-             listener: Listener | None = None) -> SimulationResult:
-    """Run the whole federation; bit-reproducible for a seed on one machine."""
+             listener: Listener | None = None, *, resume: Snapshot | None = None,
+             on_round: Callable[[Snapshot], None] | None = None) -> SimulationResult:
+    """Run the whole federation; bit-reproducible for a seed on one machine.
+
+    ``on_round`` receives a Snapshot after every round; ``resume`` continues from one (it must
+    come from the same configuration).
+    """
     cfg.validate(dataset.spec.num_classes)
     listener = listener or Listener()
     device = torch.device(device)
@@ -187,14 +211,17 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
     clients = make_clients(cfg, dataset, rng)
     gen = torch.Generator().manual_seed(cfg.seed)
     aggregate = AGGREGATORS.get(cfg.aggregator)
-    with torch.random.fork_rng(devices=[]):  # seeded init and dropout, without touching the caller's RNG
-        torch.manual_seed(cfg.seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)  # seeded init and dropout, without touching the caller's RNG
         model = build_model(cfg.arch, dataset.spec.num_classes).to(device)
         buffers = {name for name, _ in model.named_buffers()}
         settings = AggregatorSettings(cfg.server_lr, cfg.rlr_threshold, buffers)
         state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         result = SimulationResult({k: v.cpu() for k, v in state.items()}, {}, clients)
-        for rnd in range(1, cfg.rounds + 1):
+        if resume is not None:
+            state = _restore(resume, cfg, result, rng, gen, device)
+            listener.resumed(list(result.history))
+        for rnd in range(len(result.history) + 1, cfg.rounds + 1):
             started = time.perf_counter()
             sampled = sorted(rng.choice(cfg.clients, size=cfg.sampled_per_round, replace=False).tolist())
             listener.round_start(rnd, sampled)
@@ -214,6 +241,34 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
             log = RoundLog(rnd, acc, asr, time.perf_counter() - started, train_seconds,
                            int(sum(weights)) * cfg.local_epochs)
             result.history.append(log)
+            if on_round is not None:
+                on_round(Snapshot(cfg.to_dict(), rnd, result.init_state, {k: v.cpu() for k, v in state.items()},
+                                  list(result.history), rng.bit_generator.state, gen.get_state(),
+                                  torch.get_rng_state(),
+                                  torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
             listener.round_end(log)
         result.final_state = {k: v.cpu() for k, v in state.items()}
     return result
+
+
+def _restore(snap: Snapshot, cfg: TrainConfig, result: SimulationResult, rng: np.random.Generator,
+             gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Check that ``snap`` belongs to this run, load its random states; return the global state."""
+    differ = sorted(k for k, v in cfg.to_dict().items() if snap.config.get(k) != v)
+    if differ:
+        raise ConfigError("the interrupted run had other settings ("
+                          + ", ".join(f"{k}: {snap.config.get(k)!r} there, {getattr(cfg, k)!r} here" for k in differ)
+                          + "); run with those settings, or start over")
+    if not 0 < snap.round <= cfg.rounds or len(snap.history) != snap.round or set(snap.state) != set(result.init_state) or not all(
+            torch.equal(snap.init_state[k], v) for k, v in result.init_state.items()):
+        raise ConfigError(f"the interrupted run (round {snap.round}) does not fit this configuration "
+                          "(other initial weights or rounds); start over")
+    if (snap.cuda_rng is None) != (device.type != "cuda"):
+        raise ConfigError("the interrupted run used another kind of device; resume it on the same one")
+    rng.bit_generator.state = snap.numpy_rng
+    gen.set_state(snap.torch_gen)
+    torch.set_rng_state(snap.torch_rng)
+    if snap.cuda_rng is not None:
+        torch.cuda.set_rng_state(snap.cuda_rng, device)
+    result.history.extend(snap.history)
+    return {k: v.to(device) for k, v in snap.state.items()}

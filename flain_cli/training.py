@@ -1,17 +1,30 @@
-"""Run a federation and write its checkpoints: what `flain train` and `flain experiment` share."""
+"""Run a federation and write its checkpoints: what `flain train` and `flain experiment` share.
+
+While it runs, ``OUT/resume.safetensors`` holds the state after the last finished round
+(global and initial weights as tensors, the round history and random states as metadata), so an
+interrupted run continues from there, bit for bit; the file is removed once the final checkpoint
+is written.
+"""
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from .checkpoint import model_meta, save_checkpoint
+from .checkpoint import atomic_write, canonical_safetensors, model_meta, save_checkpoint
 from .datasets import Dataset
-from .simulation import Listener, SimulationResult, TrainConfig, simulate
+from .errors import CheckpointError
+from .simulation import Listener, RoundLog, SimulationResult, Snapshot, TrainConfig, simulate
+
+RESUME_FILE = "resume.safetensors"
+RESUME_FORMAT = "flain-cli/resume-1"
+_RNG = {"torch_gen": "rng/batch_order", "torch_rng": "rng/cpu", "cuda_rng": "rng/cuda"}
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,7 @@ class TrainOutcome:
     final_sha256: str
     result: SimulationResult
     seconds: float
+    resumed_from_round: int = 0
 
     def summary(self, cfg: TrainConfig) -> dict[str, Any]:
         history = self.result.history
@@ -29,7 +43,7 @@ class TrainOutcome:
         samples = sum(h.samples for h in history)
         return {"init": str(self.init_path), "final": str(self.final_path), "init_sha256": self.init_sha256,
                 "final_sha256": self.final_sha256, "acc": history[-1].acc, "asr": history[-1].asr,
-                "rounds": cfg.rounds, "seconds": round(self.seconds, 2),
+                "rounds": cfg.rounds, "seconds": round(self.seconds, 2), "resumed_from_round": self.resumed_from_round,
                 "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
                 "malicious_clients": cfg.malicious,
                 "poisoned_samples": sum(c.n_poisoned for c in self.result.clients),
@@ -45,11 +59,46 @@ def attack_meta(cfg: TrainConfig, num_classes: int) -> dict[str, Any] | None:
             "pdr": cfg.pdr, "mcr": cfg.mcr, "malicious_clients": cfg.malicious}
 
 
+def save_snapshot(path: Path, snap: Snapshot) -> None:
+    tensors = ({f"state/{k}": v for k, v in snap.state.items()} | {f"init/{k}": v for k, v in snap.init_state.items()}
+               | {key: getattr(snap, field) for field, key in _RNG.items() if getattr(snap, field) is not None})
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": RESUME_FORMAT, "config": snap.config, "round": snap.round, "numpy_rng": snap.numpy_rng,
+            "history": [asdict(h) for h in snap.history]}
+    encoded = {k: json.dumps(v, sort_keys=True) for k, v in meta.items()}
+    try:
+        atomic_write(path, lambda tmp: tmp.write_bytes(canonical_safetensors(tensors, encoded)))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def load_snapshot(path: Path) -> Snapshot:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        if meta.get("format") != RESUME_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {RESUME_FORMAT!r}")
+        part = (lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        return Snapshot(meta["config"], int(meta["round"]), part("init/"), part("state/"),
+                        [RoundLog(**h) for h in meta["history"]], meta["numpy_rng"],
+                        **{field: tensors.get(key) for field, key in _RNG.items()})
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a readable flain-cli resume file ({exc}); "
+                              "delete it to start the run over") from None
+
+
 def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.device | str = "cpu",
-                 listener: Listener | None = None) -> TrainOutcome:
-    """Simulate, then write ``out_dir/init.safetensors`` and ``out_dir/final.safetensors``."""
+                 listener: Listener | None = None, *, resume: bool = True) -> TrainOutcome:
+    """Simulate, then write ``out_dir/init.safetensors`` and ``out_dir/final.safetensors``.
+
+    With ``resume`` an interrupted run found in ``out_dir`` continues; otherwise it starts over.
+    """
     started = time.perf_counter()
-    result = simulate(cfg, data, device, listener)
+    resume_path = Path(out_dir) / RESUME_FILE
+    snapshot = load_snapshot(resume_path) if resume and resume_path.is_file() else None
+    result = simulate(cfg, data, device, listener, resume=snapshot,
+                      on_round=lambda snap: save_snapshot(resume_path, snap))
     spec = data.spec
     base = model_meta(cfg.arch, spec.num_classes, spec.name) | {
         "train_config": cfg.to_dict(), "seed": cfg.seed, "attack": attack_meta(cfg, spec.num_classes)}
@@ -58,4 +107,6 @@ def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.d
     last = result.history[-1]
     final_sha = save_checkpoint(final_path, result.final_state, base | {
         "role": "final", "parents": {"init": init_sha}, "metrics": {"acc": last.acc, "asr": last.asr}})
-    return TrainOutcome(init_path, final_path, init_sha, final_sha, result, time.perf_counter() - started)
+    resume_path.unlink(missing_ok=True)
+    return TrainOutcome(init_path, final_path, init_sha, final_sha, result, time.perf_counter() - started,
+                        snapshot.round if snapshot else 0)

@@ -113,3 +113,36 @@ def test_shipped_experiment_configs_are_valid():
                                          "figure6-fmnist"}
     for config in configs:
         assert load_experiment(config).points()
+
+
+def test_an_interrupted_training_resumes_from_its_last_round(tmp_path, fmnist_dir):
+    from flain_cli.experiment import ExperimentListener, run_experiment
+
+    config = write(tmp_path, TINY.format(per_class=3).replace("rounds = 1", "rounds = 2")
+                   .replace('"none", "flain", "rlr"', '"none"'))
+    whole = run(config, "--out", tmp_path / "whole", "--data-dir", fmnist_dir, "--json")
+    assert whole.exit_code == 0, whole.output
+
+    class Interrupt(ExperimentListener):
+        resumed_after = None
+
+        def resumed(self, history):
+            self.resumed_after = len(history)
+
+        def round_end(self, log):
+            if log.round == 1 and self.resumed_after is None:
+                raise KeyboardInterrupt
+
+    exp, listener = load_experiment(config, tmp_path / "out"), Interrupt()
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, data_dir=fmnist_dir, listener=listener)
+    (run_dir,) = (tmp_path / "out").glob("train-*")
+    assert (run_dir / "resume.safetensors").is_file() and not (run_dir / "final.safetensors").exists()
+    (cell,) = run_experiment(exp, data_dir=fmnist_dir, listener=listener)
+    assert listener.resumed_after == 1 and cell.status == "done"
+    assert cell.acc == json.loads(whole.stdout)["rows"][0]["acc"]
+    assert not (run_dir / "resume.safetensors").exists()
+    resumed = json.loads((run_dir / "train.json").read_text())
+    (uninterrupted,) = (tmp_path / "whole").glob("train-*/train.json")
+    assert resumed["resumed_from_round"] == 1
+    assert resumed["final_sha256"] == json.loads(uninterrupted.read_text())["final_sha256"]

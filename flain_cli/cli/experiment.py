@@ -20,6 +20,9 @@ class _RichListener(ExperimentListener):
         self.cells = progress.add_task("cells", total=total)
         self.rounds = progress.add_task("training", total=None, visible=False)
 
+    def resumed(self, history: list[RoundLog]) -> None:
+        self.progress.console.print(f"  resuming an interrupted training after round {len(history)}")
+
     def round_start(self, rnd: int, sampled: list[int]) -> None:
         self.progress.update(self.rounds, visible=True, description=f"training round {rnd}")
 
@@ -60,9 +63,14 @@ def experiment(
                       f"{len(trainings)} trainings, into {exp.out}/")
         return
     torch_device = resolve_device(device)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        cells = run_experiment(exp, device=torch_device, data_dir=data_dir, listener=_RichListener(progress, total))
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as progress:
+            cells = run_experiment(exp, device=torch_device, data_dir=data_dir,
+                                   listener=_RichListener(progress, total))
+    except KeyboardInterrupt:
+        err.print("Interrupted: finished cells and training rounds are kept; rerun the same command to resume.")
+        raise typer.Exit(130) from None
     paths = result_paths(exp)
     failed = [c for c in cells if c.status == "failed"]
     if as_json:

@@ -12,9 +12,10 @@ from rich.table import Table
 
 from ..aggregation import AGGREGATORS
 from ..datasets import DATASETS, load_dataset
+from ..errors import ConfigError
 from ..simulation import Listener, RoundLog, TrainConfig
-from ..training import train_to_dir
 from ..splits import SPLITS
+from ..training import RESUME_FILE, load_snapshot, train_to_dir
 from ..triggers import TRIGGERS
 from .common import DataDirOpt, DeviceOpt, ForceOpt, JsonOpt, SeedOpt, check_outputs, err, fmt, out, print_json, resolve_device
 
@@ -24,10 +25,17 @@ def _choice(registry) -> str:
 
 
 class _RichListener(Listener):
-    def __init__(self, progress: Progress, rounds: int, log_file) -> None:
-        self.progress, self.log_file = progress, log_file
+    def __init__(self, progress: Progress, rounds: int, log: Path | None) -> None:
+        self.progress, self.log, self.log_file = progress, log, None  # opened at the first round to log
         self.rounds_task = progress.add_task("rounds", total=rounds)
         self.clients_task = progress.add_task("clients", total=1)
+        self.last_round = 0
+
+    def resumed(self, history: list[RoundLog]) -> None:
+        self.last_round = len(history)
+        self.progress.console.print(f"resuming after round {len(history)}")
+        for log in history:
+            self.round_end(log)
 
     def round_start(self, rnd: int, sampled: list[int]) -> None:
         self.progress.reset(self.clients_task, total=len(sampled), description=f"round {rnd} clients")
@@ -36,10 +44,14 @@ class _RichListener(Listener):
         self.progress.advance(self.clients_task)
 
     def round_end(self, log: RoundLog) -> None:
+        self.last_round = log.round
         self.progress.advance(self.rounds_task)
         self.progress.console.print(f"round {log.round}: acc {fmt(log.acc)} asr {fmt(log.asr)} "
                                     f"({log.seconds:.1f} s)")
-        if self.log_file is not None:
+        if self.log is not None:
+            if self.log_file is None:
+                self.log.parent.mkdir(parents=True, exist_ok=True)
+                self.log_file = open(self.log, "w", encoding="utf-8")
             self.log_file.write(json.dumps({"round": log.round, "acc": log.acc, "asr": log.asr,
                                             "seconds": round(log.seconds, 3),
                                             "train_seconds": round(log.train_seconds, 3)}) + "\n")
@@ -76,6 +88,9 @@ def train(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder for init.safetensors and final.safetensors.")] = Path("runs/latest"),
     log: Annotated[Path | None, typer.Option(help="Write one JSON line per round (round, acc, asr, seconds).",
                                              show_default=False)] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help=f"Continue the run interrupted in --out (from its {RESUME_FILE}, written after every round); "
+                         "starts afresh when there is none.")] = False,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -89,19 +104,28 @@ def train(
     cfg.validate(spec.num_classes)
     torch_device = resolve_device(device)
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
-    check_outputs([init_path, final_path] + ([log] if log else []), [], force)
+    resume_path = out_dir / RESUME_FILE
+    resuming = resume and resume_path.is_file()
+    if resume_path.is_file() and not (resume or force):
+        raise ConfigError(f"{out_dir} holds a run interrupted after round {load_snapshot(resume_path).round}; "
+                          "pass --resume to continue it, or --force to start over")
+    check_outputs([init_path, final_path] + ([log] if log and not resuming else []), [], force)
     data = load_dataset(dataset, data_dir)
 
-    if log:
-        log.parent.mkdir(parents=True, exist_ok=True)
-    log_file = open(log, "w", encoding="utf-8") if log else None
+    listener: _RichListener | None = None
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as progress:
-            outcome = train_to_dir(cfg, data, out_dir, torch_device, _RichListener(progress, rounds, log_file))
+            listener = _RichListener(progress, rounds, log)
+            outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=resume)
+    except KeyboardInterrupt:
+        done = (f"round {listener.last_round} is kept in {resume_path}; rerun the same command with --resume "
+                "to continue") if listener and listener.last_round else "no round finished"
+        err.print(f"Interrupted: {done}.", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     finally:
-        if log_file is not None:
-            log_file.close()
+        if listener is not None and listener.log_file is not None:
+            listener.log_file.close()
     summary = outcome.summary(cfg)
     result = outcome.result
     if as_json:
@@ -117,4 +141,6 @@ def train(
     out.print(f"attack {cfg.attack or 'none'}{' trigger ' + cfg.trigger if cfg.attack else ''}; "
               f"{summary['poisoned_samples']} poisoned training samples; "
               f"{summary['samples_per_second']} samples/s; {summary['seconds']:.1f} s in all")
+    if outcome.resumed_from_round:
+        out.print(f"resumed after round {outcome.resumed_from_round}; {summary['seconds']:.1f} s is this last part")
     out.print(f"wrote {init_path} and {final_path}")
