@@ -11,6 +11,7 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     [defense]
     methods = ["none", "prune", "flain", "rlr"]   # rlr trains again with the RLR aggregator
     aux_per_class = 20
+    rho = [0.03, 0.0]  # step, rho, holdout may be lists: prune and flain run once per combination
 
 Every distinct training configuration is trained once into ``OUT/train-<hash>/``; the post-training
 defenses are applied to that same final checkpoint. Each finished step leaves a JSON record
@@ -44,6 +45,7 @@ from .training import train_to_dir
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
+VARIED = ("step", "rho", "holdout")  # [defense] keys that may list several values
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,33 @@ class DefenseSettings:
 
 
 @dataclass(frozen=True)
+class Defense:
+    """One column of the results: a method and, for prune/flain, the settings it ran with."""
+    label: str
+    method: str
+    settings: DefenseSettings
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     out: Path
     base: dict[str, Any]
     grid: dict[str, list[Any]]
-    defense: DefenseSettings
+    defense: DefenseSettings  # the first variant; aux settings are shared by all
+    variants: tuple[DefenseSettings, ...] = ()
+
+    @property
+    def defenses(self) -> list[Defense]:
+        """none and rlr once; prune and flain once per variant, labelled by what varies."""
+        variants = self.variants or (self.defense,)
+        varying = [k for k in VARIED if len({getattr(v, k) for v in variants}) > 1]
+        out = []
+        for method in self.defense.methods:
+            for v in (variants if method in POST_TRAINING else variants[:1]):
+                suffix = "".join(f" {k}={getattr(v, k):g}" for k in varying) if method in POST_TRAINING else ""
+                out.append(Defense(method + suffix, method, v))
+        return out
 
     def points(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
@@ -104,22 +127,32 @@ def load_experiment(path: Path, out: Path | None = None) -> Experiment:
             raise ConfigError(f"[grid] {key} must be a non-empty list, got {values!r}")
     if "aggregator" in base or "aggregator" in grid:
         raise ConfigError("set the aggregator through [defense] methods (\"rlr\"), not [train] or [grid]")
-    dset = raw.get("defense", {})
-    known = {f.name for f in dataclasses.fields(DefenseSettings)}
-    unknown = sorted(set(dset) - known)
-    if unknown:
-        raise ConfigError(f"[defense] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    defense = DefenseSettings(**(dset | {"methods": tuple(dset.get("methods", DEFENSES))}))
-    bad = [m for m in defense.methods if m not in DEFENSES]
-    if bad:
-        raise ConfigError(f"[defense] methods {bad} unknown; choose from {', '.join(DEFENSES)}")
+    variants = _defense_variants(raw.get("defense", {}))
     name = raw.get("name", Path(path).stem)
     experiment = Experiment(name, Path(out or raw.get("out") or Path("runs/experiments") / name), base, grid,
-                            defense)
+                            variants[0], variants)
     for point in experiment.points():  # fail early on a bad option, before hours of training
         cfg = experiment.config(point)
         cfg.validate(DATASETS.get(cfg.dataset).num_classes)
     return experiment
+
+
+def _defense_variants(dset: dict[str, Any]) -> tuple[DefenseSettings, ...]:
+    known = {f.name for f in dataclasses.fields(DefenseSettings)}
+    unknown = sorted(set(dset) - known)
+    if unknown:
+        raise ConfigError(f"[defense] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    lists = {k: dset[k] if isinstance(dset.get(k), list) else [dset[k]] for k in VARIED if k in dset}
+    for key, values in lists.items():
+        if not values or len(set(values)) != len(values):
+            raise ConfigError(f"[defense] {key} must list distinct values, got {values!r}")
+    fixed = {k: v for k, v in dset.items() if k not in lists} | {"methods": tuple(dset.get("methods", DEFENSES))}
+    bad = [m for m in fixed["methods"] if m not in DEFENSES]
+    if bad:
+        raise ConfigError(f"[defense] methods {bad} unknown; choose from {', '.join(DEFENSES)}")
+    keys = list(lists)
+    return tuple(DefenseSettings(**fixed, **dict(zip(keys, values)))
+                 for values in itertools.product(*(lists[k] for k in keys)))
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -146,7 +179,7 @@ class ExperimentListener(Listener):
 @dataclass
 class Cell:
     point: dict[str, Any]
-    defense: str
+    defense: str  # the Defense's label
     status: str = "pending"  # done | cached | failed
     acc: float | None = None
     asr: float | None = None
@@ -164,17 +197,18 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
     listener = listener or ExperimentListener()
     exp.out.mkdir(parents=True, exist_ok=True)
     _write(exp.out / "experiment.json", {"name": exp.name, "train": exp.base, "grid": exp.grid,
-                                         "defense": dataclasses.asdict(exp.defense)})
+                                         "defenses": [{"label": d.label} | dataclasses.asdict(d.settings)
+                                                      for d in exp.defenses]})
     datasets = datasets if datasets is not None else {}
     for name in sorted({exp.config(p).dataset for p in exp.points()}):  # a missing dataset fails once, up front
         _dataset(name, data_dir, datasets)
     cells: list[Cell] = []
     for point in exp.points():
-        for defense in exp.defense.methods:
-            cell = Cell(point, defense)
-            label = ", ".join(f"{k}={v}" for k, v in point.items()) + f", {defense}"
+        for defense in exp.defenses:
+            cell = Cell(point, defense.label)
+            label = ", ".join(f"{k}={v}" for k, v in point.items()) + f", {defense.label}"
             try:
-                _run_cell(exp, cell, device, data_dir, datasets, listener)
+                _run_cell(exp, cell, defense, device, data_dir, datasets, listener)
             except FlainError as exc:
                 cell.status, cell.error = "failed", str(exc)
             except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the grid
@@ -209,27 +243,28 @@ def _aux(exp: Experiment, dataset: str, data_dir: Path | None) -> Path:
     return path
 
 
-def _run_cell(exp: Experiment, cell: Cell, device, data_dir, datasets, listener) -> None:
-    aggregator = "rlr" if cell.defense == "rlr" else "fedavg"
+def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, datasets, listener) -> None:
+    aggregator = "rlr" if defense.method == "rlr" else "fedavg"
     cfg = exp.config(cell.point, aggregator)
     run_dir, cached = _trained(exp, cfg, device, data_dir, datasets, listener)
     model = run_dir / "final.safetensors"
-    if cell.defense in POST_TRAINING:
-        d = exp.defense
-        tag = d.tag(cell.defense)
+    cell.detail = {"method": defense.method}
+    if defense.method in POST_TRAINING:
+        d = defense.settings
+        tag = d.tag(defense.method)
         model = run_dir / f"{tag}.safetensors"
         record = _read(run_dir / f"{tag}.json")
         if record is None or not model.is_file():
             cached = False
             outcome = defend_checkpoint(run_dir / "final.safetensors", run_dir / "init.safetensors",
-                                        _aux(exp, cfg.dataset, data_dir), method=cell.defense, step=d.step,
+                                        _aux(exp, cfg.dataset, data_dir), method=defense.method, step=d.step,
                                         rho=d.rho, select=d.select, holdout=d.holdout, seed=d.aux_seed,
                                         device=device)
             save_checkpoint(model, outcome.state, outcome.meta)
             record = {k: outcome.meta["defense"][k] for k in ("lambda", "flipped", "of", "aux_acc_before",
                                                               "aux_acc_after", "all_selected")}
             _write(run_dir / f"{tag}.json", record)
-        cell.detail = record
+        cell.detail |= {"step": d.step, "rho": d.rho, "holdout": d.holdout} | record
     eval_path = model.with_suffix(".eval.json")
     report = _read(eval_path)
     if report is None:

@@ -146,3 +146,22 @@ def test_an_interrupted_training_resumes_from_its_last_round(tmp_path, fmnist_di
     (uninterrupted,) = (tmp_path / "whole").glob("train-*/train.json")
     assert resumed["resumed_from_round"] == 1
     assert resumed["final_sha256"] == json.loads(uninterrupted.read_text())["final_sha256"]
+
+
+def test_defense_settings_may_vary_on_one_training(tmp_path, fmnist_dir):
+    config = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
+                   .replace("rho = 0.05", "rho = [0.05, 0.0]"))
+    exp = load_experiment(config)
+    assert [d.label for d in exp.defenses] == ["none", "flain rho=0.05", "flain rho=0"]
+    res = run(config, "--out", tmp_path / "out", "--data-dir", fmnist_dir, "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["defense"], r["method"], r.get("rho")) for r in rows] == [
+        ("none", "none", None), ("flain rho=0.05", "flain", 0.05), ("flain rho=0", "flain", 0.0)]
+    assert len(list((tmp_path / "out").glob("train-*/train.json"))) == 1
+    assert len(list((tmp_path / "out").glob("train-*/flain-*rho0.05*.safetensors"))) == 1
+    assert len(list((tmp_path / "out").glob("train-*/flain-*rho0-*.safetensors"))) == 1
+    assert rows[2]["flipped"] <= rows[1]["flipped"]  # a smaller allowed drop never flips more
+    for bad in ("rho = []", "rho = [0.1, 0.1]"):
+        with pytest.raises(ConfigError, match="distinct values"):
+            load_experiment(write(tmp_path, TINY.format(per_class=3).replace("rho = 0.05", bad), "bad.toml"))

@@ -50,16 +50,17 @@ def experiment(
     """Train each configuration of a grid once, apply every defense, and tabulate ACC and ASR."""
     exp = load_experiment(config, out_dir)
     points = exp.points()
-    total = len(points) * len(exp.defense.methods)
+    defenses = exp.defenses
+    total = len(points) * len(defenses)
     if dry_run:
-        trainings = {config_hash(exp.config(p, "rlr" if d == "rlr" else "fedavg"))
-                     for p in points for d in exp.defense.methods}
+        trainings = {config_hash(exp.config(p, "rlr" if d.method == "rlr" else "fedavg"))
+                     for p in points for d in defenses}
         plan = {"name": exp.name, "out": str(exp.out), "cells": total, "trainings": len(trainings),
-                "points": points, "defenses": list(exp.defense.methods)}
+                "points": points, "defenses": [d.label for d in defenses]}
         if as_json:
             print_json(plan)
         else:
-            out.print(f"{exp.name}: {len(points)} grid points x {len(exp.defense.methods)} defenses = {total} cells, "
+            out.print(f"{exp.name}: {len(points)} grid points x {len(defenses)} defenses = {total} cells, "
                       f"{len(trainings)} trainings, into {exp.out}/")
         return
     torch_device = resolve_device(device)
