@@ -259,8 +259,10 @@ def _restore(snap: Snapshot, cfg: TrainConfig, result: SimulationResult, rng: np
         raise ConfigError("the interrupted run had other settings ("
                           + ", ".join(f"{k}: {snap.config.get(k)!r} there, {getattr(cfg, k)!r} here" for k in differ)
                           + "); run with those settings, or start over")
-    if not 0 < snap.round <= cfg.rounds or len(snap.history) != snap.round or set(snap.state) != set(result.init_state) or not all(
-            torch.equal(snap.init_state[k], v) for k, v in result.init_state.items()):
+    fits = (0 < snap.round <= cfg.rounds and len(snap.history) == snap.round
+            and set(snap.state) == set(snap.init_state) == set(result.init_state)
+            and all(torch.equal(snap.init_state[k], v) for k, v in result.init_state.items()))
+    if not fits:
         raise ConfigError(f"the interrupted run (round {snap.round}) does not fit this configuration "
                           "(other initial weights or rounds); start over")
     if (snap.cuda_rng is None) != (device.type != "cuda"):
