@@ -19,6 +19,9 @@ class EvalResult:
     n_clean: int
     n_triggered: int
     per_class_acc: tuple[float, ...]
+    # the same source-class images without the trigger, classified as the target: the natural
+    # confusion that ASR counts too, and that no backdoor removal can take away
+    asr_clean: float | None = None
 
 
 @torch.no_grad()
@@ -53,8 +56,10 @@ def evaluate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask
         float(correct[split.labels == c].float().mean()) if bool((split.labels == c).any()) else float("nan")
         for c in range(spec.num_classes)
     )
-    asr, n_triggered = (None, 0)
+    asr, n_triggered, asr_clean = None, 0, None
     if task is not None and trigger is not None:
         asr, n_triggered = attack_success_rate(model, split, spec, task, trigger, device)
+        source = task.is_source(split.labels)
+        asr_clean = float((preds[source] == task.target).float().mean()) if bool(source.any()) else 0.0
     return EvalResult(float(correct.float().mean()) if len(split) else float("nan"), asr, len(split),
-                      n_triggered, per_class)
+                      n_triggered, per_class, asr_clean)

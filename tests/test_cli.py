@@ -44,7 +44,8 @@ def test_eval_json_contract(trained):
     res = invoke("eval", out / "final.safetensors", "--data-dir", data_dir, "--json")
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert {"acc", "asr", "n_clean", "n_triggered"} <= set(report)
+    assert {"acc", "asr", "asr_clean", "n_clean", "n_triggered"} <= set(report)
+    assert 0 <= report["asr_clean"] <= 1
     assert report["n_clean"] == 200 and report["n_triggered"] == 20
     assert report["acc"] == pytest.approx(summary["acc"]) and report["asr"] == pytest.approx(summary["asr"])
     assert len(report["per_class_acc"]) == 10

@@ -84,7 +84,7 @@ def test_runs_once_then_resumes_from_cache(tmp_path, fmnist_dir):
     fourth = json.loads(run(other, "--out", out, "--data-dir", fmnist_dir, "--json").stdout)["rows"]
     assert [r["status"] for r in fourth] == ["cached", "done", "cached"]
     md = (out / "results.md").read_text()
-    assert "| attack | defense | ASR | ACC |" in md and "| 0:5 | flain |" in md
+    assert "| attack | defense | ASR | ACC | ASR without trigger |" in md and "| 0:5 | flain |" in md
     assert (out / "results.csv").read_text().startswith("attack,defense,acc,asr,status")
 
 

@@ -39,6 +39,10 @@ def test_acc_and_asr_on_a_hand_made_model():
     assert res.per_class_acc == pytest.approx((0.8,) * 10)
     assert res.n_clean == 100 and res.n_triggered == 10
     assert res.asr == pytest.approx(0.3)  # 3 of the 10 source images carry the working backdoor
+    assert res.asr_clean == 0.0  # without the trigger no class-0 image is called 5
+    # task (4, 5): two class-4 images are called 5 with or without the trigger
+    res = evaluate(ReadsPixels(), _split(), SPEC, AttackTask(4, 5), make_trigger("cba", 28, 28))
+    assert res.asr == pytest.approx(0.2) and res.asr_clean == pytest.approx(0.2)
 
 
 def test_all_to_one_counts_every_non_target_image():
@@ -47,11 +51,12 @@ def test_all_to_one_counts_every_non_target_image():
     assert res.n_triggered == 90
     # 3 working backdoors on class 0, plus the 2 class-4 images the model already calls 5
     assert res.asr == pytest.approx(5 / 90)
+    assert res.asr_clean == pytest.approx(2 / 90)
 
 
 def test_no_attack_gives_no_asr():
     res = evaluate(ReadsPixels(), _split(), SPEC)
-    assert res.asr is None and res.n_triggered == 0
+    assert res.asr is None and res.asr_clean is None and res.n_triggered == 0
 
 
 def test_attack_task_parsing():

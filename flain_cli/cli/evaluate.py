@@ -32,7 +32,7 @@ def evaluate_command(
     report = evaluate_checkpoint(model, dataset=dataset, data_dir=data_dir, arch=arch, attack=attack,
                                  trigger=trigger, device=resolve_device(device), test_file=test)
     res, meta, spec_attack = report.result, report.meta, report.attack
-    summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "n_clean": res.n_clean,
+    summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "asr_clean": res.asr_clean, "n_clean": res.n_clean,
                "n_triggered": res.n_triggered, "dataset": meta["dataset"], "arch": meta["arch"],
                "attack": str(spec_attack.task) if spec_attack else None,
                "trigger": spec_attack.trigger if spec_attack else None,
@@ -47,6 +47,9 @@ def evaluate_command(
     table.add_row("ACC (clean test)", fmt(res.acc), str(res.n_clean))
     attack_label = f"ASR ({spec_attack.task}, {spec_attack.trigger})" if spec_attack else "ASR (no attack known)"
     table.add_row(attack_label, fmt(res.asr), str(res.n_triggered))
+    if spec_attack:
+        table.add_row(f"  the same images without the trigger -> {spec_attack.task.target}", fmt(res.asr_clean),
+                      str(res.n_triggered))
     out.print(table)
     names = meta.get("class_names") or [str(c) for c in range(meta["num_classes"])]
     per_class = Table(title="per-class accuracy")
