@@ -81,11 +81,12 @@ class AuxFeatures:
         return float((self.rest(pre).argmax(dim=1) == self.labels).double().mean())
 
     @torch.no_grad()
-    def accuracy(self, weight: torch.Tensor, changed: torch.Tensor | None = None) -> float:
+    def accuracy(self, weight: torch.Tensor, changed: torch.Tensor | None = None, scale: float = 1.0) -> float:
         """Aux accuracy with the layer's weight replaced, updating only the changed columns.
 
         ``changed`` (from the search) names the columns that can differ from the last call;
-        without it they are found by comparing the whole weight.
+        without it they are found by comparing the whole weight. ``scale`` scores
+        ``scale * weight`` instead (the rescaled layer) without touching every column.
         """
         weight = weight.to(self.features64.device)
         if self._weight is None:
@@ -97,7 +98,7 @@ class AuxFeatures:
                 new, old = weight[:, cols], self._weight[:, cols]
                 self._pre.addmm_(self.features64[:, cols], (new.double() - old.double()).T)
                 self._weight[:, cols] = new
-        return self._score(self._pre)
+        return self._score(self._pre if scale == 1.0 else (self._pre - self.bias) * scale + self.bias)
 
     @torch.no_grad()
     def accuracy_full(self, weight: torch.Tensor, changed: torch.Tensor | None = None) -> float:

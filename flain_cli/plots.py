@@ -1,8 +1,8 @@
 """PNG figures: training curves, the FLAIN search curve, the activation histogram.
 
 matplotlib is an optional extra (``pip install 'flain-cli[plot]'``); it is imported only here.
-Readers take the files the other commands write: ``train --log`` (JSON lines), ``defend --trace``
-and ``scan --csv`` (CSV).
+Readers take the files the other commands write: ``train --log`` (JSON lines), ``defend --trace``,
+``sweep --csv`` and ``scan --csv`` (CSV).
 """
 
 from __future__ import annotations
@@ -31,16 +31,18 @@ def _save(fig, out: Path) -> None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
-def read_csv(path: Path, columns: tuple[str, ...]) -> dict[str, list[float]]:
+def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, list[float | None]]:
+    """Columns as floats; an empty cell is None (allowed only in ``optional`` columns)."""
     try:
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    if not rows or any(c not in rows[0] for c in columns):
-        raise ConfigError(f"{path} is not a CSV with columns {', '.join(columns)}")
+    if not rows or any(c not in rows[0] for c in columns + optional):
+        raise ConfigError(f"{path} is not a CSV with columns {', '.join(columns + optional)}")
     try:
-        return {c: [float(r[c]) for r in rows] for c in columns}
+        return {c: [float(r[c]) if r[c] != "" or c not in optional else None for r in rows]
+                for c in columns + optional}
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
@@ -97,5 +99,29 @@ def plot_activations(means_csv: Path, out: Path, bins: int = 60, title: str | No
     ax.set(xlabel="mean activation on the aux set", ylabel="input neurons", yscale="log",
            title=title or f"activations: {means_csv.name}")
     ax.grid(alpha=0.3)
+    _save(fig, out)
+    plt.close(fig)
+
+
+def plot_sweep(sweep_csv: Path, out: Path, title: str | None = None) -> None:
+    data = read_csv(sweep_csv, ("changed", "aux_acc", "acc"), ("lambda", "asr", "asr_clean"))
+    keep = [i for i, lam in enumerate(data["lambda"]) if lam is not None]  # the unchanged model has none
+    if not keep:
+        raise ConfigError(f"{sweep_csv} holds no thresholds")
+    lam = [data["lambda"][i] for i in keep]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for column, label, style in (("acc", "ACC (clean test)", "o-"), ("aux_acc", "aux accuracy", ".--"),
+                                 ("asr", "ASR (triggered)", "s-"), ("asr_clean", "ASR without trigger", ":")):
+        values = [data[column][i] for i in keep]
+        if all(v is not None for v in values):
+            ax.plot(lam, values, style, ms=3, label=label)
+    ax.set(xlabel="threshold lambda", ylabel="share", ylim=(0, 1.02), title=title or f"sweep: {sweep_csv.name}")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(lam, [data["changed"][i] for i in keep], color="tab:gray", alpha=0.5, label="neurons changed")
+    twin.set_ylabel("neurons changed")
+    lines = ax.get_lines() + twin.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize=8)
     _save(fig, out)
     plt.close(fig)

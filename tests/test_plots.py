@@ -24,12 +24,15 @@ def files(tmp_path):
     trace.write_text("lambda,selected,aux_acc,drop\n0.001,3,0.9,0.0\n0.002,9,0.88,0.02\n0.004,20,0.86,0.04\n")
     means = tmp_path / "means.csv"
     means.write_text("neuron,mean\n" + "".join(f"{i},{i / 100}\n" for i in range(50)))
-    return log, trace, means
+    sweep = tmp_path / "sweep.csv"  # as `flain sweep --csv` writes it: the unchanged model has no lambda
+    sweep.write_text("lambda,changed,aux_acc,acc,asr,asr_clean\n,0,0.92,0.9,0.99,0.1\n"
+                     "0,10,0.92,0.9,0.6,0.1\n0.001,30,0.9,0.88,0.2,0.11\n0.002,50,0.85,0.8,0.15,0.12\n")
+    return log, trace, means, sweep
 
 
 def test_each_plot_writes_a_png(files, tmp_path):
-    log, trace, means = files
-    for kind, src in (("training", log), ("trace", trace), ("activations", means)):
+    log, trace, means, sweep = files
+    for kind, src in (("training", log), ("trace", trace), ("activations", means), ("sweep", sweep)):
         out = tmp_path / f"{kind}.png"
         res = invoke("plot", kind, src, "--out", out)
         assert res.exit_code == 0, res.output
@@ -37,7 +40,12 @@ def test_each_plot_writes_a_png(files, tmp_path):
 
 
 def test_bad_plot_inputs(files, tmp_path):
-    log, trace, means = files
+    log, trace, means, sweep = files
+    res = invoke("plot", "sweep", trace, "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "is not a CSV with columns changed, aux_acc, acc, lambda, asr" in res.stderr
+    sweep.write_text(sweep.read_text().replace("0.001,30,0.9,", "0.001,30,,"))  # a required cell left empty
+    res = invoke("plot", "sweep", sweep, "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "could not convert string to float" in res.stderr
     res = invoke("plot", "trace", means, "--out", tmp_path / "x.png")
     assert res.exit_code == 1 and "is not a CSV with columns lambda, selected, aux_acc" in res.stderr
     res = invoke("plot", "training", log, "--out", tmp_path / "x.jpg")

@@ -8,7 +8,7 @@ import torch
 import typer
 
 from .. import __version__
-from . import aux_cmd, defend, demo, evaluate, experiment, plot, scan, train
+from . import aux_cmd, defend, demo, evaluate, experiment, plot, scan, sweep, train
 from .common import Settings, handle_errors
 
 app = typer.Typer(
@@ -45,10 +45,12 @@ app.command("demo")(handle_errors(demo.demo))
 app.command("eval")(handle_errors(evaluate.evaluate_command))
 app.command("scan")(handle_errors(scan.scan))
 app.command("defend")(handle_errors(defend.defend))
+app.command("sweep")(handle_errors(sweep.sweep))
 aux_cmd.app.command("export")(handle_errors(aux_cmd.export))
 app.add_typer(aux_cmd.app, name="aux")
 app.command("experiment")(handle_errors(experiment.experiment))
-for _name, _command in (("training", plot.training), ("trace", plot.trace), ("activations", plot.activations)):
+for _name, _command in (("training", plot.training), ("trace", plot.trace), ("sweep", plot.sweep),
+                        ("activations", plot.activations)):
     plot.app.command(_name)(handle_errors(_command))
 app.add_typer(plot.app, name="plot")
 

@@ -1,4 +1,4 @@
-"""`flain plot`: PNG figures from the files train, defend and scan write (needs matplotlib)."""
+"""`flain plot`: PNG figures from the files train, defend, sweep and scan write (needs matplotlib)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..plots import plot_activations, plot_trace, plot_training
+from ..plots import plot_activations, plot_sweep, plot_trace, plot_training
 from .common import ForceOpt, JsonOpt, check_outputs, out, print_json
 
 app = typer.Typer(help="Draw PNG figures (needs matplotlib, the optional 'plot' extra of flain-cli).",
@@ -39,6 +39,15 @@ def trace(trace_csv: Annotated[Path, typer.Argument(metavar="TRACE.csv", help="A
     """The search curve: aux accuracy and neurons selected against the threshold lambda."""
     check_outputs([out_path], [trace_csv], force)
     plot_trace(trace_csv, out_path, title)
+    _done(out_path, as_json)
+
+
+def sweep(sweep_csv: Annotated[Path, typer.Argument(metavar="SWEEP.csv", help="A `flain sweep --csv` file.",
+                                                    show_default=False)],
+          out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
+    """ACC, ASR, ASR without trigger and aux accuracy against the threshold lambda."""
+    check_outputs([out_path], [sweep_csv], force)
+    plot_sweep(sweep_csv, out_path, title)
     _done(out_path, as_json)
 
 

@@ -1,0 +1,62 @@
+"""`flain sweep`: ACC and ASR at every threshold of the search (a diagnostic that reads test labels)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ..checkpoint import atomic_write
+from ..defense import METHODS
+from ..sweep import sweep_checkpoint
+from .common import (AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
+                     check_outputs, fmt, out, print_json, resolve_device)
+
+COLUMNS = ("lambda", "changed", "aux_acc", "acc", "asr", "asr_clean")
+
+
+def sweep(
+    model: ModelArg,
+    init: Annotated[Path, typer.Option(help="The initial checkpoint W0 of the same run (init.safetensors).",
+                                       show_default=False)],
+    aux: AuxOpt,
+    method: Annotated[str, typer.Option(help=f"{'|'.join(METHODS.names())}.")] = "flain",
+    step: Annotated[float, typer.Option(help="Threshold step, as in `defend`.")] = 0.001,
+    points: Annotated[int, typer.Option(help="Thresholds to score: mu, mu + step, ...")] = 25,
+    layer: LayerOpt = None,
+    dataset: DatasetOpt = None,
+    data_dir: DataDirOpt = None,
+    test: Annotated[Path | None, typer.Option(
+        help="Score on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
+        show_default=False)] = None,
+    csv: Annotated[Path | None, typer.Option(help="Also write the curve as CSV.", show_default=False)] = None,
+    device: DeviceOpt = "cpu",
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Score the model that `defend` would write at each threshold: aux accuracy, test ACC, ASR, and the ASR
+    without trigger. A diagnostic for whoever holds labelled test data: it shows whether any threshold
+    removes the backdoor and what it costs, and where the paper's stopping rule lands."""
+    check_outputs([csv] if csv else [], [model, init, aux], force)
+    res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
+                           dataset=dataset, data_dir=data_dir, test_file=test, device=resolve_device(device))
+    rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
+             "asr_clean": p.asr_clean} for p in res.points]
+    if csv is not None:
+        text = ",".join(COLUMNS) + "\n" + "".join(
+            ",".join("" if r[c] is None else f"{r[c]:.9g}" for c in COLUMNS) + "\n" for r in rows)
+        atomic_write(csv, lambda tmp: tmp.write_text(text))
+    if as_json:
+        print_json({"model": str(model), "layer": res.layer, "method": method, "step": step, "of": res.of,
+                    "attack": res.attack, "n_aux": res.n_aux, "n_test": res.n_test, "points": rows})
+        return
+    table = Table(title=f"flain sweep {model}: {method} on {res.layer} ({res.of} inputs), step {step}; "
+                        f"{res.n_aux} aux images, {res.n_test} test images, attack {res.attack or 'none known'}")
+    for column in ("lambda", "neurons changed", "aux acc", "ACC", "ASR", "ASR without trigger"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row("(unchanged)" if r["lambda"] is None else f"{r['lambda']:.6f}", str(r["changed"]),
+                      fmt(r["aux_acc"]), fmt(r["acc"]), fmt(r["asr"]), fmt(r["asr_clean"]))
+    out.print(table)
