@@ -74,6 +74,21 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     return out, data
 
 
+def invoke(*args):
+    """Run the CLI in-process, every argument as a string; stdout and stderr stay apart."""
+    from typer.testing import CliRunner
+
+    from flain_cli.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def aux_dir(tmp_path_factory) -> Path:
+    """An aux folder of 6 tiny images per class (AUX/<class>/<i>.png)."""
+    return write_aux_folder(tmp_path_factory.mktemp("aux") / "aux", per_class=6)
+
+
 def write_aux_folder(root: Path, per_class: int = 5, seed: int = 2, names: list[str] | None = None,
                      size: int = 28, mode: str = "L") -> Path:
     from PIL import Image

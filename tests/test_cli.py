@@ -4,18 +4,14 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from flain_cli.checkpoint import load_checkpoint
-from flain_cli.cli.app import app
 
-runner = CliRunner()
+from .conftest import invoke
+
 TINY = ["--arch", "cnn-mnist", "--clients", "2", "--mcr", "0.5", "--pdr", "0.5", "--rounds", "1",
         "--batch-size", "64", "--seed", "1"]
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

@@ -2,17 +2,12 @@ import builtins
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from flain_cli.cli.app import app
+from .conftest import invoke
 
 pytest.importorskip("matplotlib")
-runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture

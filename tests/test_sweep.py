@@ -4,22 +4,8 @@ import csv
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from flain_cli.cli.app import app
-
-from .conftest import write_aux_folder
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(scope="module")
-def aux_dir(tmp_path_factory):
-    return write_aux_folder(tmp_path_factory.mktemp("aux") / "aux", per_class=6)
+from .conftest import invoke
 
 
 def test_sweep_agrees_with_defend_and_eval(tiny_run, aux_dir, tmp_path):
