@@ -79,13 +79,17 @@ class Experiment:
     out: Path
     base: dict[str, Any]
     grid: dict[str, list[Any]]
-    defense: DefenseSettings  # the first variant; aux settings are shared by all
-    variants: tuple[DefenseSettings, ...] = ()
+    variants: tuple[DefenseSettings, ...]  # one per combination of listed step/rho/holdout values
+
+    @property
+    def defense(self) -> DefenseSettings:
+        """The first variant: methods and aux settings, which all variants share."""
+        return self.variants[0]
 
     @property
     def defenses(self) -> list[Defense]:
         """none and rlr once; prune and flain once per variant, labelled by what varies."""
-        variants = self.variants or (self.defense,)
+        variants = self.variants
         varying = [k for k in VARIED if len({getattr(v, k) for v in variants}) > 1]
         out = []
         for method in self.defense.methods:
@@ -130,7 +134,7 @@ def load_experiment(path: Path, out: Path | None = None) -> Experiment:
     variants = _defense_variants(raw.get("defense", {}))
     name = raw.get("name", Path(path).stem)
     experiment = Experiment(name, Path(out or raw.get("out") or Path("runs/experiments") / name), base, grid,
-                            variants[0], variants)
+                            variants)
     for point in experiment.points():  # fail early on a bad option, before hours of training
         cfg = experiment.config(point)
         cfg.validate(DATASETS.get(cfg.dataset).num_classes)
