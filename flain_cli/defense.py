@@ -61,10 +61,16 @@ def prune_columns(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor) 
     return apply_mask(weight, pruned(weight, init), mask)
 
 
+def rescale_factor(weight: torch.Tensor, norm: float) -> float:
+    """The factor that brings ``weight`` to the Frobenius norm ``norm`` (1 for an all-zero weight)."""
+    current = float(torch.linalg.matrix_norm(weight.double()))
+    return 1.0 if current == 0.0 else norm / current
+
+
 def rescale(weight: torch.Tensor, norm: float) -> torch.Tensor:
     """Lines 18-20: scale the layer back to the original Frobenius norm ``norm``."""
-    current = float(torch.linalg.matrix_norm(weight.double()))
-    return weight if current == 0.0 else (weight.double() * (norm / current)).to(weight.dtype)
+    factor = rescale_factor(weight, norm)
+    return weight if factor == 1.0 else (weight.double() * factor).to(weight.dtype)
 
 
 @dataclass(frozen=True)

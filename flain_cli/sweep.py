@@ -19,7 +19,7 @@ from .audit import AuxFeatures, check_pair, load_aux_for, load_model
 from .auxdata import AuxSet
 from .checkpoint import load_checkpoint
 from .datasets import DATASETS, load_dataset
-from .defense import METHODS, apply_mask
+from .defense import METHODS, apply_mask, rescale_factor
 from .errors import ConfigError
 from .evaluation import load_test_file, resolve_attack
 from .triggers import make_trigger
@@ -80,8 +80,7 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
 
     def point(lam: float | None, mask: torch.Tensor, changed: torch.Tensor | None) -> SweepPoint:
         w = apply_mask(weight, replacement, mask)
-        current = float(torch.linalg.matrix_norm(w.double()))
-        scale = 1.0 if lam is None or current == 0.0 else norm / current  # defense.rescale, as a factor
+        scale = 1.0 if lam is None else rescale_factor(w, norm)
         s = {name: f.accuracy(w, changed, scale) for name, f in feats.items()}
         return SweepPoint(lam, int(mask.sum()), s["aux"], s["acc"], s.get("asr"), s.get("asr_clean"))
 
