@@ -17,7 +17,8 @@ Every distinct training configuration is trained once into ``OUT/train-<hash>/``
 defenses are applied to that same final checkpoint. Each finished step leaves a JSON record
 (written last, atomically), so a re-run skips what is done and an interrupted grid resumes; the
 results files are rewritten after every cell. A cell that fails is recorded with its error and
-the grid goes on.
+the grid goes on. A training another process has under way (its folder's lock is held, e.g. by a
+second `flain experiment` on the same grid) is left to it: its cells run at the end, once it is done.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from .datasets import DATASETS, Dataset, load_dataset
 from .errors import ConfigError, FlainError
 from .evaluation import evaluate_checkpoint
 from .simulation import Listener, TrainConfig
-from .training import train_to_dir
+from .training import RunBusy, run_lock, train_to_dir
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 POST_TRAINING = ("prune", "flain")
@@ -179,12 +180,15 @@ class ExperimentListener(Listener):
 
     def cell(self, label: str, status: str) -> None: ...
 
+    def waiting(self, label: str, reason: str) -> None:
+        """A cell's training is under way in another process; it is done at the end, after that one."""
+
 
 @dataclass
 class Cell:
     point: dict[str, Any]
     defense: str  # the Defense's label
-    status: str = "pending"  # done | cached | failed
+    status: str = "pending"  # done | cached | failed | busy (its training under way in another process)
     acc: float | None = None
     asr: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
@@ -207,20 +211,42 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
     for name in sorted({exp.config(p).dataset for p in exp.points()}):  # a missing dataset fails once, up front
         _dataset(name, data_dir, datasets)
     cells: list[Cell] = []
+    deferred: list[tuple[int, Defense, str]] = []
     for point in exp.points():
         for defense in exp.defenses:
             cell = Cell(point, defense.label)
             label = ", ".join(f"{k}={v}" for k, v in point.items()) + f", {defense.label}"
-            try:
-                _run_cell(exp, cell, defense, device, data_dir, datasets, listener)
-            except FlainError as exc:
-                cell.status, cell.error = "failed", str(exc)
-            except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the grid
-                cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
             cells.append(cell)
+            finished = _attempt(exp, cell, defense, device, data_dir, datasets, listener, wait=False)
             write_results(exp, cells)  # an interrupted grid still leaves what it finished
-            listener.cell(label, cell.status)
+            if finished:
+                listener.cell(label, cell.status)
+            else:
+                deferred.append((len(cells) - 1, defense, label))
+                listener.waiting(label, cell.error or "")
+    # trainings another process (e.g. a second `flain experiment` on the same grid) had under way:
+    # wait for each, then take its checkpoint from the cache
+    for index, defense, label in deferred:
+        cells[index] = Cell(cells[index].point, defense.label)
+        _attempt(exp, cells[index], defense, device, data_dir, datasets, listener, wait=True)
+        write_results(exp, cells)
+        listener.cell(label, cells[index].status)
     return cells
+
+
+def _attempt(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, datasets, listener, *,
+             wait: bool) -> bool:
+    """Run one cell, recording a failure on it; False when its training is busy elsewhere."""
+    try:
+        _run_cell(exp, cell, defense, device, data_dir, datasets, listener, wait)
+    except RunBusy as exc:
+        cell.status, cell.error = "busy", f"its training is under way in {exc.holder}"
+        return False
+    except FlainError as exc:
+        cell.status, cell.error = "failed", str(exc)
+    except Exception as exc:  # noqa: BLE001 - one broken cell must not stop the grid
+        cell.status, cell.error = "failed", f"{type(exc).__name__}: {exc}"
+    return True
 
 
 def _dataset(name: str, data_dir: Path | None, cache: dict[str, Dataset]) -> Dataset:
@@ -229,13 +255,17 @@ def _dataset(name: str, data_dir: Path | None, cache: dict[str, Dataset]) -> Dat
     return cache[name]
 
 
-def _trained(exp: Experiment, cfg: TrainConfig, device, data_dir, datasets, listener) -> tuple[Path, bool]:
+def _trained(exp: Experiment, cfg: TrainConfig, device, data_dir, datasets, listener,
+             wait: bool) -> tuple[Path, bool]:
     run_dir = exp.out / f"train-{config_hash(cfg)}"
-    record = _read(run_dir / "train.json")
-    if record is not None and (run_dir / "final.safetensors").is_file():
+    finished = (lambda: _read(run_dir / "train.json") is not None and (run_dir / "final.safetensors").is_file())
+    if finished():
         return run_dir, True
-    outcome = train_to_dir(cfg, _dataset(cfg.dataset, data_dir, datasets), run_dir, device, listener)
-    _write(run_dir / "train.json", {"config": cfg.to_dict()} | outcome.summary(cfg))
+    with run_lock(run_dir, wait=wait):
+        if finished():  # another process finished it while this one waited for the lock
+            return run_dir, True
+        outcome = train_to_dir(cfg, _dataset(cfg.dataset, data_dir, datasets), run_dir, device, listener)
+        _write(run_dir / "train.json", {"config": cfg.to_dict()} | outcome.summary(cfg))
     return run_dir, False
 
 
@@ -243,14 +273,20 @@ def _aux(exp: Experiment, dataset: str, data_dir: Path | None) -> Path:
     d = exp.defense
     path = exp.out / f"aux-{dataset}-{d.aux_per_class}x-seed{d.aux_seed}"
     if not (path / "aux.json").is_file():
-        export_aux(dataset, d.aux_per_class, path, seed=d.aux_seed, data_dir=data_dir, overwrite=True)
+        try:  # a folder without its manifest is incomplete: replace it
+            export_aux(dataset, d.aux_per_class, path, seed=d.aux_seed, data_dir=data_dir, overwrite=path.exists())
+        except (ConfigError, OSError):
+            if not (path / "aux.json").is_file():
+                raise
+            # else a second worker on the grid put the same (seeded) set in place first; use that one
     return path
 
 
-def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, datasets, listener) -> None:
+def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, datasets, listener,
+              wait: bool = False) -> None:
     aggregator = "rlr" if defense.method == "rlr" else "fedavg"
     cfg = exp.config(cell.point, aggregator)
-    run_dir, cached = _trained(exp, cfg, device, data_dir, datasets, listener)
+    run_dir, cached = _trained(exp, cfg, device, data_dir, datasets, listener, wait)
     model = run_dir / "final.safetensors"
     cell.detail = {"method": defense.method}
     if defense.method in POST_TRAINING:

@@ -3,13 +3,18 @@
 While it runs, ``OUT/resume.safetensors`` holds the state after the last finished round
 (global and initial weights as tensors, the round history and random states as metadata), so an
 interrupted run continues from there, bit for bit; the file is removed once the final checkpoint
-is written.
+is written. ``OUT/train.lock`` keeps two processes from training into one folder at once (an
+advisory ``flock``: the system drops it when its process ends, however it ends).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +24,12 @@ from safetensors import SafetensorError, safe_open
 
 from .checkpoint import atomic_write, canonical_safetensors, model_meta, save_checkpoint
 from .datasets import Dataset
-from .errors import CheckpointError
+from .errors import CheckpointError, FlainError
 from .simulation import Listener, RoundLog, SimulationResult, Snapshot, TrainConfig, simulate
 
 RESUME_FILE = "resume.safetensors"
 RESUME_FORMAT = "flain-cli/resume-1"
+LOCK_FILE = "train.lock"
 _RNG = {"torch_gen": "rng/batch_order", "torch_rng": "rng/cpu", "cuda_rng": "rng/cuda"}
 
 
@@ -86,6 +92,49 @@ def load_snapshot(path: Path) -> Snapshot:
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable flain-cli resume file ({exc}); "
                               "delete it to start the run over") from None
+
+
+class RunBusy(FlainError):
+    """Another process is training into the same folder right now."""
+
+    def __init__(self, out_dir: Path, holder: str) -> None:
+        super().__init__(f"{out_dir} is being trained right now by {holder}; wait for it to finish, "
+                         "or pick another output folder")
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path, *, wait: bool = False) -> Iterator[None]:
+    """Hold ``out_dir/train.lock`` while training into ``out_dir``.
+
+    Raises RunBusy when another process holds it, or with ``wait`` blocks until it is free.
+    Where ``fcntl`` is missing (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on Linux/macOS
+        yield
+        return
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(out_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed by the with below
+    except OSError as exc:
+        raise CheckpointError(f"cannot write into {out_dir}: {exc.strerror or exc}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            raise RunBusy(out_dir, f.read().strip() or "another process") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.device | str = "cpu",

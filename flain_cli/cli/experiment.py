@@ -30,6 +30,9 @@ class _RichListener(ExperimentListener):
         self.progress.console.print(f"  round {log.round}: acc {log.acc if log.acc is None else round(log.acc, 4)} "
                                     f"asr {log.asr if log.asr is None else round(log.asr, 4)} ({log.seconds:.0f} s)")
 
+    def waiting(self, label: str, reason: str) -> None:
+        self.progress.console.print(f"  later: {label} ({reason})", markup=False)
+
     def cell(self, label: str, status: str) -> None:
         self.progress.update(self.rounds, visible=False)
         self.progress.advance(self.cells)

@@ -15,7 +15,7 @@ from ..datasets import DATASETS, load_dataset
 from ..errors import ConfigError
 from ..simulation import Listener, RoundLog, TrainConfig
 from ..splits import SPLITS
-from ..training import RESUME_FILE, load_snapshot, train_to_dir
+from ..training import RESUME_FILE, TrainOutcome, load_snapshot, run_lock, train_to_dir
 from ..triggers import TRIGGERS
 from .common import DataDirOpt, DeviceOpt, ForceOpt, JsonOpt, SeedOpt, check_outputs, err, fmt, out, print_json, resolve_device
 
@@ -104,28 +104,8 @@ def train(
     cfg.validate(spec.num_classes)
     torch_device = resolve_device(device)
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
-    resume_path = out_dir / RESUME_FILE
-    resuming = resume and resume_path.is_file()
-    if resume_path.is_file() and not (resume or force):
-        raise ConfigError(f"{out_dir} holds a run interrupted after round {load_snapshot(resume_path).round}; "
-                          "pass --resume to continue it, or --force to start over")
-    check_outputs([init_path, final_path] + ([log] if log and not resuming else []), [], force)
-    data = load_dataset(dataset, data_dir)
-
-    listener: _RichListener | None = None
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=err, transient=True) as progress:
-            listener = _RichListener(progress, rounds, log)
-            outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=resume)
-    except KeyboardInterrupt:
-        done = (f"round {listener.last_round} is kept in {resume_path}; rerun the same command with --resume "
-                "to continue") if listener and listener.last_round else "no round finished"
-        err.print(f"Interrupted: {done}.", markup=False, soft_wrap=True)
-        raise typer.Exit(130) from None
-    finally:
-        if listener is not None and listener.log_file is not None:
-            listener.log_file.close()
+    with run_lock(out_dir):  # held from the checks to the last checkpoint: one trainer per folder
+        outcome = _train_locked(cfg, data_dir, out_dir, torch_device, log, resume, force)
     summary = outcome.summary(cfg)
     result = outcome.result
     if as_json:
@@ -144,3 +124,32 @@ def train(
     if outcome.resumed_from_round:
         out.print(f"resumed after round {outcome.resumed_from_round}; {summary['seconds']:.1f} s is this last part")
     out.print(f"wrote {init_path} and {final_path}")
+
+
+def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device, log: Path | None,
+                  resume: bool, force: bool) -> TrainOutcome:
+    """Everything between taking and releasing the folder's lock: the checks, the data, the run."""
+    init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
+    resume_path = out_dir / RESUME_FILE
+    resuming = resume and resume_path.is_file()
+    if resume_path.is_file() and not (resume or force):
+        raise ConfigError(f"{out_dir} holds a run interrupted after round {load_snapshot(resume_path).round}; "
+                          "pass --resume to continue it, or --force to start over")
+    check_outputs([init_path, final_path] + ([log] if log and not resuming else []), [], force)
+    data = load_dataset(cfg.dataset, data_dir)
+
+    listener: _RichListener | None = None
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err, transient=True) as progress:
+            listener = _RichListener(progress, cfg.rounds, log)
+            outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=resume)
+    except KeyboardInterrupt:
+        done = (f"round {listener.last_round} is kept in {resume_path}; rerun the same command with --resume "
+                "to continue") if listener and listener.last_round else "no round finished"
+        err.print(f"Interrupted: {done}.", markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    finally:
+        if listener is not None and listener.log_file is not None:
+            listener.log_file.close()
+    return outcome
