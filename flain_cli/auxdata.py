@@ -165,6 +165,13 @@ def exported_indices(path: Path) -> list[int]:
         raise ConfigError(f"--exclude {path} is not a `flain aux export` output (folder with aux.json, or .npz)") from None
 
 
+def export_path(out: Path, fmt: str) -> Path:
+    """Where `export_aux` writes: ``out`` itself for a folder; for npz ``out`` with ``.npz`` added when
+    missing, since the readers know an npz set by its suffix."""
+    out = Path(out)
+    return out if fmt != "npz" or out.suffix == ".npz" else out.with_name(out.name + ".npz")
+
+
 def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", seed: int = 0,
                data_dir: Path | None = None, overwrite: bool = False, fmt: str = "folder",
                exclude: list[int] | None = None) -> dict:
@@ -172,14 +179,14 @@ def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", 
 
     ``fmt="folder"``: PNG files in ``out/<class>/`` and ``out/aux.json``, built in a temporary
     sibling and renamed into place, so ``out`` is either complete or absent. ``fmt="npz"``: one
-    ``.npz`` with ``images``, ``labels`` and ``indices``. ``exclude``: dataset indices never to
+    ``.npz`` with ``images``, ``labels`` and ``indices`` (at `export_path`). ``exclude``: dataset indices never to
     draw (e.g. an aux set, when writing a test subset). Returns the manifest.
     """
     if fmt not in ("folder", "npz"):
         raise ConfigError(f"--format must be folder or npz, got {fmt!r}")
     if per_class < 1:
         raise ConfigError(f"--per-class must be at least 1, got {per_class}")
-    out = Path(out)
+    out = export_path(out, fmt)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
     if split not in ("train", "test"):

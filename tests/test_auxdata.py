@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from flain_cli.auxdata import export_aux, load_aux
 from flain_cli.datasets import DATASETS
 from flain_cli.errors import AuxError, ConfigError
 
-from .conftest import make_images, write_aux_folder
+from .conftest import invoke, make_images, write_aux_folder
 
 SHAPE = (1, 28, 28)
 NAMES = list(DATASETS.get("fmnist").classes)
@@ -103,6 +105,16 @@ def test_npz_export_can_exclude_an_earlier_export(tmp_path, fmnist_dir):
                    exclude=exported_indices(tmp_path / "aux"))
     with pytest.raises(ConfigError, match="is not a `flain aux export` output"):
         exported_indices(tmp_path)
+
+
+def test_npz_export_without_the_suffix_still_writes_a_readable_npz(tmp_path, fmnist_dir):
+    sets = tmp_path / "sets"
+    res = invoke("aux", "export", "--per-class", "2", "--format", "npz", "--out", sets / "subset",
+                 "--data-dir", fmnist_dir, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["out"] == str(sets / "subset.npz")
+    assert [p.name for p in sets.iterdir()] == ["subset.npz"]
+    assert len(load_aux(sets / "subset.npz", SHAPE, 10)) == 20
 
 
 def test_holdout_split_is_stratified_seeded_and_disjoint(tmp_path):

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..auxdata import export_aux, exported_indices
+from ..auxdata import export_aux, export_path, exported_indices
 from ..datasets import DATASETS
 from .common import DataDirOpt, ForceOpt, JsonOpt, SeedOpt, out, print_json
 
@@ -19,7 +19,7 @@ def export(
     per_class: Annotated[int, typer.Option(help="Images per class (the paper: 20 for MNIST/FMNIST, 60 for CIFAR-10).")] = 20,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder to create: OUT/<class>/<image>.png and OUT/aux.json.")] = Path("aux"),
     split: Annotated[str, typer.Option(help="Draw from the train or test split.")] = "test",
-    fmt: Annotated[str, typer.Option("--format", help="folder (OUT/<class>/*.png) or npz (one file, OUT.npz).")] = "folder",
+    fmt: Annotated[str, typer.Option("--format", help="folder (OUT/<class>/*.png) or npz (one file, OUT.npz; .npz is added when missing).")] = "folder",
     exclude: Annotated[Path | None, typer.Option(
         help="Never draw the images of this earlier export (folder with aux.json, or .npz), e.g. to keep a "
              "test subset disjoint from an aux set.", show_default=False)] = None,
@@ -31,6 +31,7 @@ def export(
     """Write a class-balanced, seeded aux folder (PNG) drawn from a dataset split."""
     manifest = export_aux(dataset, per_class, out_dir, split=split, seed=seed, data_dir=data_dir, overwrite=force,
                           fmt=fmt, exclude=exported_indices(exclude) if exclude else None)
+    out_dir = export_path(out_dir, fmt)
     summary = {k: v for k, v in manifest.items() if k != "indices"} | {"out": str(out_dir)}
     if as_json:
         print_json(summary)
