@@ -46,7 +46,7 @@ from .training import RunBusy, run_lock, train_to_dir
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
-VARIED = ("step", "rho", "holdout")  # [defense] keys that may list several values
+VARIED = ("step", "rho", "holdout", "aux_per_class")  # [defense] keys that may list several values
 
 
 @dataclass(frozen=True)
@@ -77,14 +77,15 @@ class Defense:
 @dataclass(frozen=True)
 class Experiment:
     name: str
-    out: Path
+    out: Path  # results
     base: dict[str, Any]
     grid: dict[str, list[Any]]
-    variants: tuple[DefenseSettings, ...]  # one per combination of listed step/rho/holdout values
+    variants: tuple[DefenseSettings, ...]  # one per combination of listed step/rho/holdout/aux_per_class values
+    cache: Path  # trainings (train-<hash>/), aux sets and defended checkpoints; may be shared by experiments
 
     @property
     def defense(self) -> DefenseSettings:
-        """The first variant: methods and aux settings, which all variants share."""
+        """The first variant: the methods and aux seed, which all variants share."""
         return self.variants[0]
 
     @property
@@ -119,7 +120,8 @@ def _keys(table: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def load_experiment(path: Path, out: Path | None = None) -> Experiment:
+def load_experiment(path: Path, out: Path | None = None, cache: Path | None = None) -> Experiment:
+    """Read a grid file; ``out``/``cache`` override its ``out``/``cache`` keys (cache defaults to out)."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -134,8 +136,8 @@ def load_experiment(path: Path, out: Path | None = None) -> Experiment:
         raise ConfigError("set the aggregator through [defense] methods (\"rlr\"), not [train] or [grid]")
     variants = _defense_variants(raw.get("defense", {}))
     name = raw.get("name", Path(path).stem)
-    experiment = Experiment(name, Path(out or raw.get("out") or Path("runs/experiments") / name), base, grid,
-                            variants)
+    out = Path(out or raw.get("out") or Path("runs/experiments") / name)
+    experiment = Experiment(name, out, base, grid, variants, Path(cache or raw.get("cache") or out))
     for point in experiment.points():  # fail early on a bad option, before hours of training
         cfg = experiment.config(point)
         cfg.validate(DATASETS.get(cfg.dataset).num_classes)
@@ -204,7 +206,7 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
                    datasets: dict[str, Dataset] | None = None) -> list[Cell]:
     listener = listener or ExperimentListener()
     exp.out.mkdir(parents=True, exist_ok=True)
-    _write(exp.out / "experiment.json", {"name": exp.name, "train": exp.base, "grid": exp.grid,
+    _write(exp.out / "experiment.json", {"name": exp.name, "cache": str(exp.cache), "train": exp.base, "grid": exp.grid,
                                          "defenses": [{"label": d.label} | dataclasses.asdict(d.settings)
                                                       for d in exp.defenses]})
     datasets = datasets if datasets is not None else {}
@@ -257,7 +259,7 @@ def _dataset(name: str, data_dir: Path | None, cache: dict[str, Dataset]) -> Dat
 
 def _trained(exp: Experiment, cfg: TrainConfig, device, data_dir, datasets, listener,
              wait: bool) -> tuple[Path, bool]:
-    run_dir = exp.out / f"train-{config_hash(cfg)}"
+    run_dir = exp.cache / f"train-{config_hash(cfg)}"
     finished = (lambda: _read(run_dir / "train.json") is not None and (run_dir / "final.safetensors").is_file())
     if finished():
         return run_dir, True
@@ -269,9 +271,8 @@ def _trained(exp: Experiment, cfg: TrainConfig, device, data_dir, datasets, list
     return run_dir, False
 
 
-def _aux(exp: Experiment, dataset: str, data_dir: Path | None) -> Path:
-    d = exp.defense
-    path = exp.out / f"aux-{dataset}-{d.aux_per_class}x-seed{d.aux_seed}"
+def _aux(exp: Experiment, d: DefenseSettings, dataset: str, data_dir: Path | None) -> Path:
+    path = exp.cache / f"aux-{dataset}-{d.aux_per_class}x-seed{d.aux_seed}"
     if not (path / "aux.json").is_file():
         try:  # a folder without its manifest is incomplete: replace it
             export_aux(dataset, d.aux_per_class, path, seed=d.aux_seed, data_dir=data_dir, overwrite=path.exists())
@@ -297,14 +298,14 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, d
         if record is None or not model.is_file():
             cached = False
             outcome = defend_checkpoint(run_dir / "final.safetensors", run_dir / "init.safetensors",
-                                        _aux(exp, cfg.dataset, data_dir), method=defense.method, step=d.step,
+                                        _aux(exp, d, cfg.dataset, data_dir), method=defense.method, step=d.step,
                                         rho=d.rho, select=d.select, holdout=d.holdout, seed=d.aux_seed,
                                         device=device)
             save_checkpoint(model, outcome.state, outcome.meta)
             record = {k: outcome.meta["defense"][k] for k in ("lambda", "flipped", "of", "aux_acc_before",
                                                               "aux_acc_after", "all_selected")}
             _write(run_dir / f"{tag}.json", record)
-        cell.detail |= {"step": d.step, "rho": d.rho, "holdout": d.holdout} | record
+        cell.detail |= {"step": d.step, "rho": d.rho, "holdout": d.holdout, "aux_per_class": d.aux_per_class} | record
     eval_path = model.with_suffix(".eval.json")
     report = _read(eval_path)
     if report is None or "asr_clean" not in report:  # (records from before asr_clean are redone)

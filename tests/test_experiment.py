@@ -100,8 +100,9 @@ def test_a_failed_cell_is_reported_and_the_grid_goes_on(tmp_path, fmnist_dir):
 def test_dry_run_plans_without_running(tmp_path):
     res = run(write(tmp_path, TINY.format(per_class=3)), "--out", tmp_path / "out", "--dry-run", "--json")
     assert res.exit_code == 0
-    assert json.loads(res.stdout) | {"points": None} == {"name": "tiny", "out": str(tmp_path / "out"), "cells": 3,
-                                                          "trainings": 2, "points": None,
+    assert json.loads(res.stdout) | {"points": None} == {"name": "tiny", "out": str(tmp_path / "out"),
+                                                          "cache": str(tmp_path / "out"), "cells": 3,
+                                                          "trainings": 2, "cached_trainings": 0, "points": None,
                                                           "defenses": ["none", "flain", "rlr"]}
     assert not (tmp_path / "out").exists()
 
@@ -165,3 +166,27 @@ def test_defense_settings_may_vary_on_one_training(tmp_path, fmnist_dir):
     for bad in ("rho = []", "rho = [0.1, 0.1]"):
         with pytest.raises(ConfigError, match="distinct values"):
             load_experiment(write(tmp_path, TINY.format(per_class=3).replace("rho = 0.05", bad), "bad.toml"))
+
+
+def test_experiments_sharing_a_cache_train_once(tmp_path, fmnist_dir):
+    """A second grid over the same trainings (here: other aux sizes) only runs its defenses."""
+    cache = tmp_path / "trainings"
+    first = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none"'), "first.toml")
+    res = run(first, "--out", tmp_path / "first", "--cache", cache, "--data-dir", fmnist_dir, "--json")
+    assert res.exit_code == 0, res.output
+    (record,) = cache.glob("train-*/train.json")
+    trained = record.read_text()
+    second = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
+                   .replace("aux_per_class = 3", "aux_per_class = [3, 5]")
+                   .replace('name = "tiny"', f'name = "second"\ncache = "{cache}"'), "second.toml")
+    plan = json.loads(run(second, "--dry-run", "--json").stdout)
+    assert (plan["trainings"], plan["cached_trainings"], plan["cache"]) == (1, 1, str(cache))
+    res = run(second, "--out", tmp_path / "second", "--data-dir", fmnist_dir, "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["defense"], r["status"]) for r in rows] == [
+        ("none", "cached"), ("flain aux_per_class=3", "done"), ("flain aux_per_class=5", "done")]
+    assert [r["aux_per_class"] for r in rows[1:]] == [3, 5]
+    assert [p.read_text() for p in cache.glob("train-*/train.json")] == [trained]  # not trained again
+    assert sorted(p.name for p in cache.glob("aux-*")) == ["aux-fmnist-3x-seed0", "aux-fmnist-5x-seed0"]
+    assert (tmp_path / "second" / "results.json").is_file() and not list((tmp_path / "second").glob("train-*"))

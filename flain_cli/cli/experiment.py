@@ -45,26 +45,31 @@ def experiment(
     out_dir: Annotated[Path | None, typer.Option(
         "--out", help="Folder for checkpoints and results (default: the file's `out`, else runs/experiments/NAME).",
         show_default=False)] = None,
+    cache: Annotated[Path | None, typer.Option(
+        help="Folder for the trainings (train-<hash>/), which experiments may share (default: the file's "
+             "`cache`, else --out).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and trainings, run nothing.")] = False,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Train each configuration of a grid once, apply every defense, and tabulate ACC and ASR."""
-    exp = load_experiment(config, out_dir)
+    exp = load_experiment(config, out_dir, cache)
     points = exp.points()
     defenses = exp.defenses
     total = len(points) * len(defenses)
     if dry_run:
         trainings = {config_hash(exp.config(p, "rlr" if d.method == "rlr" else "fedavg"))
                      for p in points for d in defenses}
-        plan = {"name": exp.name, "out": str(exp.out), "cells": total, "trainings": len(trainings),
+        cached = sum((exp.cache / f"train-{h}" / "train.json").is_file() for h in trainings)
+        plan = {"name": exp.name, "out": str(exp.out), "cache": str(exp.cache), "cells": total,
+                "trainings": len(trainings), "cached_trainings": cached,
                 "points": points, "defenses": [d.label for d in defenses]}
         if as_json:
             print_json(plan)
         else:
             out.print(f"{exp.name}: {len(points)} grid points x {len(defenses)} defenses = {total} cells, "
-                      f"{len(trainings)} trainings, into {exp.out}/")
+                      f"{len(trainings)} trainings ({cached} already in {exp.cache}/), results into {exp.out}/")
         return
     torch_device = resolve_device(device)
     try:
