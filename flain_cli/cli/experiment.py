@@ -43,7 +43,8 @@ def experiment(
     config: Annotated[Path, typer.Argument(metavar="CONFIG.toml", help="Experiment grid (see experiments/).",
                                            show_default=False)],
     out_dir: Annotated[Path | None, typer.Option(
-        "--out", help="Folder for checkpoints and results (default: the file's `out`, else runs/experiments/NAME).",
+        "--out", help="Folder for the results (default: the file's `out`, else runs/experiments/NAME); "
+                      "also for the trainings when no cache is set.",
         show_default=False)] = None,
     cache: Annotated[Path | None, typer.Option(
         help="Folder for the trainings (train-<hash>/), which experiments may share (default: the file's "
