@@ -11,10 +11,11 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     [defense]
     methods = ["none", "prune", "flain", "rlr"]   # rlr trains again with the RLR aggregator
     aux_per_class = 20
-    rho = [0.03, 0.0]  # step, rho, holdout may be lists: prune and flain run once per combination
+    rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class may be lists: prune and flain run once per combination
 
-Every distinct training configuration is trained once into ``OUT/train-<hash>/``; the post-training
-defenses are applied to that same final checkpoint. Each finished step leaves a JSON record
+Every distinct training configuration is trained once into ``CACHE/train-<hash>/`` (CACHE: the
+file's ``cache``, by default its results folder ``out``; several grid files may share one); the
+post-training defenses are applied to that same final checkpoint. Each finished step leaves a JSON record
 (written last, atomically), so a re-run skips what is done and an interrupted grid resumes; the
 results files are rewritten after every cell. A cell that fails is recorded with its error and
 the grid goes on. A training another process has under way (its folder's lock is held, e.g. by a
@@ -206,7 +207,8 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
                    datasets: dict[str, Dataset] | None = None) -> list[Cell]:
     listener = listener or ExperimentListener()
     exp.out.mkdir(parents=True, exist_ok=True)
-    _write(exp.out / "experiment.json", {"name": exp.name, "cache": str(exp.cache), "train": exp.base, "grid": exp.grid,
+    _write(exp.out / "experiment.json", {"name": exp.name, "cache": str(exp.cache), "train": exp.base,
+                                         "grid": exp.grid,
                                          "defenses": [{"label": d.label} | dataclasses.asdict(d.settings)
                                                       for d in exp.defenses]})
     datasets = datasets if datasets is not None else {}
