@@ -101,6 +101,10 @@ class Experiment:
                 out.append(Defense(method + suffix, method, v))
         return out
 
+    def run_dir(self, cfg: TrainConfig) -> Path:
+        """Where the training of ``cfg`` lives in the cache."""
+        return self.cache / f"train-{config_hash(cfg)}"
+
     def points(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
@@ -261,7 +265,7 @@ def _dataset(name: str, data_dir: Path | None, cache: dict[str, Dataset]) -> Dat
 
 def _trained(exp: Experiment, cfg: TrainConfig, device, data_dir, datasets, listener,
              wait: bool) -> tuple[Path, bool]:
-    run_dir = exp.cache / f"train-{config_hash(cfg)}"
+    run_dir = exp.run_dir(cfg)
     finished = (lambda: _read(run_dir / "train.json") is not None and (run_dir / "final.safetensors").is_file())
     if finished():
         return run_dir, True

@@ -9,7 +9,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import FlainError
-from ..experiment import ExperimentListener, config_hash, load_experiment, markdown_table, result_paths, run_experiment
+from ..experiment import ExperimentListener, load_experiment, markdown_table, result_paths, run_experiment
 from ..simulation import RoundLog
 from .common import DataDirOpt, DeviceOpt, JsonOpt, err, out, print_json, resolve_device
 
@@ -60,9 +60,9 @@ def experiment(
     defenses = exp.defenses
     total = len(points) * len(defenses)
     if dry_run:
-        trainings = {config_hash(exp.config(p, "rlr" if d.method == "rlr" else "fedavg"))
+        trainings = {exp.run_dir(exp.config(p, "rlr" if d.method == "rlr" else "fedavg"))
                      for p in points for d in defenses}
-        cached = sum((exp.cache / f"train-{h}" / "train.json").is_file() for h in trainings)
+        cached = sum((run_dir / "train.json").is_file() for run_dir in trainings)
         plan = {"name": exp.name, "out": str(exp.out), "cache": str(exp.cache), "cells": total,
                 "trainings": len(trainings), "cached_trainings": cached,
                 "points": points, "defenses": [d.label for d in defenses]}
