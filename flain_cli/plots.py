@@ -1,7 +1,7 @@
 """PNG figures: training curves, the FLAIN search curve, the activation histogram.
 
 matplotlib is an optional extra (``pip install 'flain-cli[plot]'``); it is imported only here.
-Readers take the files the other commands write: ``train --log`` (JSON lines), ``defend --trace``,
+Readers take the files the other commands write: ``train --log`` (JSON lines) or train.json, ``defend --trace``,
 ``sweep --csv`` and ``scan --csv`` (CSV).
 """
 
@@ -48,29 +48,55 @@ def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = (
 
 
 def read_train_log(path: Path) -> list[dict]:
+    """The evaluated rounds of one training: a `flain train --log` file (JSON lines), a train.json, or
+    the training folder holding it (what `flain train --out` and `flain experiment` leave behind)."""
+    path = Path(path)
+    source = path / "train.json" if path.is_dir() else path
     try:
-        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        text = source.read_text()
     except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+    try:
+        record = json.loads(text)
     except json.JSONDecodeError:
-        raise ConfigError(f"{path} is not a `flain train --log` file (JSON lines)") from None
+        record = None
+    try:
+        rows = (record["history"] if isinstance(record, dict) and "history" in record
+                else [json.loads(line) for line in text.splitlines() if line.strip()])
+    except json.JSONDecodeError:
+        rows = None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "round" in r for r in rows):
+        raise ConfigError(f"{source} is not a `flain train --log` file (JSON lines) or a train.json") from None
     rows = [r for r in rows if r.get("acc") is not None]
     if not rows:
-        raise ConfigError(f"{path} holds no evaluated rounds")
+        raise ConfigError(f"{source} holds no evaluated rounds")
     return rows
 
 
-def plot_training(log: Path, out: Path, title: str | None = None) -> None:
-    rows = read_train_log(log)
+def plot_training(runs: list[Path], out: Path, title: str | None = None, labels: list[str] | None = None) -> None:
+    """ACC and ASR per round; several trainings share the axes, one colour each (ACC solid, ASR dashed)."""
+    if labels and len(labels) != len(runs):
+        raise ConfigError(f"{len(labels)} --label for {len(runs)} trainings; give one per training, in the same "
+                          "order, or none")
+    histories = [read_train_log(run) for run in runs]
+    names = labels or [run.parent.name if run.name == "train.json" else run.name for run in runs]
+    single = len(runs) == 1
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    rounds = [r["round"] for r in rows]
-    ax.plot(rounds, [r["acc"] for r in rows], marker="o", ms=3, label="ACC (clean test)")
-    if any(r.get("asr") is not None for r in rows):
-        ax.plot(rounds, [r["asr"] for r in rows], marker="s", ms=3, label="ASR (triggered)")
-    ax.set(xlabel="round", ylabel="share", ylim=(0, 1.02), title=title or f"training: {log.name}")
+    for i, (rows, name) in enumerate(zip(histories, names)):
+        prefix, colours, dash = ("", ("C0", "C1"), "-") if single else (f"{name}: ", (f"C{i}", f"C{i}"), "--")
+        rounds = [r["round"] for r in rows]
+        ax.plot(rounds, [r["acc"] for r in rows], marker="o", ms=3, color=colours[0], label=f"{prefix}ACC (clean test)")
+        if any(r.get("asr") is not None for r in rows):
+            ax.plot(rounds, [r.get("asr") for r in rows], marker="s", ms=3, color=colours[1], ls=dash,
+                    label=f"{prefix}ASR (triggered)")
+    ax.set(xlabel="round", ylabel="share", ylim=(0, 1.02),
+           title=title or (f"training: {names[0]}" if single else "training: ACC (solid) and ASR (dashed)"))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if single:
+        ax.legend(loc="lower right")
+    else:  # beside the axes: several curves fill the plot
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     _save(fig, out)
     plt.close(fig)
 

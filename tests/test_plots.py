@@ -50,6 +50,34 @@ def test_bad_plot_inputs(files, tmp_path):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_training_plot_draws_several_trainings_from_logs_train_json_and_folders(files, tmp_path):
+    log = files[0]
+    run = tmp_path / "train-abc"  # as `flain train --out` / the experiment cache leave it
+    run.mkdir()
+    history = [{"round": r, "acc": 0.4 + r / 20, "asr": r / 20, "seconds": 2.0} for r in range(1, 6)]
+    (run / "train.json").write_text(json.dumps({"config": {"aggregator": "rlr"}, "history": history}))
+    res = invoke("plot", "training", log, run, run / "train.json", "--label", "fedavg", "--label", "rlr",
+                 "--label", "rlr again", "--out", tmp_path / "three.png", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"out": str(tmp_path / "three.png")}
+    one = tmp_path / "one.png"
+    assert invoke("plot", "training", run, "--out", one).exit_code == 0
+    assert (tmp_path / "three.png").read_bytes()[:8] == PNG and one.read_bytes()[:8] == PNG
+    assert (tmp_path / "three.png").read_bytes() != one.read_bytes()
+
+    res = invoke("plot", "training", log, run, "--label", "only one", "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "1 --label for 2 trainings" in res.stderr
+    (run / "train.json").write_text(json.dumps({"config": {}, "history": [{"acc": 0.5}]}))  # no round numbers
+    res = invoke("plot", "training", run, "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "is not a `flain train --log` file (JSON lines) or a train.json" in res.stderr
+    (run / "train.json").write_text(json.dumps({"config": {}, "history": []}))  # interrupted before round 1
+    res = invoke("plot", "training", run, "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "holds no evaluated rounds" in res.stderr
+    res = invoke("plot", "training", tmp_path / "empty-folder", "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "cannot read" in res.stderr
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_missing_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch):
     real_import = builtins.__import__
 

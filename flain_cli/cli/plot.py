@@ -24,12 +24,18 @@ def _done(path: Path, as_json: bool) -> None:
         out.print(f"wrote {path}")
 
 
-def training(log: Annotated[Path, typer.Argument(metavar="LOG.jsonl", help="A `flain train --log` file.",
-                                                 show_default=False)],
-             out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
-    """ACC and ASR per round."""
-    check_outputs([out_path], [log], force)
-    plot_training(log, out_path, title)
+def training(runs: Annotated[list[Path], typer.Argument(
+                 metavar="RUN...", show_default=False,
+                 help="Trainings to draw on one figure: `flain train --log` files (JSON lines), train.json files, "
+                      "or training folders (`flain train --out`, a `flain experiment` cache's train-*/).")],
+             out_path: OutOpt, title: TitleOpt = None,
+             labels: Annotated[list[str] | None, typer.Option(
+                 "--label", help="Legend name of each RUN, in order (repeat it; default: the file or folder name).",
+                 show_default=False)] = None,
+             force: ForceOpt = False, as_json: JsonOpt = False) -> None:
+    """ACC and ASR per round, for one training or several side by side."""
+    check_outputs([out_path], [r / "train.json" if r.is_dir() else r for r in runs], force)
+    plot_training(runs, out_path, title, labels)
     _done(out_path, as_json)
 
 
