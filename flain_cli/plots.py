@@ -66,7 +66,7 @@ def read_train_log(path: Path) -> list[dict]:
     except json.JSONDecodeError:
         rows = None
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "round" in r for r in rows):
-        raise ConfigError(f"{source} is not a `flain train --log` file (JSON lines) or a train.json") from None
+        raise ConfigError(f"{source} is not a `flain train --log` file (JSON lines) or a train.json")
     rows = [r for r in rows if r.get("acc") is not None]
     if not rows:
         raise ConfigError(f"{source} holds no evaluated rounds")
