@@ -48,8 +48,8 @@ def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = (
 
 
 def read_train_log(path: Path) -> list[dict]:
-    """The evaluated rounds of one training: a `flain train --log` file (JSON lines), a train.json, or
-    the training folder holding it (what `flain train --out` and `flain experiment` leave behind)."""
+    """The evaluated rounds of one training: a `flain train --log` file (JSON lines), or the train.json
+    that `flain experiment` keeps in each cached training folder, or that folder."""
     path = Path(path)
     source = path / "train.json" if path.is_dir() else path
     try:

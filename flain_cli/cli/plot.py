@@ -26,8 +26,8 @@ def _done(path: Path, as_json: bool) -> None:
 
 def training(runs: Annotated[list[Path], typer.Argument(
                  metavar="RUN...", show_default=False,
-                 help="Trainings to draw on one figure: `flain train --log` files (JSON lines), train.json files, "
-                      "or training folders (`flain train --out`, a `flain experiment` cache's train-*/).")],
+                 help="Trainings to draw on one figure: `flain train --log` files (JSON lines), or the train.json "
+                      "files of a `flain experiment` cache, or their train-*/ folders.")],
              out_path: OutOpt, title: TitleOpt = None,
              labels: Annotated[list[str] | None, typer.Option(
                  "--label", help="Legend name of each RUN, in order (repeat it; default: the file or folder name).",
