@@ -52,7 +52,7 @@ def test_bad_plot_inputs(files, tmp_path):
 
 def test_training_plot_draws_several_trainings_from_logs_train_json_and_folders(files, tmp_path):
     log = files[0]
-    run = tmp_path / "train-abc"  # as `flain train --out` / the experiment cache leave it
+    run = tmp_path / "train-abc"  # as the experiment cache leaves it
     run.mkdir()
     history = [{"round": r, "acc": 0.4 + r / 20, "asr": r / 20, "seconds": 2.0} for r in range(1, 6)]
     (run / "train.json").write_text(json.dumps({"config": {"aggregator": "rlr"}, "history": history}))
