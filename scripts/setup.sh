@@ -31,6 +31,6 @@ pip_install() {  # quiet on success, the whole log on failure
   fi
   rm -f "$log"
 }
-pip_install "torch==2.13.0"
-pip_install -e ".[test,plot]"
+# one pip run: a second one spends ~12 s re-resolving and re-checking what the first installed
+pip_install "torch==2.13.0" -e ".[test,plot]"
 .venv/bin/flain --version >&2
