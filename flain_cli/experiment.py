@@ -105,6 +105,11 @@ class Experiment:
         """Where the training of ``cfg`` lives in the cache."""
         return self.cache / f"train-{config_hash(cfg)}"
 
+    def trained(self, cfg: TrainConfig) -> bool:
+        """Whether the cache holds the finished training of ``cfg`` (its record is written last)."""
+        run_dir = self.run_dir(cfg)
+        return _read(run_dir / "train.json") is not None and (run_dir / "final.safetensors").is_file()
+
     def points(self) -> list[dict[str, Any]]:
         keys = list(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
@@ -266,11 +271,10 @@ def _dataset(name: str, data_dir: Path | None, cache: dict[str, Dataset]) -> Dat
 def _trained(exp: Experiment, cfg: TrainConfig, device, data_dir, datasets, listener,
              wait: bool) -> tuple[Path, bool]:
     run_dir = exp.run_dir(cfg)
-    finished = (lambda: _read(run_dir / "train.json") is not None and (run_dir / "final.safetensors").is_file())
-    if finished():
+    if exp.trained(cfg):
         return run_dir, True
     with run_lock(run_dir, wait=wait):
-        if finished():  # another process finished it while this one waited for the lock
+        if exp.trained(cfg):  # another process finished it while this one waited for the lock
             return run_dir, True
         outcome = train_to_dir(cfg, _dataset(cfg.dataset, data_dir, datasets), run_dir, device, listener)
         _write(run_dir / "train.json", {"config": cfg.to_dict()} | outcome.summary(cfg))

@@ -60,9 +60,8 @@ def experiment(
     defenses = exp.defenses
     total = len(points) * len(defenses)
     if dry_run:
-        trainings = {exp.run_dir(exp.config(p, "rlr" if d.method == "rlr" else "fedavg"))
-                     for p in points for d in defenses}
-        cached = sum((run_dir / "train.json").is_file() for run_dir in trainings)
+        trainings = {exp.config(p, "rlr" if d.method == "rlr" else "fedavg") for p in points for d in defenses}
+        cached = sum(exp.trained(cfg) for cfg in trainings)
         plan = {"name": exp.name, "out": str(exp.out), "cache": str(exp.cache), "cells": total,
                 "trainings": len(trainings), "cached_trainings": cached,
                 "points": points, "defenses": [d.label for d in defenses]}
