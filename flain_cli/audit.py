@@ -18,7 +18,8 @@ from torch.func import functional_call
 
 from .auxdata import AuxSet, load_aux
 from .checkpoint import Checkpoint, build_from, load_checkpoint, resolve_model_meta
-from .defense import SearchResult, search_fast, search_plain
+from .defense import PRESETS, DefenseConfig, SearchResult, search_fast, search_plain
+from .repair import RepairSettings, distill_repair
 from .errors import AuxError, CheckpointError
 from .models import LayerStack
 
@@ -108,10 +109,34 @@ class AuxFeatures:
         return self._score(torch.addmm(self.bias, features, w.T))
 
     @torch.no_grad()
-    def accuracy_model(self, weight: torch.Tensor) -> float:
-        """Aux accuracy of the model as it will be written (float32 forward pass)."""
-        logits = functional_call(self.model, {f"{self.layer}.weight": weight.to(self.inputs.device)}, (self.inputs,))
+    def accuracy_model(self, tensors: torch.Tensor | dict[str, torch.Tensor]) -> float:
+        """Aux accuracy of the model as it will be written (float32 forward pass).
+
+        ``tensors``: the defended layer's new weight, or a state dict whose tensors replace the model's.
+        """
+        if isinstance(tensors, torch.Tensor):
+            tensors = {f"{self.layer}.weight": tensors}
+        logits = functional_call(self.model, {k: v.to(self.inputs.device) for k, v in tensors.items()},
+                                 (self.inputs,))
         return float((logits.argmax(dim=1) == self.labels).float().mean())
+
+    def repair(self, weight: torch.Tensor, frozen: torch.Tensor, settings: RepairSettings) -> dict[str, torch.Tensor]:
+        """The distillation repair on these aux images (:func:`distill_repair`), as new named tensors.
+
+        The teacher is the model as loaded; ``weight`` is the defended layer after the search and
+        ``frozen`` its changed columns.
+        """
+        with torch.no_grad():
+            teacher = self.rest(torch.addmm(self.bias, self.features64, self.linear.weight.detach().double().T))
+        has_bias = self.linear.bias is not None
+        result = distill_repair(self.features64, self.labels, teacher, weight.to(self.features64.device),
+                                self.bias if has_bias else None, self.rest, frozen.to(self.features64.device),
+                                settings)
+        out = {f"{self.layer}.weight": result.weight.cpu()}
+        if has_bias:
+            out[f"{self.layer}.bias"] = result.bias.cpu()
+        # the head is a slice of the LayerStack, so its parameter names are the model's own (fc2.weight...)
+        return out | {name: value.cpu() for name, value in result.head.items()}
 
 
 @dataclass(frozen=True)
@@ -167,50 +192,61 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
                               f"init.safetensors written by the same `flain train` run")
 
 
-def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = 0.001,
-                      rho: float = 0.03, select: str = "crossing", layer: str | None = None,
-                      arch: str | None = None, dataset: str | None = None, plain: bool = False,
-                      holdout: float = 0.0, seed: int = 0, device: torch.device | str = "cpu") -> DefendOutcome:
-    """Apply FLAIN (or pruning) to the checkpoint at ``path``; nothing is written here.
+def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: DefenseConfig = PRESETS["default"], *,
+                      layer: str | None = None, arch: str | None = None, dataset: str | None = None,
+                      plain: bool = False, seed: int = 0, device: torch.device | str = "cpu") -> DefendOutcome:
+    """Apply FLAIN (or pruning), and the repair if ``config`` asks for it, to the checkpoint at ``path``.
 
-    ``holdout`` > 0 (our option, not the paper's): the mean activations come from one part of the
-    aux set and the accuracies of the stopping rule from the held-out rest, so that the rule does
-    not judge the flipped neurons on the very images on which they were found silent.
+    Nothing is written here. Args: the checkpoint, its initial checkpoint W0 and the aux set;
+    ``config`` (default: ``PRESETS["default"]``; ``PRESETS["paper"]`` is Algorithm 1 exactly);
+    ``layer`` (default: the checkpoint's defended layer); ``arch``/``dataset`` for checkpoints
+    without metadata; ``plain`` runs Algorithm 1 one threshold at a time (same result, slow);
+    ``seed`` draws the ``holdout`` split. Returns the new tensors, their metadata and the search.
+
+    Example: ``defend_checkpoint(Path("final.safetensors"), Path("init.safetensors"), Path("aux"),
+    PRESETS["paper"])``.
     """
     started = time.perf_counter()
+    if config.repair is not None:
+        config.repair.check()
     loaded = load_model(path, arch=arch, dataset=dataset, device=device)
     init = load_checkpoint(init_path)
     check_pair(loaded.ckpt, init)
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
-    if holdout:
-        activation_set, scoring_set = aux.split(holdout, seed)
+    every = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
+    if config.holdout:
+        activation_set, scoring_set = aux.split(config.holdout, seed)
         x = AuxFeatures(loaded.model, layer, activation_set, loaded.meta, device).mean_activations()
         feats = AuxFeatures(loaded.model, layer, scoring_set, loaded.meta, device)
     else:  # the paper: one aux set for both
-        feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
+        feats = every
         x = feats.mean_activations()
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     init_weight = init.tensors[f"{layer}.weight"].to(weight.dtype)
-    if plain:  # Algorithm 1 as written: every lambda, the whole network (slow; for verification)
-        result = search_plain(weight, init_weight, x, feats.accuracy_full, step=step, rho=rho, method=method,
-                              select=select)
-    else:
-        result = search_fast(weight, init_weight, x, feats.accuracy, step=step, rho=rho, method=method,
-                             select=select)
-    aux_acc_after = feats.accuracy_model(result.weight)
+    search = search_plain if plain else search_fast  # plain: Algorithm 1 as written (slow; for verification)
+    evaluate = feats.accuracy_full if plain else feats.accuracy
+    result = search(weight, init_weight, x, evaluate, step=config.step, rho=config.rho, method=config.method,
+                    select=config.select, rescale_layer=config.rescale)
     state = dict(loaded.ckpt.tensors)
     state[f"{layer}.weight"] = result.weight.contiguous()
+    repair_record = None
+    if config.repair is not None:
+        aux_acc_flipped = every.accuracy_model(state)
+        repaired = every.repair(result.weight, result.mask, config.repair)
+        state |= {name: value.to(state[name].dtype).contiguous() for name, value in repaired.items()}
+        repair_record = config.repair.record() | {"aux_acc_flipped": aux_acc_flipped}
+    aux_acc_after = every.accuracy_model(state)
     meta = {key: value for key, value in loaded.ckpt.meta.items() if key not in ("metrics",)} | loaded.meta
     meta |= {
         "role": "defended",
         "parents": {"final": loaded.ckpt.sha256, "init": init.sha256},
-        "defense": {
-            "method": method, "layer": layer, "step": step, "rho": rho, "select": select,
-            "lambda": result.lam, "mu": result.mu, "flipped": result.changed, "of": int(x.numel()),
-            "neurons": torch.nonzero(result.mask).flatten().tolist(), "all_selected": result.all_selected,
-            "aux_acc_before": result.acc0, "aux_acc_kept": result.acc_kept, "aux_acc_after": aux_acc_after,
-            "steps": result.steps, "evaluations": result.evaluations, "holdout": holdout, "seed": seed,
+        "defense": config.record() | {
+            "layer": layer, "lambda": result.lam, "mu": result.mu, "flipped": result.changed,
+            "of": int(x.numel()), "neurons": torch.nonzero(result.mask).flatten().tolist(),
+            "all_selected": result.all_selected, "aux_acc_before": result.acc0, "aux_acc_kept": result.acc_kept,
+            "aux_acc_after": aux_acc_after, "steps": result.steps, "evaluations": result.evaluations,
+            "seed": seed, "repair": repair_record,
             "aux": {"source": aux.source, "n": len(aux), "scored_on": int(feats.labels.numel())},
         },
     }

@@ -24,6 +24,7 @@ import torch
 
 from .errors import ConfigError
 from .registry import Registry
+from .repair import RepairSettings
 
 # (weight of the defended layer, changed) -> aux accuracy. ``changed``, when not None, holds the
 # only columns in which ``weight`` can differ from the weight of the previous call (a hint that
@@ -32,6 +33,40 @@ Evaluate = Callable[[torch.Tensor, torch.Tensor | None], float]
 # A method maps (W, W0) to the values its selected columns take; the search applies it per mask.
 METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("method")
 SELECTS = ("crossing", "last-safe")
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """Every setting of a post-training defense: the search (Algorithm 1) and the optional repair.
+
+    ``holdout`` > 0 (ours): the mean activations come from a share 1-holdout of the aux set and the
+    stopping rule's accuracies from the held-out rest. ``repair`` (ours, :mod:`flain_cli.repair`):
+    after the search, distil the original model into the defended one on the aux set; None turns
+    it off, which is Algorithm 1 exactly.
+    """
+
+    method: str = "flain"
+    step: float = 0.001
+    rho: float = 0.03
+    select: str = "crossing"
+    holdout: float = 0.0
+    rescale: bool = True  # lines 18-20 of Algorithm 1 (flain only); False is an ablation
+    repair: RepairSettings | None = RepairSettings()
+
+    @property
+    def rule(self) -> str:
+        """A short name: the method, plus '+distill' when the repair runs."""
+        return self.method + ("+distill" if self.repair is not None else "")
+
+    def record(self) -> dict:
+        return {"rule": self.rule, "method": self.method, "step": self.step, "rho": self.rho, "select": self.select,
+                "holdout": self.holdout, "rescale": self.rescale, "repair": None if self.repair is None else self.repair.record()}
+
+
+# Named settings. "paper": Algorithm 1 as written (step 0.001, rho 0.03, the crossing model,
+# rescale, no repair). "default": the same search followed by the distillation repair, the rule
+# fixed on the tuning trainings (docs/results.md, "FLAIN that keeps accuracy").
+PRESETS: dict[str, DefenseConfig] = {"default": DefenseConfig(), "paper": DefenseConfig(repair=None)}
 
 
 @METHODS.register("flain")
@@ -126,7 +161,8 @@ def _lam(mu: float, k: int, step: float) -> float:
     return mu + k * step
 
 
-def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, step, rho, mu, evaluations):
+def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, step, rho, mu, evaluations,
+            rescale_layer=True):
     """Pick the kept model, rebuild it and rescale it (flain only).
 
     ``crossing`` keeps the model at ``lambda_{k_last}``; ``last-safe`` (when rho was crossed) the
@@ -142,7 +178,7 @@ def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, st
         lam, acc_kept = trace[-1].lam, trace[-1].acc
         mask = x.double() <= lam
     new = apply_mask(weight, METHODS.get(method)(weight, init), mask)
-    if method == "flain" and bool(mask.any()):
+    if method == "flain" and rescale_layer and bool(mask.any()):
         new = rescale(new, float(torch.linalg.matrix_norm(weight.double())))
     return SearchResult(method, select, step, rho, mu, acc0, lam, mask, new, acc_kept,
                         not crossed, evaluations, trace)
@@ -150,7 +186,7 @@ def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, st
 
 def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
                  step: float = 0.001, rho: float = 0.03, method: str = "flain", select: str = "crossing",
-                 max_steps: int = 10_000_000) -> SearchResult:
+                 max_steps: int = 10_000_000, rescale_layer: bool = True) -> SearchResult:
     """Algorithm 1, one lambda at a time (the reference for :func:`search_fast`)."""
     _check(weight, init, x, step, rho, method, select)
     replacement = METHODS.get(method)(weight, init)
@@ -170,7 +206,7 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
         if bool(mask.all()):  # every neuron selected and rho never reached: stop
             break
     return _finish(weight, init, x, trace, acc0, crossed, k, method=method, select=select, step=step,
-                   rho=rho, mu=mu, evaluations=evaluations)
+                   rho=rho, mu=mu, evaluations=evaluations, rescale_layer=rescale_layer)
 
 
 def first_k_covering(mu: float, value: float, step: float) -> int:
@@ -184,7 +220,8 @@ def first_k_covering(mu: float, value: float, step: float) -> int:
 
 
 def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
-                step: float = 0.001, rho: float = 0.03, method: str = "flain", select: str = "crossing") -> SearchResult:
+                step: float = 0.001, rho: float = 0.03, method: str = "flain", select: str = "crossing",
+                rescale_layer: bool = True) -> SearchResult:
     """Algorithm 1, evaluating only the thresholds at which the selected set grows."""
     _check(weight, init, x, step, rho, method, select)
     replacement = METHODS.get(method)(weight, init)
@@ -212,4 +249,4 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
             break
         k = first_k_covering(mu, values[count], step)  # the next lambda that takes in a new neuron
     return _finish(weight, init, x, trace, acc0, crossed, k, method=method, select=select, step=step,
-                   rho=rho, mu=mu, evaluations=evaluations)
+                   rho=rho, mu=mu, evaluations=evaluations, rescale_layer=rescale_layer)

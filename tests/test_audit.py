@@ -5,6 +5,7 @@ import torch
 
 from flain_cli.audit import defend_checkpoint, load_model, scan_checkpoint
 from flain_cli.checkpoint import load_checkpoint, model_meta, save_checkpoint
+from flain_cli.defense import PRESETS, DefenseConfig
 from flain_cli.errors import CheckpointError, ConfigError
 from flain_cli.models import build_model
 
@@ -16,13 +17,17 @@ def aux_dir(tmp_path_factory):
     return write_aux_folder(tmp_path_factory.mktemp("aux") / "aux", per_class=8)
 
 
-@pytest.mark.parametrize("method", ["flain", "prune"])
-@pytest.mark.parametrize("rho", [0.0, 0.05])
-def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, method, rho):
+PAPER = PRESETS["paper"]
+
+
+@pytest.mark.parametrize(("method", "rho", "preset"), [("flain", 0.0, "paper"), ("flain", 0.05, "paper"),
+                                                       ("prune", 0.0, "paper"), ("prune", 0.05, "paper"),
+                                                       ("flain", 0.05, "default")])
+def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, method, rho, preset):
     out, _ = tiny_run
-    kwargs = dict(method=method, step=0.01, rho=rho)
-    fast = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, **kwargs)
-    plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, plain=True, **kwargs)
+    config = DefenseConfig(method=method, step=0.01, rho=rho, repair=PRESETS[preset].repair)
+    fast = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
+    plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config, plain=True)
     assert fast.result.lam == plain.result.lam
     assert torch.equal(fast.result.mask, plain.result.mask)
     assert all(torch.equal(fast.state[k], plain.state[k]) for k in plain.state)
@@ -32,7 +37,8 @@ def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, meth
 
 def test_only_the_defended_weight_changes(tiny_run, aux_dir):
     out, _ = tiny_run
-    outcome = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, rho=0.05)
+    outcome = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
+                                DefenseConfig(rho=0.05, repair=None))
     original = load_checkpoint(out / "final.safetensors")
     changed = [k for k in original.tensors if not torch.equal(original.tensors[k], outcome.state[k])]
     assert changed == ["fc1.weight"]
@@ -72,7 +78,7 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
     save_checkpoint(other, build_model("cnn-fmnist", 10).state_dict(),
                     model_meta("cnn-fmnist", 10, "fmnist") | {"role": "init"})
     with pytest.raises(CheckpointError, match="is a cnn-mnist but --init .* is a cnn-fmnist"):
-        defend_checkpoint(out / "final.safetensors", other, aux_dir)
+        defend_checkpoint(out / "final.safetensors", other, aux_dir, PAPER)
     with pytest.raises(CheckpointError, match="hold the same weights"):
         defend_checkpoint(out / "final.safetensors", out / "final.safetensors", aux_dir)
     # an init of the same architecture but from another run: the recorded parent hash catches it
@@ -90,8 +96,33 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
 
 def test_holdout_scores_on_the_held_out_images(tiny_run, aux_dir):
     out, _ = tiny_run
-    plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, rho=0.05)
-    held = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, rho=0.05, holdout=0.5)
+    plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
+                              DefenseConfig(rho=0.05, repair=None))
+    held = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
+                             DefenseConfig(rho=0.05, holdout=0.5, repair=None))
     assert plain.meta["defense"]["aux"]["scored_on"] == 80 and plain.meta["defense"]["holdout"] == 0.0
     assert held.meta["defense"]["aux"]["scored_on"] == 40 and held.meta["defense"]["holdout"] == 0.5
     assert not torch.equal(plain.result.mask, held.result.mask) or plain.result.acc0 != held.result.acc0
+
+
+def test_the_repair_keeps_the_flip_and_touches_only_fc1_and_after(tiny_run, aux_dir):
+    out, _ = tiny_run
+    config = DefenseConfig(rho=0.05)  # the default rule: the search, then the repair
+    paper = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
+                              DefenseConfig(rho=0.05, repair=None))
+    repaired = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
+    again = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
+    original = load_checkpoint(out / "final.safetensors").tensors
+    changed = sorted(k for k in original if not torch.equal(original[k], repaired.state[k]))
+    assert changed == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]  # the conv layers stay as trained
+    mask = repaired.result.mask
+    assert torch.equal(mask, paper.result.mask) and int(mask.sum()) > 0
+    # the flipped columns are exactly the paper's; the others were trained
+    assert torch.equal(repaired.state["fc1.weight"][:, mask], paper.state["fc1.weight"][:, mask])
+    assert not torch.equal(repaired.state["fc1.weight"][:, ~mask], paper.state["fc1.weight"][:, ~mask])
+    assert all(torch.equal(repaired.state[k], again.state[k]) for k in original)  # deterministic
+    assert all(repaired.state[k].dtype == original[k].dtype for k in original)
+    d = repaired.meta["defense"]
+    assert d["rule"] == "flain+distill" and d["repair"]["steps"] == 100 and d["repair"]["alpha"] == 0.8
+    assert d["repair"]["aux_acc_flipped"] == pytest.approx(paper.aux_acc_after)
+    assert paper.meta["defense"]["rule"] == "flain" and paper.meta["defense"]["repair"] is None

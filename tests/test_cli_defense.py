@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from flain_cli.checkpoint import load_checkpoint
 
@@ -102,3 +103,41 @@ def test_aux_export_cli(tmp_path, fmnist_dir):
     assert json.loads(res.stdout)["count"] == 20
     res = invoke("aux", "export", "--dataset", "fmnist", "--data-dir", fmnist_dir, "--out", tmp_path / "aux")
     assert res.exit_code == 1 and res.stderr.startswith(f"Error: {tmp_path / 'aux'} already exists")
+
+
+def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    common = [run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir, "--rho", "0.05", "--json"]
+    paper = json.loads(invoke("defend", *common, "--preset", "paper", "--out", tmp_path / "p.safetensors").stdout)
+    none = json.loads(invoke("defend", *common, "--repair", "none", "--out", tmp_path / "n.safetensors").stdout)
+    default = json.loads(invoke("defend", *common, "--repair-steps", "20", "--out", tmp_path / "d.safetensors").stdout)
+    assert (paper["rule"], paper["preset"], paper["repair"]) == ("flain", "paper", None)
+    assert load_checkpoint(tmp_path / "p.safetensors").tensors.keys() == load_checkpoint(tmp_path / "n.safetensors").tensors.keys()
+    p, n = load_checkpoint(tmp_path / "p.safetensors").tensors, load_checkpoint(tmp_path / "n.safetensors").tensors
+    assert all(torch.equal(p[k], n[k]) for k in p)  # --repair none on the default preset is the paper preset
+    assert default["rule"] == "flain+distill" and default["preset"] == "default"
+    assert default["repair"]["steps"] == 20 and default["repair"]["alpha"] == 0.8
+    meta = load_checkpoint(tmp_path / "d.safetensors").meta["defense"]
+    assert meta["rule"] == "flain+distill" and meta["repair"]["steps"] == 20 and meta["step"] == 0.001
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--repair", "none", "--repair-steps", "5"], "Error: --repair-steps has no effect without the repair; drop it or pass --repair distill"),
+    (["--preset", "paper", "--repair-lr", "0.1"], "Error: --repair-lr has no effect without the repair; drop it or pass --repair distill"),
+    (["--repair-alpha", "2"], "Error: repair alpha must be in [0, 1], got 2.0"),
+    (["--repair-steps", "0"], "Error: repair steps must be an integer from 1 to 100000, got 0"),
+    (["--repair-temperature", "nan"], "Error: repair temperature must be in (0, 100], got nan"),
+])
+def test_bad_repair_settings_are_one_error_line(tiny_run, aux_dir, tmp_path, options, message):
+    run, _ = tiny_run
+    out = tmp_path / "o.safetensors"
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--out", out, *options)
+    assert res.exit_code == 1 and res.stderr.strip().splitlines() == [message] and not out.exists()
+
+
+def test_an_unknown_preset_is_a_usage_error(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--preset", "best", "--out", tmp_path / "o.safetensors")
+    assert res.exit_code == 2

@@ -1,10 +1,13 @@
 """End to end on the real Fashion-MNIST from Debian's dataset-fashion-mnist (CI installs it)."""
 
+import hashlib
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from flain_cli.checkpoint import load_checkpoint
 from flain_cli.cli.app import app
 
 from .conftest import real_fmnist
@@ -50,3 +53,36 @@ def test_defend_cuts_the_backdoor(backdoored, tmp_path):
     after = flain("eval", tmp_path / "clean.safetensors")
     assert after["asr"] < before["asr"] / 2, (before["asr"], after["asr"])
     assert after["acc"] >= before["acc"] - 0.03 - 0.02, (before["acc"], after["acc"])
+
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+# sha256 over (name, bytes) of every tensor `flain defend` wrote for each sample model with the
+# defaults of before the repair existed (step 0.001, rho 0.03, crossing): --preset paper must keep them.
+PAPER_TENSORS = {"fmnist-cba-iid": "12838ff506fd6623c31aca56acbcd77c1be878066f4261de40331dde4c9bc54e",
+                 "fmnist-dba-noniid": "677d4dfc6e7fce6a20f4a3271959e859f697d4c01b1d7cad011541248c409300"}
+
+
+def tensors_sha256(path: Path) -> str:
+    tensors = load_checkpoint(path).tensors
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("sample", sorted(PAPER_TENSORS))
+def test_sample_models_paper_preset_and_default_rule(sample, tmp_path):
+    """--preset paper writes what the paper's defaults always wrote; the default rule keeps far more ACC."""
+    folder = SAMPLES / sample
+    common = [folder / "final.safetensors", "--init", folder / "init.safetensors", "--aux", folder / "aux"]
+    flain("defend", *common, "--preset", "paper", "--out", tmp_path / "paper.safetensors")
+    assert tensors_sha256(tmp_path / "paper.safetensors") == PAPER_TENSORS[sample]
+    report = flain("defend", *common, "--out", tmp_path / "default.safetensors")
+    assert report["rule"] == "flain+distill"
+    before, paper, default = (flain("eval", tmp_path / name if name != "final" else folder / "final.safetensors")
+                              for name in ("final", "paper.safetensors", "default.safetensors"))
+    assert before["asr"] > 0.95 and default["asr"] <= 0.03 and paper["asr"] <= 0.03
+    assert default["acc"] >= paper["acc"] + 0.03  # measured: +3.1 (CBA) and +5.4 (DBA) points
+    if sample == "fmnist-cba-iid":  # the issue's target; the DBA sample misses it (-1.9 points, docs/results.md)
+        assert default["acc"] >= before["acc"] - 0.01

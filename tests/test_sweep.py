@@ -24,8 +24,10 @@ def test_sweep_agrees_with_defend_and_eval(tiny_run, aux_dir, tmp_path):
     assert points[0]["acc"] == pytest.approx(before["acc"]) and points[0]["asr"] == pytest.approx(before["asr"])
     assert points[0]["asr_clean"] == pytest.approx(before["asr_clean"])
     # the threshold defend stops at: same neurons, same aux accuracy, same test ACC/ASR as the written model
+    # (the sweep is the search's curve: Algorithm 1 without the repair, i.e. the paper preset)
     out = tmp_path / "clean.safetensors"
-    defended = json.loads(invoke("defend", *common, "--rho", "0.05", "--out", out, "--json").stdout)
+    defended = json.loads(invoke("defend", *common, "--rho", "0.05", "--preset", "paper", "--out", out,
+                                 "--json").stdout)
     (row,) = [p for p in points[1:] if p["lambda"] == pytest.approx(defended["lambda"])]
     assert row["changed"] == defended["flipped"]
     assert row["aux_acc"] == pytest.approx(defended["aux_acc_after"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -10,9 +12,32 @@ from rich.table import Table
 
 from ..audit import defend_checkpoint
 from ..checkpoint import atomic_write, save_checkpoint
-from ..defense import METHODS, SELECTS
+from ..defense import METHODS, PRESETS, SELECTS, DefenseConfig
+from ..errors import ConfigError
+from ..repair import RepairSettings
 from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
                      SeedOpt, check_outputs, err, out, print_json, resolve_device)
+
+
+Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
+
+
+class Repair(str, Enum):
+    distill = "distill"
+    none = "none"
+
+
+def build_config(preset: str, method: str | None, step: float | None, rho: float | None, select: str | None,
+                 holdout: float | None, rescale: bool | None, repair: str | None, repair_settings: dict[str, float | int | None]) -> DefenseConfig:
+    """The preset, with every option the user gave in its place."""
+    base = PRESETS[preset]
+    given = {k: v for k, v in repair_settings.items() if v is not None}
+    repair_on = base.repair is not None if repair is None else repair == "distill"
+    if given and not repair_on:
+        raise ConfigError(f"--repair-{next(iter(given))} has no effect without the repair; drop it or pass --repair distill")
+    settings = dataclasses.replace(base.repair or RepairSettings(), **given) if repair_on else None
+    chosen = {"method": method, "step": step, "rho": rho, "select": select, "holdout": holdout, "rescale": rescale}
+    return dataclasses.replace(base, repair=settings, **{k: v for k, v in chosen.items() if v is not None})
 
 
 def default_out(model: Path, method: str) -> Path:
@@ -24,15 +49,37 @@ def defend(
     init: Annotated[Path, typer.Option(help="The initial checkpoint W0 of the same run (init.safetensors).",
                                        show_default=False)],
     aux: AuxOpt,
-    method: Annotated[str, typer.Option(help=f"{'|'.join(METHODS.names())}: flip the selected neurons' "
-                                             "updates, or zero their weights.")] = "flain",
-    step: Annotated[float, typer.Option(help="Threshold step (the paper: 0.001).")] = 0.001,
-    rho: Annotated[float, typer.Option(help="Tolerated aux accuracy drop (the paper: at most 0.03).")] = 0.03,
-    select: Annotated[str, typer.Option(help=f"{'|'.join(SELECTS)}: keep the model at which the drop "
-                                             "first reached rho (the paper), or the last one below it.")] = "crossing",
-    holdout: Annotated[float, typer.Option(
+    preset: Annotated[Preset, typer.Option(
+        help="default: Algorithm 1 (step 0.001, rho 0.03, crossing) then the distillation repair, which keeps "
+             "clean accuracy; paper: Algorithm 1 exactly, no repair. The options below override the preset.")] = Preset("default"),
+    method: Annotated[str | None, typer.Option(help=f"{'|'.join(METHODS.names())}: flip the selected neurons' "
+                                                    "updates, or zero their weights (preset: flain).",
+                                               show_default=False)] = None,
+    step: Annotated[float | None, typer.Option(help="Threshold step (preset: 0.001, the paper's).",
+                                               show_default=False)] = None,
+    rho: Annotated[float | None, typer.Option(help="Tolerated aux accuracy drop (preset: 0.03, the paper's largest).",
+                                              show_default=False)] = None,
+    select: Annotated[str | None, typer.Option(help=f"{'|'.join(SELECTS)}: keep the model at which the drop first "
+                                                    "reached rho (preset, the paper), or the last one below it.",
+                                               show_default=False)] = None,
+    holdout: Annotated[float | None, typer.Option(
         help="Not in the paper: take the mean activations from a share 1-F of the aux set and the stopping "
-             "rule's accuracies from the held-out share F (0: the paper, one set for both).")] = 0.0,
+             "rule's accuracies from the held-out share F (preset: 0, one set for both).", show_default=False)] = None,
+    rescale: Annotated[bool | None, typer.Option(
+        "--rescale/--no-rescale", help="Scale the layer back to its original norm after flipping (Algorithm 1 lines "
+                                       "18-20; preset: on). --no-rescale is an ablation.", show_default=False)] = None,
+    repair: Annotated[Repair | None, typer.Option(
+        help="Not in the paper: after the search, distil the original model into the defended one on the aux set "
+             "(the flipped columns stay as flipped): distill (preset default) or none (preset paper).",
+        show_default=False)] = None,
+    repair_steps: Annotated[int | None, typer.Option(help="Repair: full-batch Adam steps (default 100).",
+                                                     show_default=False)] = None,
+    repair_lr: Annotated[float | None, typer.Option(help="Repair: Adam learning rate (default 0.001).",
+                                                    show_default=False)] = None,
+    repair_alpha: Annotated[float | None, typer.Option(
+        help="Repair: weight of the distillation loss, 1-alpha on the labels (default 0.8).", show_default=False)] = None,
+    repair_temperature: Annotated[float | None, typer.Option(
+        help="Repair: distillation temperature (default 4).", show_default=False)] = None,
     seed: SeedOpt = 0,
     layer: LayerOpt = None,
     out_path: Annotated[Path | None, typer.Option(
@@ -50,12 +97,15 @@ def defend(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a backdoor: flip (or prune) the weight updates of low-activation input neurons."""
+    config = build_config(preset.value, method, step, rho, select, holdout, rescale, repair and repair.value,
+                          {"steps": repair_steps, "lr": repair_lr, "alpha": repair_alpha,
+                           "temperature": repair_temperature})
+    method, step, rho = config.method, config.step, config.rho
     target = out_path or default_out(model, method)
     check_outputs([target] + ([trace] if trace else []), [model, init, aux], force)
-    outcome = defend_checkpoint(model, init, aux, method=method, step=step, rho=rho, select=select, layer=layer,
-                                arch=arch, dataset=dataset, plain=plain, holdout=holdout, seed=seed,
-                                device=resolve_device(device))
-    res = outcome.result
+    outcome = defend_checkpoint(model, init, aux, config, layer=layer, arch=arch, dataset=dataset, plain=plain,
+                                seed=seed, device=resolve_device(device))
+    res, record = outcome.result, outcome.meta["defense"]
     save_checkpoint(target, outcome.state, outcome.meta)
     if trace is not None:
         rows = "".join(f"{s.lam:.9g},{s.selected},{s.acc:.6f},{res.acc0 - s.acc:.6f}\n" for s in res.trace)
@@ -63,11 +113,11 @@ def defend(
     if res.all_selected:
         err.print(f"warning: all {res.mask.numel()} neurons were selected before the aux accuracy dropped by "
                   f"rho={rho}; the whole layer was {'flipped' if method == 'flain' else 'pruned'}")
-    summary = {"method": method, "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
+    summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method, "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
                "aux_acc_before": res.acc0, "aux_acc_after": outcome.aux_acc_after, "steps": res.steps,
                "out": str(target), "layer": outcome.layer, "select": select, "step": step, "rho": rho,
                "mu": res.mu, "aux_acc_kept": res.acc_kept, "all_selected": res.all_selected,
-               "evaluations": res.evaluations, "n_aux": outcome.n_aux, "holdout": holdout,
+               "evaluations": res.evaluations, "n_aux": outcome.n_aux, "holdout": config.holdout,
                "seconds": round(outcome.seconds, 3)}
     if as_json:
         print_json(summary)
@@ -83,12 +133,14 @@ def defend(
         else:
             curve.add_row(f"{s.lam:.6f}", str(s.selected), f"{s.acc:.4f}", f"{res.acc0 - s.acc:+.4f}")
     out.print(curve)
-    table = Table(title=f"flain defend {model}")
+    table = Table(title=f"flain defend {model} (rule {config.rule}, preset {preset.value})")
     table.add_column("")
     table.add_column("value", justify="right")
     for key, value in (("final lambda", f"{res.lam:.6f}"),
                        ("neurons changed", f"{res.changed} of {res.mask.numel()}"),
-                       (f"aux accuracy ({outcome.n_aux} images)", f"{res.acc0:.4f} -> {outcome.aux_acc_after:.4f}"),
+                       (f"aux accuracy ({outcome.n_aux} images)", f"{res.acc0:.4f} -> "
+                        + (f"{record['repair']['aux_acc_flipped']:.4f} (flipped) -> " if record["repair"] else "")
+                        + f"{outcome.aux_acc_after:.4f}"),
                        ("thresholds (Algorithm 1 steps)", str(res.steps)),
                        ("network evaluations", str(res.evaluations)),
                        ("seconds", f"{outcome.seconds:.2f}"), ("written", str(target))):

@@ -1,0 +1,115 @@
+"""Repair after flipping (not in the paper): win back clean accuracy on the aux set, keep the flip.
+
+FLAIN's flip removes the backdoor, but the flipped columns still see small clean activations,
+and on 200 aux images the stopping rule cannot see the damage that does to the test set
+(docs/results.md). The repair distils the original model into the flipped one on the same aux
+images, as fine-pruning fine-tunes after pruning:
+
+- trainable: the defended layer's weight (except the flipped columns, which stay exactly as the
+  flip left them), its bias, and every layer after it; the layers before it are not touched;
+- loss: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)``, the
+  teacher being the model before the defense (it classifies clean images well; the trigger,
+  which the aux set does not hold, is what it must not pass on);
+- ``steps`` full-batch Adam steps at ``lr``, in eval mode (no dropout) and float64: no data
+  order and no randomness, so the result is a function of its inputs.
+
+Everything runs on the defended layer's inputs, computed once; nothing here reads files.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    """How the repair trains (the defaults are the setting fixed on the tuning trainings)."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    alpha: float = 0.8  # weight of the distillation term; 1 - alpha goes to the labels
+    temperature: float = 4.0
+
+    def check(self) -> None:
+        if not (isinstance(self.steps, int) and 1 <= self.steps <= 100_000):
+            raise ConfigError(f"repair steps must be an integer from 1 to 100000, got {self.steps}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ConfigError(f"repair lr must be in (0, 1], got {self.lr}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"repair alpha must be in [0, 1], got {self.alpha}")
+        if not (math.isfinite(self.temperature) and 0 < self.temperature <= 100):
+            raise ConfigError(f"repair temperature must be in (0, 100], got {self.temperature}")
+
+    def record(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RepairResult:
+    weight: torch.Tensor  # the defended layer's new weight (float64)
+    bias: torch.Tensor | None
+    head: dict[str, torch.Tensor]  # the new parameters of the layers after it, by their names in ``head``
+    loss_before: float
+    loss_after: float
+
+
+def repair_loss(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
+                settings: RepairSettings) -> torch.Tensor:
+    t = settings.temperature
+    distill = F.kl_div(torch.log_softmax(logits / t, 1), torch.log_softmax(teacher / t, 1), log_target=True,
+                       reduction="batchmean")
+    return settings.alpha * t * t * distill + (1 - settings.alpha) * F.cross_entropy(logits, labels)
+
+
+def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None, head: nn.Module, frozen: torch.Tensor,
+                   settings: RepairSettings = RepairSettings()) -> RepairResult:
+    """Fine-tune ``weight`` (columns in ``frozen`` excepted), ``bias`` and ``head`` towards ``teacher``.
+
+    Args:
+        features: the defended layer's inputs on the aux set, ``[N, in]``.
+        labels: the aux labels, ``[N]``.
+        teacher: the original model's logits on the aux set, ``[N, classes]``.
+        weight, bias: the defended layer after the flip, ``[out, in]`` and ``[out]`` (None: a layer
+            without bias, which keeps none).
+        head: the layers after the defended layer (an activation first); copied, never changed.
+        frozen: bool ``[in]``, the flipped columns, which keep their values bit for bit.
+        settings: steps, learning rate, alpha and temperature.
+
+    Returns:
+        The new weight, bias and head parameters (float64), and the loss before and after.
+    """
+    settings.check()
+    if frozen.shape != (weight.shape[1],) or features.shape[1] != weight.shape[1]:
+        raise ConfigError(f"repair: {tuple(features.shape)} features and a {tuple(frozen.shape)} mask "
+                          f"for a layer of shape {tuple(weight.shape)}")
+    features, teacher = features.double(), teacher.double()
+    head = copy.deepcopy(head).double().eval()
+    w = weight.detach().double().clone().requires_grad_(True)
+    b = (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None
+         else bias.detach().double().clone()).requires_grad_(bias is not None)
+    opt = torch.optim.Adam([w, *([b] if bias is not None else []), *head.parameters()], lr=settings.lr)
+
+    def loss() -> torch.Tensor:
+        return repair_loss(head(torch.addmm(b, features, w.T)), teacher, labels, settings)
+
+    with torch.no_grad():
+        before = float(loss())
+    for _ in range(settings.steps):
+        opt.zero_grad()
+        value = loss()
+        value.backward()
+        w.grad.masked_fill_(frozen.view(1, -1), 0.0)  # Adam leaves a parameter with zero gradient (and zero moments) where it is
+        opt.step()
+    with torch.no_grad():
+        after = float(loss())
+    return RepairResult(w.detach(), None if bias is None else b.detach(), {k: v.detach() for k, v in head.named_parameters()},
+                        before, after)
