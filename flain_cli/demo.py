@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .audit import defend_checkpoint, scan_checkpoint
+from .defense import PRESETS
 from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import Split, load_dataset
 from .errors import DataError, FlainError
@@ -29,10 +30,12 @@ class DemoReport:
     test_source: str
     n_test: int
     before: dict[str, Any]
-    after: dict[str, Any]
+    after: dict[str, Any]  # the default rule (Algorithm 1, then the repair)
+    paper: dict[str, Any]  # Algorithm 1 exactly (--preset paper)
     defense: dict[str, Any]
     seconds: dict[str, float]
     out: Path
+    paper_out: Path
 
 
 def sample_names(samples_dir: Path) -> list[str]:
@@ -52,8 +55,14 @@ def _test_split(samples_dir: Path, meta: dict[str, Any], use_subset: bool) -> tu
     return load_test_file(subset, meta), str(subset)
 
 
+def paper_path(out: Path) -> Path:
+    """Where the demo writes the paper preset's model, beside the default one."""
+    return out.with_name(out.name.removesuffix(".safetensors") + "-paper.safetensors")
+
+
 def run_demo(samples_dir: Path, sample: str, out: Path, *, use_subset: bool = False,
              device: torch.device | str = "cpu") -> DemoReport:
+    """scan, defend with the default rule and with the paper preset, and evaluate all three models."""
     folder = samples_dir / sample
     if not (folder / "final.safetensors").is_file():
         names = sample_names(samples_dir)
@@ -68,18 +77,24 @@ def run_demo(samples_dir: Path, sample: str, out: Path, *, use_subset: bool = Fa
     seconds["scan"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    outcome = defend_checkpoint(final, init, aux, device=device)
+    outcome = defend_checkpoint(final, init, aux, PRESETS["default"], device=device)
     save_checkpoint(out, outcome.state, outcome.meta)
     seconds["defend"] = time.perf_counter() - started
+    started = time.perf_counter()
+    paper = defend_checkpoint(final, init, aux, PRESETS["paper"], device=device)
+    save_checkpoint(paper_path(out), paper.state, paper.meta)
+    seconds["defend_paper"] = time.perf_counter() - started
 
     started = time.perf_counter()
     before = evaluate_checkpoint(final, test=test, device=device).result
     after = evaluate_checkpoint(out, test=test, device=device).result
+    after_paper = evaluate_checkpoint(paper_path(out), test=test, device=device).result
     seconds["eval"] = time.perf_counter() - started
-    d = outcome.meta["defense"]
+    d, p = outcome.meta["defense"], paper.meta["defense"]
     return DemoReport(
         sample, source, before.n_clean,
         {"acc": before.acc, "asr": before.asr, "aux_acc": d["aux_acc_before"]},
-        {"acc": after.acc, "asr": after.asr, "aux_acc": d["aux_acc_after"]},
+        {"acc": after.acc, "asr": after.asr, "aux_acc": d["aux_acc_after"], "rule": d["rule"]},
+        {"acc": after_paper.acc, "asr": after_paper.asr, "aux_acc": p["aux_acc_after"], "rule": p["rule"]},
         {"lambda": d["lambda"], "flipped": d["flipped"], "of": d["of"], "silent_neurons": int((scan.means == 0).sum())},
-        seconds, out)
+        seconds, out, paper_path(out))

@@ -34,14 +34,22 @@ def test_demo_before_and_after(samples, tmp_path):
     report = json.loads(res.stdout)
     assert report["n_test"] == 100 and report["test"].endswith("fmnist-test-2000.npz")
     assert {"acc", "asr"} <= set(report["before"]) and {"acc", "asr"} <= set(report["after"])
+    assert report["after"]["rule"] == "flain+distill" and report["paper"]["rule"] == "flain"
     assert report["defense"]["of"] == 3136 and (tmp_path / "demo" / "tiny-cba.flain.safetensors").is_file()
+    assert report["paper_out"] == str(tmp_path / "demo" / "tiny-cba.flain-paper.safetensors")
+    # both rows are what eval says of the written models
+    for key, path in (("after", report["out"]), ("paper", report["paper_out"])):
+        ev = json.loads(runner.invoke(app, ["eval", path, "--test", str(samples / "fmnist-test-2000.npz"),
+                                            "--json"]).stdout)
+        assert ev["acc"] == pytest.approx(report[key]["acc"]) and ev["asr"] == pytest.approx(report[key]["asr"])
     # the same numbers as eval --test on the same files
     ev = json.loads(runner.invoke(app, ["eval", str(samples / "tiny-cba" / "final.safetensors"), "--test",
                                         str(samples / "fmnist-test-2000.npz"), "--json"]).stdout)
     assert ev["acc"] == pytest.approx(report["before"]["acc"]) and ev["asr"] == pytest.approx(report["before"]["asr"])
     table = runner.invoke(app, ["demo", "--samples-dir", str(samples), "--sample", "tiny-cba", "--out",
-                                str(tmp_path / "demo"), "--test-subset", "--force"])
-    assert table.exit_code == 0 and "after FLAIN" in table.stdout
+                                str(tmp_path / "demo"), "--test-subset", "--force"], env={"COLUMNS": "200"})
+    assert table.exit_code == 0 and "FLAIN --preset paper" in table.stdout
+    assert "FLAIN (default rule)" in table.stdout
 
 
 def test_demo_unknown_sample(samples, tmp_path):

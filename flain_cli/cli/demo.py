@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..demo import run_demo
+from ..demo import paper_path, run_demo
 from .common import DeviceOpt, ForceOpt, JsonOpt, check_outputs, fmt, out, print_json, resolve_device
 
 
@@ -24,13 +24,13 @@ def demo(
 ) -> None:
     """Remove the backdoor of a shipped sample model and show ACC and ASR before and after."""
     target = out_dir / f"{sample}.flain.safetensors"
-    check_outputs([target], [samples_dir / sample / "final.safetensors"], force)
+    check_outputs([target, paper_path(target)], [samples_dir / sample / "final.safetensors"], force)
     report = run_demo(samples_dir, sample, target, use_subset=test_subset, device=resolve_device(device))
     seconds = {k: round(v, 2) for k, v in report.seconds.items()}
     if as_json:
         print_json({"sample": report.sample, "test": report.test_source, "n_test": report.n_test,
-                    "before": report.before, "after": report.after, "defense": report.defense,
-                    "seconds": seconds, "out": str(report.out)})
+                    "before": report.before, "after": report.after, "paper": report.paper, "defense": report.defense,
+                    "seconds": seconds, "out": str(report.out), "paper_out": str(report.paper_out)})
         return
     table = Table(title=f"FLAIN on sample model {report.sample} ({report.n_test} test images: {report.test_source})")
     for column in ("model", "ACC", "ASR", "aux accuracy", "neurons flipped", "seconds"):
@@ -38,8 +38,10 @@ def demo(
     d = report.defense
     table.add_row("backdoored (final)", fmt(report.before["acc"]), fmt(report.before["asr"]),
                   fmt(report.before["aux_acc"]), "-", f"scan {seconds['scan']}")
-    table.add_row("after FLAIN", fmt(report.after["acc"]), fmt(report.after["asr"]), fmt(report.after["aux_acc"]),
-                  f"{d['flipped']} of {d['of']}", f"defend {seconds['defend']}")
+    table.add_row("FLAIN --preset paper", fmt(report.paper["acc"]), fmt(report.paper["asr"]),
+                  fmt(report.paper["aux_acc"]), f"{d['flipped']} of {d['of']}", f"defend {seconds['defend_paper']}")
+    table.add_row("FLAIN (default rule)", fmt(report.after["acc"]), fmt(report.after["asr"]),
+                  fmt(report.after["aux_acc"]), f"{d['flipped']} of {d['of']}", f"defend {seconds['defend']}")
     out.print(table)
     out.print(f"lambda {d['lambda']:.4f}; {d['silent_neurons']} inputs of fc1 are never active on the aux set; "
-              f"evaluation took {seconds['eval']} s; wrote {report.out}")
+              f"evaluation took {seconds['eval']} s; wrote {report.out} and {report.paper_out}")
