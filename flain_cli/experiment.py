@@ -11,7 +11,8 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     [defense]
     methods = ["none", "prune", "flain", "rlr"]   # rlr trains again with the RLR aggregator
     aux_per_class = 20
-    rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class may be lists: prune and flain run once per combination
+    rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class, repair may be lists: prune and flain run once per combination
+    repair = ["none", "distill"]  # the paper's rule, and `flain defend`'s default (the default here too)
 
 Every distinct training configuration is trained once into ``CACHE/train-<hash>/`` (CACHE: the
 file's ``cache``, by default its results folder ``out``; several grid files may share one); the
@@ -36,6 +37,8 @@ from typing import Any
 import torch
 
 from .audit import defend_checkpoint
+from .defense import DefenseConfig
+from .repair import RepairSettings
 from .auxdata import export_aux
 from .checkpoint import atomic_write, save_checkpoint
 from .datasets import DATASETS, Dataset, load_dataset
@@ -47,7 +50,8 @@ from .training import RunBusy, run_lock, train_to_dir
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
-VARIED = ("step", "rho", "holdout", "aux_per_class")  # [defense] keys that may list several values
+VARIED = ("step", "rho", "holdout", "aux_per_class", "repair")  # [defense] keys that may list several values
+REPAIRS = ("distill", "none")
 
 
 @dataclass(frozen=True)
@@ -59,12 +63,21 @@ class DefenseSettings:
     rho: float = 0.03
     select: str = "crossing"
     holdout: float = 0.0
+    repair: str = "distill"  # as `flain defend`: the distillation repair after the search, or none (the paper)
 
     def tag(self, method: str) -> str:
-        """File stem of a defended checkpoint: every setting that changes it, aux set included."""
+        """File stem of a defended checkpoint: every setting that changes it, aux set included.
+
+        Without the repair the stem is what it was before the repair existed, so cached defenses stay valid.
+        """
         held = f"-holdout{self.holdout:g}" if self.holdout else ""
-        return (f"{method}-step{self.step:g}-rho{self.rho:g}-{self.select}{held}"
+        repaired = f"-{self.repair}" if self.repair != "none" else ""
+        return (f"{method}-step{self.step:g}-rho{self.rho:g}-{self.select}{held}{repaired}"
                 f"-aux{self.aux_per_class}x-seed{self.aux_seed}")
+
+    def config(self, method: str) -> DefenseConfig:
+        return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, holdout=self.holdout,
+                             repair=RepairSettings() if self.repair == "distill" else None)
 
 
 @dataclass(frozen=True)
@@ -97,7 +110,8 @@ class Experiment:
         out = []
         for method in self.defense.methods:
             for v in (variants if method in POST_TRAINING else variants[:1]):
-                suffix = "".join(f" {k}={getattr(v, k):g}" for k in varying) if method in POST_TRAINING else ""
+                suffix = "".join(f" {k}={getattr(v, k):g}" if k != "repair" else f" repair={v.repair}"
+                                 for k in varying) if method in POST_TRAINING else ""
                 out.append(Defense(method + suffix, method, v))
         return out
 
@@ -167,6 +181,9 @@ def _defense_variants(dset: dict[str, Any]) -> tuple[DefenseSettings, ...]:
     bad = [m for m in fixed["methods"] if m not in DEFENSES]
     if bad:
         raise ConfigError(f"[defense] methods {bad} unknown; choose from {', '.join(DEFENSES)}")
+    bad = [r for r in lists.get("repair", [fixed.get("repair", "distill")]) if r not in REPAIRS]
+    if bad:
+        raise ConfigError(f"[defense] repair {bad[0]!r} unknown; choose from {', '.join(REPAIRS)}")
     keys = list(lists)
     return tuple(DefenseSettings(**fixed, **dict(zip(keys, values)))
                  for values in itertools.product(*(lists[k] for k in keys)))
@@ -308,14 +325,14 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, d
         if record is None or not model.is_file():
             cached = False
             outcome = defend_checkpoint(run_dir / "final.safetensors", run_dir / "init.safetensors",
-                                        _aux(exp, d, cfg.dataset, data_dir), method=defense.method, step=d.step,
-                                        rho=d.rho, select=d.select, holdout=d.holdout, seed=d.aux_seed,
-                                        device=device)
+                                        _aux(exp, d, cfg.dataset, data_dir), d.config(defense.method),
+                                        seed=d.aux_seed, device=device)
             save_checkpoint(model, outcome.state, outcome.meta)
             record = {k: outcome.meta["defense"][k] for k in ("lambda", "flipped", "of", "aux_acc_before",
                                                               "aux_acc_after", "all_selected")}
             _write(run_dir / f"{tag}.json", record)
-        cell.detail |= {"step": d.step, "rho": d.rho, "holdout": d.holdout, "aux_per_class": d.aux_per_class} | record
+        cell.detail |= {"step": d.step, "rho": d.rho, "holdout": d.holdout, "aux_per_class": d.aux_per_class,
+                        "repair": d.repair} | record
     eval_path = model.with_suffix(".eval.json")
     report = _read(eval_path)
     if report is None or "asr_clean" not in report:  # (records from before asr_clean are redone)
