@@ -35,6 +35,9 @@ METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Regist
 SELECTS = ("crossing", "last-safe")
 
 
+PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
+
+
 @dataclass(frozen=True)
 class DefenseConfig:
     """Every setting of a post-training defense: the search (Algorithm 1) and the optional repair.
@@ -46,8 +49,8 @@ class DefenseConfig:
     """
 
     method: str = "flain"
-    step: float = 0.001
-    rho: float = 0.03
+    step: float = PAPER_STEP
+    rho: float = PAPER_RHO
     select: str = "crossing"
     holdout: float = 0.0
     rescale: bool = True  # lines 18-20 of Algorithm 1 (flain only); False is an ablation
@@ -185,7 +188,7 @@ def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, st
 
 
 def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
-                 step: float = 0.001, rho: float = 0.03, method: str = "flain", select: str = "crossing",
+                 step: float = PAPER_STEP, rho: float = PAPER_RHO, method: str = "flain", select: str = "crossing",
                  max_steps: int = 10_000_000, rescale_layer: bool = True) -> SearchResult:
     """Algorithm 1, one lambda at a time (the reference for :func:`search_fast`)."""
     _check(weight, init, x, step, rho, method, select)
@@ -220,7 +223,7 @@ def first_k_covering(mu: float, value: float, step: float) -> int:
 
 
 def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
-                step: float = 0.001, rho: float = 0.03, method: str = "flain", select: str = "crossing",
+                step: float = PAPER_STEP, rho: float = PAPER_RHO, method: str = "flain", select: str = "crossing",
                 rescale_layer: bool = True) -> SearchResult:
     """Algorithm 1, evaluating only the thresholds at which the selected set grows."""
     _check(weight, init, x, step, rho, method, select)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from .audit import defend_checkpoint
-from .defense import DefenseConfig
+from .defense import PAPER_RHO, PAPER_STEP, DefenseConfig
 from .repair import RepairSettings
 from .auxdata import export_aux
 from .checkpoint import atomic_write, save_checkpoint
@@ -59,8 +59,8 @@ class DefenseSettings:
     methods: tuple[str, ...] = DEFENSES
     aux_per_class: int = 20
     aux_seed: int = 0
-    step: float = 0.001
-    rho: float = 0.03
+    step: float = PAPER_STEP
+    rho: float = PAPER_RHO
     select: str = "crossing"
     holdout: float = 0.0
     repair: str = "distill"  # as `flain defend`: the distillation repair after the search, or none (the paper)

@@ -19,7 +19,7 @@ from .audit import AuxFeatures, check_pair, load_aux_for, load_model
 from .auxdata import AuxSet
 from .checkpoint import load_checkpoint
 from .datasets import DATASETS, load_dataset
-from .defense import METHODS, apply_mask, rescale_factor
+from .defense import METHODS, PAPER_STEP, apply_mask, rescale_factor
 from .errors import ConfigError
 from .evaluation import load_test_file, resolve_attack
 from .triggers import make_trigger
@@ -47,7 +47,7 @@ class SweepResult:
     n_test: int
 
 
-def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = 0.001,
+def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = PAPER_STEP,
                      points: int = 25, layer: str | None = None, dataset: str | None = None,
                      data_dir: Path | None = None, test_file: Path | None = None,
                      device: torch.device | str = "cpu") -> SweepResult:

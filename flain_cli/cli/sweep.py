@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from ..checkpoint import atomic_write
-from ..defense import METHODS
+from ..defense import METHODS, PAPER_STEP
 from ..sweep import sweep_checkpoint
 from .common import (AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
                      check_outputs, fmt, out, print_json, resolve_device)
@@ -23,7 +23,7 @@ def sweep(
                                        show_default=False)],
     aux: AuxOpt,
     method: Annotated[str, typer.Option(help=f"{'|'.join(METHODS.names())}.")] = "flain",
-    step: Annotated[float, typer.Option(help="Threshold step, as in `defend`.")] = 0.001,
+    step: Annotated[float, typer.Option(help="Threshold step, as in `defend`.")] = PAPER_STEP,
     points: Annotated[int, typer.Option(help="Thresholds to score: mu, mu + step, ...")] = 25,
     layer: LayerOpt = None,
     dataset: DatasetOpt = None,
