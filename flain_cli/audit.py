@@ -19,9 +19,9 @@ from torch.func import functional_call
 from .auxdata import AuxSet, load_aux
 from .checkpoint import Checkpoint, build_from, load_checkpoint, resolve_model_meta
 from .defense import PRESETS, DefenseConfig, SearchResult, search_fast, search_plain
-from .repair import RepairSettings, distill_repair
 from .errors import AuxError, CheckpointError
 from .models import LayerStack
+from .repair import RepairSettings, distill_repair
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ class DefenseConfig:
 
     def record(self) -> dict:
         return {"rule": self.rule, "method": self.method, "step": self.step, "rho": self.rho, "select": self.select,
-                "holdout": self.holdout, "rescale": self.rescale, "repair": None if self.repair is None else self.repair.record()}
+                "holdout": self.holdout, "rescale": self.rescale,
+                "repair": None if self.repair is None else self.repair.record()}
 
 
 # Named settings. "paper": Algorithm 1 as written (step 0.001, rho 0.03, the crossing model,

@@ -107,9 +107,10 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
         opt.zero_grad()
         value = loss()
         value.backward()
-        w.grad.masked_fill_(frozen.view(1, -1), 0.0)  # Adam leaves a parameter with zero gradient (and zero moments) where it is
+        # Adam leaves a parameter whose gradient (hence moments) stays zero exactly where it is
+        w.grad.masked_fill_(frozen.view(1, -1), 0.0)
         opt.step()
     with torch.no_grad():
         after = float(loss())
-    return RepairResult(w.detach(), None if bias is None else b.detach(), {k: v.detach() for k, v in head.named_parameters()},
-                        before, after)
+    return RepairResult(w.detach(), None if bias is None else b.detach(),
+                        {k: v.detach() for k, v in head.named_parameters()}, before, after)

@@ -28,13 +28,15 @@ class Repair(str, Enum):
 
 
 def build_config(preset: str, method: str | None, step: float | None, rho: float | None, select: str | None,
-                 holdout: float | None, rescale: bool | None, repair: str | None, repair_settings: dict[str, float | int | None]) -> DefenseConfig:
+                 holdout: float | None, rescale: bool | None, repair: str | None,
+                 repair_settings: dict[str, float | int | None]) -> DefenseConfig:
     """The preset, with every option the user gave in its place."""
     base = PRESETS[preset]
     given = {k: v for k, v in repair_settings.items() if v is not None}
     repair_on = base.repair is not None if repair is None else repair == "distill"
     if given and not repair_on:
-        raise ConfigError(f"--repair-{next(iter(given))} has no effect without the repair; drop it or pass --repair distill")
+        raise ConfigError(f"--repair-{next(iter(given))} has no effect without the repair; "
+                          "drop it or pass --repair distill")
     settings = dataclasses.replace(base.repair or RepairSettings(), **given) if repair_on else None
     chosen = {"method": method, "step": step, "rho": rho, "select": select, "holdout": holdout, "rescale": rescale}
     return dataclasses.replace(base, repair=settings, **{k: v for k, v in chosen.items() if v is not None})
@@ -51,7 +53,8 @@ def defend(
     aux: AuxOpt,
     preset: Annotated[Preset, typer.Option(
         help="default: Algorithm 1 (step 0.001, rho 0.03, crossing) then the distillation repair, which keeps "
-             "clean accuracy; paper: Algorithm 1 exactly, no repair. The options below override the preset.")] = Preset("default"),
+             "clean accuracy; paper: Algorithm 1 exactly, no repair. The options below override the preset.")
+    ] = Preset("default"),
     method: Annotated[str | None, typer.Option(help=f"{'|'.join(METHODS.names())}: flip the selected neurons' "
                                                     "updates, or zero their weights (preset: flain).",
                                                show_default=False)] = None,
