@@ -151,6 +151,7 @@ class ScanResult:
 def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, arch: str | None = None,
                     dataset: str | None = None, device: torch.device | str = "cpu") -> ScanResult:
     loaded = load_model(path, arch=arch, dataset=dataset, device=device)
+    check_finite(loaded.ckpt, "MODEL")
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
     feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
@@ -167,6 +168,34 @@ class DefendOutcome:
     aux_acc_after: float
     n_aux: int
     seconds: float
+    warnings: tuple[str, ...] = ()  # the result may be wrong: the CLI prints them on stderr and in --json
+
+
+def check_finite(ckpt: Checkpoint, role: str) -> None:
+    """Refuse a checkpoint with NaN or Inf in any floating tensor: every result from it would be garbage."""
+    bad = [name for name, t in ckpt.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(f"{role} {ckpt.path} holds NaN or Inf in {', '.join(bad[:3])}{more}; "
+                              f"use a checkpoint whose weights are all finite")
+
+
+def aux_warnings(aux: AuxSet, num_classes: int) -> list[str]:
+    """Refuse an aux set of one class; warn about missing classes and very small sets."""
+    present = sorted(set(aux.labels.tolist()))
+    if len(present) < 2:
+        raise AuxError(f"aux set {aux.source} holds images of class {present[0]} only; the stopping rule needs "
+                       f"clean images of every class: export one with `flain aux export --per-class 20`")
+    found = []
+    if len(present) < num_classes:
+        missing = sorted(set(range(num_classes)) - set(present))
+        found.append(f"the aux set has no images of class {', '.join(map(str, missing[:10]))}"
+                     f"{' ...' if len(missing) > 10 else ''} ({len(present)} of {num_classes} classes): the "
+                     f"search cannot see the damage it does to those classes")
+    if len(aux) < 5 * num_classes:
+        found.append(f"the aux set holds only {len(aux)} images ({num_classes} classes); the paper uses 20 per "
+                     f"class, and fewer make the stopping rule coarse")
+    return found
 
 
 def check_pair(model: Checkpoint, init: Checkpoint) -> None:
@@ -211,9 +240,12 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
         config.repair.check()
     loaded = load_model(path, arch=arch, dataset=dataset, device=device)
     init = load_checkpoint(init_path)
+    check_finite(loaded.ckpt, "MODEL")
+    check_finite(init, "--init")
     check_pair(loaded.ckpt, init)
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
+    warnings = aux_warnings(aux, loaded.meta["num_classes"])
     every = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
     if config.holdout:
         activation_set, scoring_set = aux.split(config.holdout, seed)
@@ -228,6 +260,13 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
     evaluate = feats.accuracy_full if plain else feats.accuracy
     result = search(weight, init_weight, x, evaluate, step=config.step, rho=config.rho, method=config.method,
                     select=config.select, rescale_layer=config.rescale)
+    if result.all_selected:
+        warnings.append(f"all {result.mask.numel()} inputs of {layer} were selected before the aux accuracy dropped "
+                        f"by rho={config.rho}; the whole layer was {'flipped' if config.method == 'flain' else 'pruned'}")
+    elif result.acc0 - result.acc_kept > config.rho + 0.1:
+        warnings.append(f"the kept threshold cost {100 * (result.acc0 - result.acc_kept):.1f} points of aux accuracy "
+                        f"(rho {config.rho}): the search jumped far past rho at one step; try a smaller --step "
+                        f"or --select last-safe")
     state = dict(loaded.ckpt.tensors)
     state[f"{layer}.weight"] = result.weight.contiguous()
     repair_record = None
@@ -246,8 +285,9 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
             "of": int(x.numel()), "neurons": torch.nonzero(result.mask).flatten().tolist(),
             "all_selected": result.all_selected, "aux_acc_before": result.acc0, "aux_acc_kept": result.acc_kept,
             "aux_acc_after": aux_acc_after, "steps": result.steps, "evaluations": result.evaluations,
-            "seed": seed, "repair": repair_record,
+            "seed": seed, "repair": repair_record, "warnings": warnings,
             "aux": {"source": aux.source, "n": len(aux), "scored_on": int(feats.labels.numel())},
         },
     }
-    return DefendOutcome(meta, state, result, layer, aux_acc_after, len(aux), time.perf_counter() - started)
+    return DefendOutcome(meta, state, result, layer, aux_acc_after, len(aux), time.perf_counter() - started,
+                         tuple(warnings))

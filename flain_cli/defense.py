@@ -33,6 +33,7 @@ Evaluate = Callable[[torch.Tensor, torch.Tensor | None], float]
 # A method maps (W, W0) to the values its selected columns take; the search applies it per mask.
 METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("method")
 SELECTS = ("crossing", "last-safe")
+MAX_THRESHOLDS = 10_000_000  # thresholds lambda_k a search may need to cover the activations
 
 
 PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
@@ -155,6 +156,17 @@ def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, step: floa
         raise ConfigError(f"{tuple(x.shape)} activations for a layer with {weight.shape[1]} inputs")
     if not step > 0 or not math.isfinite(step):
         raise ConfigError(f"--step must be > 0, got {step}")
+    if not bool(torch.isfinite(x).all()):
+        raise ConfigError("the mean activations hold NaN or Inf; the model's layers before the defended one "
+                          "are not finite on the aux set")
+    span = float(x.double().max() - x.double().min())
+    if span / step > MAX_THRESHOLDS:
+        raise ConfigError(f"--step {step:g} would take {span / step:.3g} thresholds to cover the mean activations "
+                          f"(from {float(x.min()):.4g} to {float(x.max()):.4g}); at most {MAX_THRESHOLDS:,} are "
+                          f"allowed: choose a larger step")
+    if 0 < span <= step:
+        raise ConfigError(f"--step {step:g} selects all {x.numel()} inputs at the first threshold (the mean "
+                          f"activations span {span:.4g}); choose a step well below that, e.g. the paper's 0.001")
     if not 0 <= rho <= 1:
         raise ConfigError(f"--rho must be in [0, 1], got {rho}")
     if select not in SELECTS:

@@ -113,15 +113,14 @@ def defend(
     if trace is not None:
         rows = "".join(f"{s.lam:.9g},{s.selected},{s.acc:.6f},{res.acc0 - s.acc:.6f}\n" for s in res.trace)
         atomic_write(trace, lambda tmp: tmp.write_text("lambda,selected,aux_acc,drop\n" + rows))
-    if res.all_selected:
-        err.print(f"warning: all {res.mask.numel()} neurons were selected before the aux accuracy dropped by "
-                  f"rho={rho}; the whole layer was {'flipped' if method == 'flain' else 'pruned'}")
+    for warning in outcome.warnings:
+        err.print(f"warning: {warning}", markup=False, soft_wrap=True)
     summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method, "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
                "aux_acc_before": res.acc0, "aux_acc_after": outcome.aux_acc_after, "steps": res.steps,
                "out": str(target), "layer": outcome.layer, "select": select, "step": step, "rho": rho,
                "mu": res.mu, "aux_acc_kept": res.acc_kept, "all_selected": res.all_selected,
                "evaluations": res.evaluations, "n_aux": outcome.n_aux, "holdout": config.holdout,
-               "seconds": round(outcome.seconds, 3)}
+               "seconds": round(outcome.seconds, 3), "warnings": list(outcome.warnings)}
     if as_json:
         print_json(summary)
         return
