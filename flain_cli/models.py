@@ -79,17 +79,27 @@ def cnn_mnist(num_classes: int) -> LayerStack:
     ]))
 
 
-@_register("cnn-fmnist", (1, 28, 28), "Fashion-MNIST: 2 conv + 4 fc (fc1 9216->256)")
-def cnn_fmnist(num_classes: int) -> LayerStack:
+def _cnn_fmnist(num_classes: int, drop1: float) -> LayerStack:
     return LayerStack(OrderedDict([
         ("conv1", nn.Conv2d(1, 32, 3)), ("relu1", nn.ReLU()),
         ("conv2", nn.Conv2d(32, 64, 3)), ("relu2", nn.ReLU()), ("pool", nn.MaxPool2d(2)),
-        ("drop1", nn.Dropout(0.25)), ("flatten", nn.Flatten()),
+        ("drop1", nn.Dropout(drop1)), ("flatten", nn.Flatten()),
         ("fc1", nn.Linear(9216, 256)), ("relu3", nn.ReLU()), ("drop2", nn.Dropout(0.5)),
         ("fc2", nn.Linear(256, 128)), ("relu4", nn.ReLU()), ("drop3", nn.Dropout(0.5)),
         ("fc3", nn.Linear(128, 64)), ("relu5", nn.ReLU()), ("drop4", nn.Dropout(0.5)),
         ("fc4", nn.Linear(64, num_classes)),
     ]))
+
+
+@_register("cnn-fmnist", (1, 28, 28), "Fashion-MNIST: 2 conv + 4 fc (fc1 9216->256), dropout 0.25 before fc1")
+def cnn_fmnist(num_classes: int) -> LayerStack:
+    return _cnn_fmnist(num_classes, 0.25)
+
+
+@_register("cnn-fmnist-ref", (1, 28, 28),
+           "cnn-fmnist with the authors' public model's dropout 0.5 before fc1 (same tensors)")
+def cnn_fmnist_ref(num_classes: int) -> LayerStack:
+    return _cnn_fmnist(num_classes, 0.5)
 
 
 def _conv_bn(cin: int, cout: int, i: int) -> list[tuple[str, nn.Module]]:

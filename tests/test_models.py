@@ -5,9 +5,17 @@ from torch import nn
 from flain_cli.errors import ConfigError
 from flain_cli.models import ARCHITECTURES, build_model
 
-EXPECTED_FC1 = {"cnn-mnist": (3136, 128), "cnn-fmnist": (9216, 256), "cnn-cifar": (4096, 1024)}
-EXPECTED_LINEAR = {"cnn-mnist": 2, "cnn-fmnist": 4, "cnn-cifar": 3}
-EXPECTED_CONV = {"cnn-mnist": 2, "cnn-fmnist": 2, "cnn-cifar": 6}
+EXPECTED_FC1 = {"cnn-mnist": (3136, 128), "cnn-fmnist": (9216, 256), "cnn-fmnist-ref": (9216, 256),
+                "cnn-cifar": (4096, 1024)}
+EXPECTED_LINEAR = {"cnn-mnist": 2, "cnn-fmnist": 4, "cnn-fmnist-ref": 4, "cnn-cifar": 3}
+EXPECTED_CONV = {"cnn-mnist": 2, "cnn-fmnist": 2, "cnn-fmnist-ref": 2, "cnn-cifar": 6}
+
+
+def test_the_reference_variant_differs_only_in_the_dropout_before_fc1():
+    ours, ref = build_model("cnn-fmnist", 10), build_model("cnn-fmnist-ref", 10)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    drops = lambda m: [c.p for c in m.children() if isinstance(c, nn.Dropout)]  # noqa: E731
+    assert drops(ours) == [0.25, 0.5, 0.5, 0.5] and drops(ref) == [0.5, 0.5, 0.5, 0.5]
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED_FC1))
