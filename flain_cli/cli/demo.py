@@ -43,5 +43,6 @@ def demo(
     table.add_row("FLAIN (default rule)", fmt(report.after["acc"]), fmt(report.after["asr"]),
                   fmt(report.after["aux_acc"]), f"{d['flipped']} of {d['of']}", f"defend {seconds['defend']}")
     out.print(table)
+    out.print("The default rule's aux accuracy is on the images its repair trained on; judge it by ACC and ASR.")
     out.print(f"lambda {d['lambda']:.4f}; {d['silent_neurons']} inputs of fc1 are never active on the aux set; "
               f"evaluation took {seconds['eval']} s; wrote {report.out} and {report.paper_out}")
