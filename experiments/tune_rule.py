@@ -39,3 +39,10 @@ for aux in sys.argv[2:]:
                 s = lab.score(w2, b2, rest)
                 print(f"    repair alpha {alpha} T {temp} steps {steps}{bias_name}: {fmt(s)} "
                       f"dACC {100 * (s['test'] - base['test']):+.2f}", flush=True)
+        for alpha, temp, train_w in ((0.2, 4.0, True), (0.8, 4.0, False), (0.5, 2.0, False)):
+            w2, b2, rest = distill(lab, weight, lab.b, epochs=100, lr=1e-3, alpha=alpha, temp=temp,
+                                   train_w=train_w, mask=res.mask)
+            s = lab.score(w2, b2, rest)
+            frozen = ", fc1 frozen" if not train_w else ""
+            print(f"    repair alpha {alpha} T {temp}{frozen}: {fmt(s)} "
+                  f"dACC {100 * (s['test'] - base['test']):+.2f}", flush=True)

@@ -171,6 +171,9 @@ class DefendOutcome:
     warnings: tuple[str, ...] = ()  # the result may be wrong: the CLI prints them on stderr and in --json
 
 
+REPAIR_TUNED_PER_CLASS = 50  # above this many aux images per class, the repair is past what it was tuned on
+
+
 def check_finite(ckpt: Checkpoint, role: str) -> None:
     """Refuse a checkpoint with NaN or Inf in any floating tensor: every result from it would be garbage."""
     bad = [name for name, t in ckpt.tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
@@ -246,6 +249,10 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
     warnings = aux_warnings(aux, loaded.meta["num_classes"])
+    if config.repair is not None and len(aux) > REPAIR_TUNED_PER_CLASS * loaded.meta["num_classes"]:
+        warnings.append(f"the repair was tuned on 20 aux images per class; with {len(aux)} images it brought the "
+                        f"backdoor back on one of our trainings (ASR 0.025 after the flip, 0.389 after the repair, "
+                        f"docs/results.md): check ASR, or pass --repair none")
     every = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
     if config.holdout:
         activation_set, scoring_set = aux.split(config.holdout, seed)

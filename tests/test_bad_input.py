@@ -97,3 +97,14 @@ def test_the_search_functions_refuse_non_finite_activations():
     w, w0 = torch.ones(2, 3), torch.zeros(2, 3)
     with pytest.raises(ConfigError, match="NaN or Inf"):
         search_fast(w, w0, torch.tensor([0.0, float("nan"), 1.0]), lambda weight, changed=None: 1.0)
+
+
+def test_the_repair_on_a_large_aux_set_is_warned_about(tiny_run, tmp_path):
+    from .conftest import write_aux_folder
+    run, _ = tiny_run
+    big = write_aux_folder(tmp_path / "big", per_class=51)
+    res = defend(run, big, tmp_path / "o.safetensors", "--rho", "0.05", "--repair-steps", "5", "--json")
+    assert res.exit_code == 0, res.output
+    assert any("brought the backdoor back" in w for w in json.loads(res.stdout)["warnings"])
+    paper = defend(run, big, tmp_path / "p.safetensors", "--rho", "0.05", "--preset", "paper", "--json")
+    assert not any("repair" in w for w in json.loads(paper.stdout)["warnings"])
