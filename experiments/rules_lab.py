@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import sys
 from pathlib import Path
 
 import torch
@@ -65,7 +63,6 @@ class Lab:
                   "trig": torch.full((int(src.sum()),), self.target, dtype=torch.long)}
         _, suffix = model.split_at(layer)
         self.rest = copy.deepcopy(suffix[1:]).double().eval()
-        lin = model.linear(layer)
         self.W = self.loaded.ckpt.tensors[f"{layer}.weight"].double()
         self.b = self.loaded.ckpt.tensors[f"{layer}.bias"].double()
         self.W0 = init.tensors[f"{layer}.weight"].double()

@@ -37,8 +37,7 @@ from typing import Any
 import torch
 
 from .audit import defend_checkpoint
-from .defense import PAPER_RHO, PAPER_STEP, DefenseConfig
-from .repair import RepairSettings
+from .defense import PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
 from .auxdata import export_aux
 from .checkpoint import atomic_write, save_checkpoint
 from .datasets import DATASETS, Dataset, load_dataset
@@ -77,7 +76,7 @@ class DefenseSettings:
 
     def config(self, method: str) -> DefenseConfig:
         return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, holdout=self.holdout,
-                             repair=RepairSettings() if self.repair == "distill" else None)
+                             repair=PRESETS["default"].repair if self.repair == "distill" else None)
 
 
 @dataclass(frozen=True)

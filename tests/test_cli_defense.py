@@ -110,6 +110,7 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     common = [run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir, "--rho", "0.05", "--json"]
     paper = json.loads(invoke("defend", *common, "--preset", "paper", "--out", tmp_path / "p.safetensors").stdout)
     none = json.loads(invoke("defend", *common, "--repair", "none", "--out", tmp_path / "n.safetensors").stdout)
+    assert (none["rule"], none["preset"], none["repair"]) == ("flain", "default", None)
     default = json.loads(invoke("defend", *common, "--repair-steps", "20", "--out", tmp_path / "d.safetensors").stdout)
     assert (paper["rule"], paper["preset"], paper["repair"]) == ("flain", "paper", None)
     assert load_checkpoint(tmp_path / "p.safetensors").tensors.keys() == load_checkpoint(tmp_path / "n.safetensors").tensors.keys()
