@@ -52,7 +52,7 @@ def defend(
                                        show_default=False)],
     aux: AuxOpt,
     preset: Annotated[Preset, typer.Option(
-        help="default: Algorithm 1 (step 0.001, rho 0.03, crossing) then the distillation repair, which keeps "
+        help="default: Algorithm 1 (step 0.001, rho 0.03, crossing) then the distillation repair, which keeps more "
              "clean accuracy; paper: Algorithm 1 exactly, no repair. The options below override the preset.")
     ] = Preset("default"),
     method: Annotated[str | None, typer.Option(help=f"{'|'.join(METHODS.names())}: flip the selected neurons' "
