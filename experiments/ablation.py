@@ -44,13 +44,13 @@ VARIANTS = [
 ]
 
 
-def score(path: Path, test: Split, dataset: str) -> tuple[float, float]:
+def score(path: Path, test: Split, dataset: str, device: str = "cpu") -> tuple[float, float]:
     ckpt = load_checkpoint(path)
     meta = resolve_model_meta(ckpt)
     attack = resolve_attack(ckpt, meta["num_classes"])
     data = load_dataset(dataset)
     trigger = make_trigger(attack.trigger, *data.spec.shape[1:])
-    res = evaluate(build_from(ckpt, meta), test, data.spec, attack.task, trigger)
+    res = evaluate(build_from(ckpt, meta).to(device), test, data.spec, attack.task, trigger, device=device)
     return res.acc, res.asr
 
 
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("run", type=Path)
     parser.add_argument("--aux-sizes", type=int, nargs="+", default=[20, 80, 200], help="aux images per class")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(1)
     final, init = args.run / "final.safetensors", args.run / "init.safetensors"
@@ -74,15 +75,15 @@ def main() -> None:
             keep = torch.ones(len(test), dtype=torch.bool)
             keep[torch.tensor(manifest["indices"])] = False
             disjoint = Split(test.images[keep], test.labels[keep])
-            acc0, asr0 = score(final, disjoint, dataset)
+            acc0, asr0 = score(final, disjoint, dataset, args.device)
             n = manifest["count"]
             print(f"| {n} | no defense | 0 | | {acc0:.4f} | {asr0:.3f} |", flush=True)
             rows.append({"aux": n, "setting": "none", "acc": acc0, "asr": asr0, "n_test": len(disjoint)})
             for label, config in VARIANTS:
-                outcome = defend_checkpoint(final, init, aux, config)
+                outcome = defend_checkpoint(final, init, aux, config, device=args.device)
                 path = Path(tmp) / "defended.safetensors"
                 save_checkpoint(path, outcome.state, outcome.meta)
-                acc, asr = score(path, disjoint, dataset)
+                acc, asr = score(path, disjoint, dataset, args.device)
                 d = outcome.meta["defense"]
                 print(f"| {n} | {label} | {d['flipped']} | {d['aux_acc_before']:.3f} -> {d['aux_acc_after']:.3f} | "
                       f"{acc:.4f} ({100 * (acc - acc0):+.1f}) | {asr:.3f} |", flush=True)
