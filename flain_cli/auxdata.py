@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .datasets import Split, load_dataset, normalize
 from .errors import AuxError, ConfigError
 from .splits import balanced_subset
@@ -217,7 +217,10 @@ def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", 
 
         atomic_write(out, write)
         return manifest
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".flain-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename; a folder gets the umask's mode
     try:
         for i in chosen.tolist():
             label = int(source.labels[i])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from safetensors.torch import save
 from . import __version__
 from .datasets import DATASETS
 from .errors import CheckpointError, ConfigError
+from .files import atomic_write
 from .models import ARCHITECTURES, LayerStack, build_model
 
 FORMAT = "flain-cli/1"
@@ -50,18 +50,6 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then rename the temporary file over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def model_meta(arch: str, num_classes: int, dataset: str | None) -> dict[str, Any]:

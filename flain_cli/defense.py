@@ -62,6 +62,23 @@ class DefenseConfig:
         """A short name: the method, plus '+distill' when the repair runs."""
         return self.method + ("+distill" if self.repair is not None else "")
 
+    def check(self) -> None:
+        """Refuse settings out of range before any work (those that need the activations are checked later)."""
+        METHODS.get(self.method)
+        for name, value in (("step", self.step), ("rho", self.rho), ("holdout", self.holdout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"--{name} must be a finite number, got {value!r}")
+        if not self.step > 0:
+            raise ConfigError(f"--step must be > 0, got {self.step}")
+        if not 0 <= self.rho <= 1:
+            raise ConfigError(f"--rho must be in [0, 1], got {self.rho}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.select not in SELECTS:
+            raise ConfigError(f"--select must be one of {', '.join(SELECTS)}, got {self.select!r}")
+        if self.repair is not None:
+            self.repair.check()
+
     def record(self) -> dict:
         return {"rule": self.rule, "method": self.method, "step": self.step, "rho": self.rho, "select": self.select,
                 "holdout": self.holdout, "rescale": self.rescale,

@@ -60,9 +60,11 @@ def paper_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + "-paper.safetensors")
 
 
-def run_demo(samples_dir: Path, sample: str, out: Path, *, use_subset: bool = False,
+def run_demo(samples_dir: Path, sample: str, out: Path, *, paper_out: Path | None = None, use_subset: bool = False,
              device: torch.device | str = "cpu") -> DemoReport:
-    """scan, defend with the default rule and with the paper preset, and evaluate all three models."""
+    """scan, defend with the default rule (written to ``out``) and with the paper preset (``paper_out``,
+    default `paper_path(out)`), and evaluate all three models."""
+    paper_out = paper_out or paper_path(out)
     folder = samples_dir / sample
     if not (folder / "final.safetensors").is_file():
         names = sample_names(samples_dir)
@@ -82,13 +84,13 @@ def run_demo(samples_dir: Path, sample: str, out: Path, *, use_subset: bool = Fa
     seconds["defend"] = time.perf_counter() - started
     started = time.perf_counter()
     paper = defend_checkpoint(final, init, aux, PRESETS["paper"], device=device)
-    save_checkpoint(paper_path(out), paper.state, paper.meta)
+    save_checkpoint(paper_out, paper.state, paper.meta)
     seconds["defend_paper"] = time.perf_counter() - started
 
     started = time.perf_counter()
     before = evaluate_checkpoint(final, test=test, device=device).result
     after = evaluate_checkpoint(out, test=test, device=device).result
-    after_paper = evaluate_checkpoint(paper_path(out), test=test, device=device).result
+    after_paper = evaluate_checkpoint(paper_out, test=test, device=device).result
     seconds["eval"] = time.perf_counter() - started
     d, p = outcome.meta["defense"], paper.meta["defense"]
     return DemoReport(
@@ -97,4 +99,4 @@ def run_demo(samples_dir: Path, sample: str, out: Path, *, use_subset: bool = Fa
         {"acc": after.acc, "asr": after.asr, "aux_acc": d["aux_acc_after"], "rule": d["rule"]},
         {"acc": after_paper.acc, "asr": after_paper.asr, "aux_acc": p["aux_acc_after"], "rule": p["rule"]},
         {"lambda": d["lambda"], "flipped": d["flipped"], "of": d["of"], "silent_neurons": int((scan.means == 0).sum())},
-        seconds, out, paper_path(out))
+        seconds, out, paper_out)

@@ -29,6 +29,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +38,13 @@ from typing import Any
 import torch
 
 from .audit import defend_checkpoint
-from .defense import PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
 from .auxdata import export_aux
-from .checkpoint import atomic_write, save_checkpoint
+from .checkpoint import save_checkpoint
 from .datasets import DATASETS, Dataset, load_dataset
+from .defense import PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
 from .errors import ConfigError, FlainError
 from .evaluation import evaluate_checkpoint
+from .files import atomic_write, read_text
 from .simulation import Listener, TrainConfig
 from .training import RunBusy, run_lock, train_to_dir
 
@@ -51,6 +53,8 @@ POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
 VARIED = ("step", "rho", "holdout", "aux_per_class", "repair")  # [defense] keys that may list several values
 REPAIRS = ("distill", "none")
+TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}
+MAX_POINTS = 100  # grid points before --max-points must confirm a larger grid
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,20 @@ class DefenseSettings:
         repaired = f"-{self.repair}" if self.repair != "none" else ""
         return (f"{method}-step{self.step:g}-rho{self.rho:g}-{self.select}{held}{repaired}"
                 f"-aux{self.aux_per_class}x-seed{self.aux_seed}")
+
+    def check(self) -> None:
+        """Refuse a setting out of range (one `Error:` line) before anything trains."""
+        for name in ("aux_per_class", "aux_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name == "aux_per_class"):
+                raise ConfigError(f"[defense] {name} must be a whole number of at least "
+                                  f"{int(name == 'aux_per_class')}, got {value!r}")
+        for method in self.methods:
+            if method in POST_TRAINING:
+                try:
+                    self.config(method).check()
+                except ConfigError as exc:
+                    raise ConfigError(f"[defense] {str(exc).removeprefix('--')}") from None
 
     def config(self, method: str) -> DefenseConfig:
         return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, holdout=self.holdout,
@@ -143,14 +161,23 @@ def _keys(table: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def load_experiment(path: Path, out: Path | None = None, cache: Path | None = None) -> Experiment:
-    """Read a grid file; ``out``/``cache`` override its ``out``/``cache`` keys (cache defaults to out)."""
+def load_experiment(path: Path, out: Path | None = None, cache: Path | None = None, *,
+                    max_points: int = MAX_POINTS) -> Experiment:
+    """Read a grid file; ``out``/``cache`` override its ``out``/``cache`` keys (cache defaults to out).
+    A grid of more than ``max_points`` points is refused (each point is one or two trainings)."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"experiment file {path} does not exist") from None
+        raw = tomllib.loads(read_text(path, "experiment file", max_bytes=1 << 20))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown key or table {', '.join(unknown)}; known: {', '.join(sorted(TOP_KEYS))}")
+    for key in ("train", "grid", "defense"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise ConfigError(f"{path}: {key} must be a table ([{key}]), got {raw[key]!r}")
+    for key in ("name", "out", "cache"):
+        if key in raw and not isinstance(raw[key], str):
+            raise ConfigError(f"{path}: {key} must be a string, got {raw[key]!r}")
     base, grid = _keys(raw.get("train", {}), "train"), _keys(raw.get("grid", {}), "grid")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -161,9 +188,18 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
     name = raw.get("name", Path(path).stem)
     out = Path(out or raw.get("out") or Path("runs/experiments") / name)
     experiment = Experiment(name, out, base, grid, variants, Path(cache or raw.get("cache") or out))
+    size = math.prod(len(v) for v in grid.values())
+    if size > max_points:
+        raise ConfigError(f"{path}: the grid has {size:,} points, more than {max_points:,}; "
+                          "shrink it, or raise the limit with --max-points if you mean it")
     for point in experiment.points():  # fail early on a bad option, before hours of training
-        cfg = experiment.config(point)
+        try:
+            cfg = experiment.config(point)
+        except TypeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         cfg.validate(DATASETS.get(cfg.dataset).num_classes)
+    for variant in variants:  # the defense settings too: a typo there must not wait for the trainings
+        variant.check()
     return experiment
 
 

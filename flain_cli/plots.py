@@ -8,11 +8,12 @@ Readers take the files the other commands write: ``train --log`` (JSON lines) or
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
-from .checkpoint import atomic_write
 from .errors import ConfigError, FlainError
+from .files import atomic_write, read_text
 
 
 def _pyplot():
@@ -25,19 +26,20 @@ def _pyplot():
     return plt
 
 
-def _save(fig, out: Path) -> None:
-    if out.suffix.lower() != ".png":
+def check_png(out: Path) -> Path:
+    """``out`` if its name ends in .png (the one format written)."""
+    if Path(out).suffix.lower() != ".png":
         raise ConfigError(f"--out {out} must end in .png")
+    return Path(out)
+
+
+def _save(fig, out: Path) -> None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 
 def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, list[float | None]]:
     """Columns as floats; an empty cell is None (allowed only in ``optional`` columns)."""
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    rows = list(csv.DictReader(io.StringIO(read_text(path, "CSV file"), newline="")))
     if not rows or any(c not in rows[0] for c in columns + optional):
         raise ConfigError(f"{path} is not a CSV with columns {', '.join(columns + optional)}")
     try:
@@ -52,10 +54,7 @@ def read_train_log(path: Path) -> list[dict]:
     that `flain experiment` keeps in each cached training folder, or that folder."""
     path = Path(path)
     source = path / "train.json" if path.is_dir() else path
-    try:
-        text = source.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read {source}: {exc.strerror}") from None
+    text = read_text(source, "training log")
     try:
         record = json.loads(text)
     except json.JSONDecodeError:

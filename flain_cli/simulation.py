@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ class TrainConfig:
         return AttackTask.parse(self.attack, num_classes) if self.attack else None
 
     def validate(self, num_classes: int) -> None:
+        self._check_types()
         checks = [
             (self.clients >= 1, f"--clients must be at least 1, got {self.clients}"),
             (0.0 <= self.mcr <= 1.0, f"--mcr must be in [0, 1], got {self.mcr}"),
@@ -76,6 +77,13 @@ class TrainConfig:
             (self.local_epochs >= 1, f"--local-epochs must be at least 1, got {self.local_epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.server_lr > 0, f"--server-lr must be > 0, got {self.server_lr}"),
+            (self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"),
+            (self.seed >= 0, f"--seed must be 0 or more, got {self.seed}"),
+            (self.train_samples is None or self.train_samples >= num_classes,
+             f"--train-samples must be at least one per class ({num_classes}), got {self.train_samples}"),
+            (self.rlr_threshold is None or self.rlr_threshold >= 1,
+             f"--rlr-threshold must be at least 1, got {self.rlr_threshold}"),
             (0.0 < self.sample_rate <= 1.0, f"--sample-rate must be in (0, 1], got {self.sample_rate}"),
             (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
         ]
@@ -86,6 +94,20 @@ class TrainConfig:
                                (ARCHITECTURES, self.arch)):
             registry.get(name)
         self.task(num_classes)
+
+    def _check_types(self) -> None:
+        """Every field holds its declared kind (a TOML grid can put anything there); floats are finite."""
+        for f in fields(self):
+            value, kinds = getattr(self, f.name), str(f.type).split(" | ")
+            if value is None and "None" in kinds:
+                continue
+            ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value),
+                  "str": isinstance(value, str)}[kinds[0]]
+            if not ok:
+                what = {"int": "a whole number", "float": "a finite number", "str": "a name"}[kinds[0]]
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be {what}, got {value!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import atomic_write, canonical_safetensors, model_meta, save_checkpoint
+from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
+from .files import atomic_write
 from .datasets import Dataset
 from .errors import CheckpointError, FlainError
 from .simulation import Listener, RoundLog, SimulationResult, Snapshot, TrainConfig, simulate

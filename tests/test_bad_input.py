@@ -56,7 +56,7 @@ def test_non_finite_weights_are_refused(tiny_run, aux_dir, tmp_path, which, tens
 @pytest.mark.parametrize(("options", "start"), [
     (["--step", "1e-300"], "Error: --step 1e-300 would take"),  # used to count down from k ~ 1e297 forever
     (["--step", "1e300"], "Error: --step 1e+300 selects all 3136 inputs at the first threshold"),
-    (["--step", "nan"], "Error: --step must be > 0, got nan"),
+    (["--step", "nan"], "Error: --step must be a finite number, got nan"),
     (["--rho", "-0.1"], "Error: --rho must be in [0, 1], got -0.1"),
 ])
 def test_search_settings_out_of_range(tiny_run, aux_dir, tmp_path, options, start):

@@ -64,8 +64,8 @@ def test_existing_outputs_are_not_overwritten(trained):
     before = (out / "final.safetensors").read_bytes()
     res = invoke("train", "--data-dir", data_dir, *TINY, "--out", out)
     assert res.exit_code == 1
-    assert res.stderr.strip().splitlines() == [f"Error: {out / 'init.safetensors'} already exists; "
-                                               "pass --force to overwrite it or choose another output"]
+    assert res.stderr.strip().splitlines() == [f"Error: --out (init) {out / 'init.safetensors'} already exists; "
+                                               "pass --force to replace it or choose another path"]
     assert (out / "final.safetensors").read_bytes() == before
 
 

@@ -57,7 +57,7 @@ def test_defend_never_overwrites_an_input(tiny_run, aux_dir):
     before = (run / "final.safetensors").read_bytes()
     res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
                  "--out", run / "final.safetensors", "--force")
-    assert res.exit_code == 1 and res.stderr.startswith("Error: output")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: --out ") and "is also the input MODEL" in res.stderr
     assert (run / "final.safetensors").read_bytes() == before
 
 
@@ -102,7 +102,7 @@ def test_aux_export_cli(tmp_path, fmnist_dir):
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["count"] == 20
     res = invoke("aux", "export", "--dataset", "fmnist", "--data-dir", fmnist_dir, "--out", tmp_path / "aux")
-    assert res.exit_code == 1 and res.stderr.startswith(f"Error: {tmp_path / 'aux'} already exists")
+    assert res.exit_code == 1 and res.stderr.startswith(f"Error: --out {tmp_path / 'aux'} already exists")
 
 
 def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):

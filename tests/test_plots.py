@@ -74,7 +74,7 @@ def test_training_plot_draws_several_trainings_from_logs_train_json_and_folders(
     res = invoke("plot", "training", run, "--out", tmp_path / "x.png")
     assert res.exit_code == 1 and "holds no evaluated rounds" in res.stderr
     res = invoke("plot", "training", tmp_path / "empty-folder", "--out", tmp_path / "x.png")
-    assert res.exit_code == 1 and "cannot read" in res.stderr
+    assert res.exit_code == 1 and "does not exist" in res.stderr
     assert not (tmp_path / "x.png").exists()
 
 

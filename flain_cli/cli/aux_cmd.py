@@ -9,6 +9,8 @@ import typer
 
 from ..auxdata import export_aux, export_path, exported_indices
 from ..datasets import DATASETS
+from ..errors import ConfigError
+from ..files import FilePlan
 from .common import DataDirOpt, ForceOpt, JsonOpt, SeedOpt, out, print_json
 
 app = typer.Typer(help="Make auxiliary (clean) sets for scan and defend.", no_args_is_help=True)
@@ -29,9 +31,15 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a class-balanced, seeded aux folder (PNG) drawn from a dataset split."""
-    manifest = export_aux(dataset, per_class, out_dir, split=split, seed=seed, data_dir=data_dir, overwrite=force,
-                          fmt=fmt, exclude=exported_indices(exclude) if exclude else None)
     out_dir = export_path(out_dir, fmt)
+    if force and out_dir.is_dir() and not (out_dir / "aux.json").is_file():
+        raise ConfigError(f"--out {out_dir} is a folder that `flain aux export` did not write (it has no aux.json); "
+                          "--force replaces only an earlier aux set: choose another path")
+    plan = FilePlan({"--data-dir": data_dir, "--exclude": exclude}, {"--out": out_dir}, force=force,
+                    folders=("--out",) if fmt == "folder" else ())
+    with plan.writing() as stage:
+        manifest = export_aux(dataset, per_class, stage["--out"], split=split, seed=seed, data_dir=data_dir, fmt=fmt,
+                              exclude=exported_indices(exclude) if exclude else None)
     summary = {k: v for k, v in manifest.items() if k != "indices"} | {"out": str(out_dir)}
     if as_json:
         print_json(summary)

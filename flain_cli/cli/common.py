@@ -17,8 +17,9 @@ from rich.console import Console
 
 from ..errors import ConfigError, FlainError
 
-out = Console(highlight=False)  # data: tables (stdout)
-err = Console(stderr=True, highlight=False)  # people: progress, warnings, errors (stderr)
+# markup off: paths and labels are printed as given (`runs[/x].safetensors` is a valid file name)
+out = Console(highlight=False, markup=False)  # data: tables (stdout)
+err = Console(stderr=True, highlight=False, markup=False)  # people: progress, warnings, errors (stderr)
 
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint (.safetensors) to read.",
                                           show_default=False)]
@@ -50,17 +51,21 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError("--device cuda was asked for, but this torch build sees no CUDA GPU; use --device cpu")
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"--device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ConfigError(f"--device {name!r}: there is one CPU device; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"numbered from 0")
     return device
 
 
-def check_outputs(paths: list[Path], inputs: list[Path], force: bool) -> None:
-    """Refuse to overwrite an input, or an existing output without --force."""
-    resolved_inputs = {p.resolve() for p in inputs}
-    for path in paths:
-        if path.resolve() in resolved_inputs:
-            raise ConfigError(f"output {path} is also an input; choose another output path")
-        if path.exists() and not force:
-            raise ConfigError(f"{path} already exists; pass --force to overwrite it or choose another output")
+def interrupt_code(exc: KeyboardInterrupt) -> int:
+    """Exit code for an interrupt: 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
+    return getattr(exc, "exit_code", 130)
+
+
+def interrupt_name(exc: KeyboardInterrupt) -> str:
+    return "SIGTERM" if interrupt_code(exc) == 143 else "SIGINT"
 
 
 def _clean(value: Any) -> Any:
@@ -105,9 +110,9 @@ def handle_errors(command):
         except OSError as exc:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             message = f"{exc.strerror or exc}{where}"
-        except KeyboardInterrupt:
-            err.print("Interrupted; nothing was written.")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as files.Interrupted: outputs were staged, not written
+            err.print(f"Interrupted ({interrupt_name(exc)}); nothing was written.")
+            raise typer.Exit(interrupt_code(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, traceback with --debug
             if hasattr(exc, "exit_code"):  # Typer's own usage errors keep their exit code
                 raise

@@ -11,12 +11,13 @@ import typer
 from rich.table import Table
 
 from ..audit import defend_checkpoint
-from ..checkpoint import atomic_write, save_checkpoint
+from ..checkpoint import save_checkpoint
 from ..defense import METHODS, PRESETS, SELECTS, DefenseConfig
 from ..errors import ConfigError
+from ..files import FilePlan
 from ..repair import RepairSettings
 from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     SeedOpt, check_outputs, err, out, print_json, resolve_device)
+                     SeedOpt, err, out, print_json, resolve_device)
 
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
@@ -103,16 +104,19 @@ def defend(
     config = build_config(preset.value, method, step, rho, select, holdout, rescale, repair and repair.value,
                           {"steps": repair_steps, "lr": repair_lr, "alpha": repair_alpha,
                            "temperature": repair_temperature})
+    config.check()
     method, step, rho = config.method, config.step, config.rho
     target = out_path or default_out(model, method)
-    check_outputs([target] + ([trace] if trace else []), [model, init, aux], force)
-    outcome = defend_checkpoint(model, init, aux, config, layer=layer, arch=arch, dataset=dataset, plain=plain,
-                                seed=seed, device=resolve_device(device))
-    res, record = outcome.result, outcome.meta["defense"]
-    save_checkpoint(target, outcome.state, outcome.meta)
-    if trace is not None:
-        rows = "".join(f"{s.lam:.9g},{s.selected},{s.acc:.6f},{res.acc0 - s.acc:.6f}\n" for s in res.trace)
-        atomic_write(trace, lambda tmp: tmp.write_text("lambda,selected,aux_acc,drop\n" + rows))
+    plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux}, {"--out": target, "--trace": trace}, force=force)
+    torch_device = resolve_device(device)
+    with plan.writing() as stage:  # claimed from here; both files appear at the end, or neither
+        outcome = defend_checkpoint(model, init, aux, config, layer=layer, arch=arch, dataset=dataset, plain=plain,
+                                    seed=seed, device=torch_device)
+        res, record = outcome.result, outcome.meta["defense"]
+        save_checkpoint(stage["--out"], outcome.state, outcome.meta)
+        if trace is not None:
+            rows = "".join(f"{s.lam:.9g},{s.selected},{s.acc:.6f},{res.acc0 - s.acc:.6f}\n" for s in res.trace)
+            stage["--trace"].write_text("lambda,selected,aux_acc,drop\n" + rows)
     for warning in outcome.warnings:
         err.print(f"warning: {warning}", markup=False, soft_wrap=True)
     summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method, "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),

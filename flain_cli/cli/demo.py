@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..demo import paper_path, run_demo
-from .common import DeviceOpt, ForceOpt, JsonOpt, check_outputs, fmt, out, print_json, resolve_device
+from ..files import FilePlan
+from .common import DeviceOpt, ForceOpt, JsonOpt, fmt, out, print_json, resolve_device
 
 
 def demo(
@@ -24,13 +25,17 @@ def demo(
 ) -> None:
     """Remove the backdoor of a shipped sample model and show ACC and ASR before and after."""
     target = out_dir / f"{sample}.flain.safetensors"
-    check_outputs([target, paper_path(target)], [samples_dir / sample / "final.safetensors"], force)
-    report = run_demo(samples_dir, sample, target, use_subset=test_subset, device=resolve_device(device))
+    torch_device = resolve_device(device)
+    plan = FilePlan({"--samples-dir": samples_dir}, {"--out": target, "--out (paper preset)": paper_path(target)},
+                    force=force)
+    with plan.writing() as stage:
+        report = run_demo(samples_dir, sample, stage["--out"], paper_out=stage["--out (paper preset)"],
+                          use_subset=test_subset, device=torch_device)
     seconds = {k: round(v, 2) for k, v in report.seconds.items()}
     if as_json:
         print_json({"sample": report.sample, "test": report.test_source, "n_test": report.n_test,
                     "before": report.before, "after": report.after, "paper": report.paper, "defense": report.defense,
-                    "seconds": seconds, "out": str(report.out), "paper_out": str(report.paper_out)})
+                    "seconds": seconds, "out": str(target), "paper_out": str(paper_path(target))})
         return
     table = Table(title=f"FLAIN on sample model {report.sample} ({report.n_test} test images: {report.test_source})")
     for column in ("model", "ACC", "ASR", "aux accuracy", "neurons flipped", "seconds"):
@@ -45,4 +50,4 @@ def demo(
     out.print(table)
     out.print("The default rule's aux accuracy is on the images its repair trained on; judge it by ACC and ASR.")
     out.print(f"lambda {d['lambda']:.4f}; {d['silent_neurons']} inputs of fc1 are never active on the aux set; "
-              f"evaluation took {seconds['eval']} s; wrote {report.out} and {report.paper_out}")
+              f"evaluation took {seconds['eval']} s; wrote {target} and {paper_path(target)}")

@@ -9,9 +9,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import FlainError
-from ..experiment import ExperimentListener, load_experiment, markdown_table, result_paths, run_experiment
+from ..experiment import (MAX_POINTS, ExperimentListener, load_experiment, markdown_table, result_paths,
+                          run_experiment)
+from ..files import FilePlan
 from ..simulation import RoundLog
-from .common import DataDirOpt, DeviceOpt, JsonOpt, err, out, print_json, resolve_device
+from .common import (DataDirOpt, DeviceOpt, JsonOpt, err, interrupt_code, interrupt_name, out, print_json,
+                     resolve_device)
 
 
 class _RichListener(ExperimentListener):
@@ -50,12 +53,18 @@ def experiment(
         help="Folder for the trainings (train-<hash>/), which experiments may share (default: the file's "
              "`cache`, else --out).", show_default=False)] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells and trainings, run nothing.")] = False,
+    max_points: Annotated[int, typer.Option(
+        min=1, help="Refuse a grid of more points than this (each point is one or two trainings); raise it to "
+                    "confirm a larger grid.")] = MAX_POINTS,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Train each configuration of a grid once, apply every defense, and tabulate ACC and ASR."""
-    exp = load_experiment(config, out_dir, cache)
+    exp = load_experiment(config, out_dir, cache, max_points=max_points)
+    # both folders are added to as the grid runs (and resumed), so they may exist: no --force here
+    FilePlan({"CONFIG.toml": config, "--data-dir": data_dir}, {"--out": exp.out, "--cache": None if exp.cache == exp.out else exp.cache},
+             force=True, folders=("--out", "--cache")).check()
     points = exp.points()
     defenses = exp.defenses
     total = len(points) * len(defenses)
@@ -73,13 +82,14 @@ def experiment(
         return
     torch_device = resolve_device(device)
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as progress:
             cells = run_experiment(exp, device=torch_device, data_dir=data_dir,
                                    listener=_RichListener(progress, total))
-    except KeyboardInterrupt:
-        err.print("Interrupted: finished cells and training rounds are kept; rerun the same command to resume.")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as exc:
+        err.print(f"Interrupted ({interrupt_name(exc)}): finished cells and training rounds are kept; rerun the same "
+                  "command to resume.")
+        raise typer.Exit(interrupt_code(exc)) from None
     paths = result_paths(exp)
     failed = [c for c in cells if c.status == "failed"]
     if as_json:

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ..plots import plot_activations, plot_sweep, plot_trace, plot_training
-from .common import ForceOpt, JsonOpt, check_outputs, out, print_json
+from ..files import FilePlan
+from ..plots import check_png, plot_activations, plot_sweep, plot_trace, plot_training
+from .common import ForceOpt, JsonOpt, out, print_json
 
 app = typer.Typer(help="Draw PNG figures (needs matplotlib, the optional 'plot' extra of flain-cli).",
                   no_args_is_help=True)
@@ -34,8 +35,9 @@ def training(runs: Annotated[list[Path], typer.Argument(
                  show_default=False)] = None,
              force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """ACC and ASR per round, for one training or several side by side."""
-    check_outputs([out_path], [r / "train.json" if r.is_dir() else r for r in runs], force)
-    plot_training(runs, out_path, title, labels)
+    inputs = {f"RUN {i + 1}": r / "train.json" if r.is_dir() else r for i, r in enumerate(runs)}
+    with FilePlan(inputs, {"--out": check_png(out_path)}, force=force).writing() as stage:
+        plot_training(runs, stage["--out"], title, labels)
     _done(out_path, as_json)
 
 
@@ -43,8 +45,8 @@ def trace(trace_csv: Annotated[Path, typer.Argument(metavar="TRACE.csv", help="A
                                                     show_default=False)],
           out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """The search curve: aux accuracy and neurons selected against the threshold lambda."""
-    check_outputs([out_path], [trace_csv], force)
-    plot_trace(trace_csv, out_path, title)
+    with FilePlan({"TRACE.csv": trace_csv}, {"--out": check_png(out_path)}, force=force).writing() as stage:
+        plot_trace(trace_csv, stage["--out"], title)
     _done(out_path, as_json)
 
 
@@ -52,16 +54,16 @@ def sweep(sweep_csv: Annotated[Path, typer.Argument(metavar="SWEEP.csv", help="A
                                                     show_default=False)],
           out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """ACC, ASR, ASR without trigger and aux accuracy against the threshold lambda."""
-    check_outputs([out_path], [sweep_csv], force)
-    plot_sweep(sweep_csv, out_path, title)
+    with FilePlan({"SWEEP.csv": sweep_csv}, {"--out": check_png(out_path)}, force=force).writing() as stage:
+        plot_sweep(sweep_csv, stage["--out"], title)
     _done(out_path, as_json)
 
 
 def activations(means_csv: Annotated[Path, typer.Argument(metavar="MEANS.csv", help="A `flain scan --csv` file.",
                                                           show_default=False)],
-                out_path: OutOpt, bins: Annotated[int, typer.Option(help="Histogram bins.")] = 60,
+                out_path: OutOpt, bins: Annotated[int, typer.Option(min=1, max=10_000, help="Histogram bins.")] = 60,
                 title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """Histogram of the mean activations of the defended layer's inputs."""
-    check_outputs([out_path], [means_csv], force)
-    plot_activations(means_csv, out_path, bins, title)
+    with FilePlan({"MEANS.csv": means_csv}, {"--out": check_png(out_path)}, force=force).writing() as stage:
+        plot_activations(means_csv, stage["--out"], bins, title)
     _done(out_path, as_json)

@@ -10,9 +10,9 @@ import typer
 from rich.table import Table
 
 from ..audit import scan_checkpoint
-from ..checkpoint import atomic_write
+from ..files import FilePlan
 from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     check_outputs, out, print_json, resolve_device)
+                     out, print_json, resolve_device)
 
 
 def histogram_rows(values: torch.Tensor, bins: int = 12, width: int = 40) -> list[tuple[str, int, str]]:
@@ -40,13 +40,12 @@ def scan(
     as_json: JsonOpt = False,
 ) -> None:
     """Print the mean activation of each input neuron of a Linear layer over the aux set."""
-    if csv is not None:
-        check_outputs([csv], [model], force)
-    res = scan_checkpoint(model, aux, layer=layer, arch=arch, dataset=dataset, device=resolve_device(device))
-    means = res.means
-    if csv is not None:
-        text = "neuron,mean\n" + "".join(f"{i},{v:.9g}\n" for i, v in enumerate(means.tolist()))
-        atomic_write(csv, lambda tmp: tmp.write_text(text))
+    torch_device = resolve_device(device)
+    with FilePlan({"MODEL": model, "--aux": aux}, {"--csv": csv}, force=force).writing() as stage:
+        res = scan_checkpoint(model, aux, layer=layer, arch=arch, dataset=dataset, device=torch_device)
+        means = res.means
+        if csv is not None:
+            stage["--csv"].write_text("neuron,mean\n" + "".join(f"{i},{v:.9g}\n" for i, v in enumerate(means.tolist())))
     summary = {"model": str(model), "layer": res.layer, "neurons": int(means.numel()), "n_aux": res.n_aux,
                "aux_acc": res.aux_acc, "min": float(means.min()), "median": float(means.median()),
                "max": float(means.max()), "zeros": int((means == 0).sum())}

@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..checkpoint import atomic_write
 from ..defense import METHODS, PAPER_STEP
+from ..files import FilePlan
 from ..sweep import sweep_checkpoint
 from .common import (AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     check_outputs, fmt, out, print_json, resolve_device)
+                     fmt, out, print_json, resolve_device)
 
 COLUMNS = ("lambda", "changed", "aux_acc", "acc", "asr", "asr_clean")
 
@@ -39,15 +39,17 @@ def sweep(
     """Score the model that `defend` would write at each threshold: aux accuracy, test ACC, ASR, and the ASR
     without trigger. A diagnostic for whoever holds labelled test data: it shows whether any threshold
     removes the backdoor and what it costs, and where the paper's stopping rule lands."""
-    check_outputs([csv] if csv else [], [model, init, aux], force)
-    res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
-                           dataset=dataset, data_dir=data_dir, test_file=test, device=resolve_device(device))
-    rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
-             "asr_clean": p.asr_clean} for p in res.points]
-    if csv is not None:
-        text = ",".join(COLUMNS) + "\n" + "".join(
-            ",".join("" if r[c] is None else f"{r[c]:.9g}" for c in COLUMNS) + "\n" for r in rows)
-        atomic_write(csv, lambda tmp: tmp.write_text(text))
+    torch_device = resolve_device(device)
+    plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux, "--test": test, "--data-dir": data_dir},
+                    {"--csv": csv}, force=force)
+    with plan.writing() as stage:
+        res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
+                               dataset=dataset, data_dir=data_dir, test_file=test, device=torch_device)
+        rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
+                 "asr_clean": p.asr_clean} for p in res.points]
+        if csv is not None:
+            stage["--csv"].write_text(",".join(COLUMNS) + "\n" + "".join(
+                ",".join("" if r[c] is None else f"{r[c]:.9g}" for c in COLUMNS) + "\n" for r in rows))
     if as_json:
         print_json({"model": str(model), "layer": res.layer, "method": method, "step": step, "of": res.of,
                     "attack": res.attack, "n_aux": res.n_aux, "n_test": res.n_test, "points": rows})

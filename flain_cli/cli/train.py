@@ -13,11 +13,13 @@ from rich.table import Table
 from ..aggregation import AGGREGATORS
 from ..datasets import DATASETS, load_dataset
 from ..errors import ConfigError
+from ..files import FilePlan
 from ..simulation import Listener, RoundLog, TrainConfig
 from ..splits import SPLITS
 from ..training import RESUME_FILE, TrainOutcome, load_snapshot, run_lock, train_to_dir
 from ..triggers import TRIGGERS
-from .common import DataDirOpt, DeviceOpt, ForceOpt, JsonOpt, SeedOpt, check_outputs, err, fmt, out, print_json, resolve_device
+from .common import (DataDirOpt, DeviceOpt, ForceOpt, JsonOpt, SeedOpt, err, fmt, interrupt_code, interrupt_name,
+                     out, print_json, resolve_device)
 
 
 def _choice(registry) -> str:
@@ -135,20 +137,21 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
     if resume_path.is_file() and not (resume or force):
         raise ConfigError(f"{out_dir} holds a run interrupted after round {load_snapshot(resume_path).round}; "
                           "pass --resume to continue it, or --force to start over")
-    check_outputs([init_path, final_path] + ([log] if log and not resuming else []), [], force)
+    FilePlan({"--data-dir": data_dir}, {"--out (init)": init_path, "--out (final)": final_path,
+                                        "--log": None if resuming else log}, force=force).check()
     data = load_dataset(cfg.dataset, data_dir)
 
     listener: _RichListener | None = None
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err, transient=True) as progress:
             listener = _RichListener(progress, cfg.rounds, log)
             outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=resume)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         done = (f"round {listener.last_round} is kept in {resume_path}; rerun the same command with --resume "
                 "to continue") if listener and listener.last_round else "no round finished"
-        err.print(f"Interrupted: {done}.", markup=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        err.print(f"Interrupted ({interrupt_name(exc)}): {done}.", soft_wrap=True)
+        raise typer.Exit(interrupt_code(exc)) from None
     finally:
         if listener is not None and listener.log_file is not None:
             listener.log_file.close()

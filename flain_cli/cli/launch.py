@@ -1,0 +1,32 @@
+"""The `flain` entry point. It takes over SIGINT and SIGTERM before anything else is imported
+(torch takes seconds to import), so an interrupt at any moment ends the command with one line
+and exit code 130 (SIGINT) or 143 (SIGTERM), and no temporary file is left behind."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from ..files import Interrupted, raise_on_signal, signal_received
+
+
+def _interrupted(signum: int, note: str) -> None:
+    sys.stderr.write(f"Interrupted ({signal.Signals(signum).name}); {note}\n")
+    sys.exit(128 + signum)
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, raise_on_signal)
+    signal.signal(signal.SIGTERM, raise_on_signal)
+    try:
+        from .app import app
+        app()
+    except Interrupted as exc:  # during the imports: no command has started
+        _interrupted(exc.signum, "nothing was written.")
+    except KeyboardInterrupt:  # pragma: no cover - only before our handler is in place
+        _interrupted(signal.SIGINT, "nothing was written.")
+    except SystemExit as exc:
+        signum = signal_received()
+        if signum is not None and exc.code in (0, None):  # the signal came as the outputs were renamed
+            _interrupted(signum, "the outputs had been written in full.")
+        raise
