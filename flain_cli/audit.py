@@ -183,6 +183,16 @@ def check_finite(ckpt: Checkpoint, role: str) -> None:
                               f"use a checkpoint whose weights are all finite")
 
 
+def check_float32(ckpt: Checkpoint, role: str) -> None:
+    """`defend` computes and writes float32: refuse other dtypes with what to do (eval and scan cast on load)."""
+    other = {name: t.dtype for name, t in ckpt.tensors.items() if t.dtype != torch.float32}
+    if other:
+        name, dtype = next(iter(other.items()))
+        raise CheckpointError(f"{role} {ckpt.path} stores {name} as {str(dtype).removeprefix('torch.')} "
+                              f"({len(other)} of {len(ckpt.tensors)} tensors are not float32); `flain defend` "
+                              f"reads float32 checkpoints only: save a float32 copy (tensor.float()) and defend that")
+
+
 def aux_warnings(aux: AuxSet, num_classes: int) -> list[str]:
     """Refuse an aux set of one class; warn about missing classes and very small sets."""
     present = sorted(set(aux.labels.tolist()))
@@ -245,6 +255,8 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
     init = load_checkpoint(init_path)
     check_finite(loaded.ckpt, "MODEL")
     check_finite(init, "--init")
+    check_float32(loaded.ckpt, "MODEL")
+    check_float32(init, "--init")
     check_pair(loaded.ckpt, init)
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)

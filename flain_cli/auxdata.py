@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .files import atomic_write
 from .datasets import Split, load_dataset, normalize
 from .errors import AuxError, ConfigError
+from .files import atomic_write
 from .splits import balanced_subset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -80,12 +80,24 @@ def load_aux(path: Path, input_shape: tuple[int, int, int], num_classes: int,
 
 
 def _class_index(name: str, class_names: list[str], folder: Path) -> int:
-    if name.isdigit():
+    if name.isascii() and name.isdigit():  # "²" is a digit to str.isdigit, not to int()
         return int(name)
     if name in class_names:
         return class_names.index(name)
     known = f"; known names: {', '.join(class_names)}" if class_names else ""
     raise AuxError(f"aux class folder {folder / name} is neither a class index nor a class name of the model{known}")
+
+
+MAX_AUX_PIXELS = 4096 * 4096  # aux images are thumbnails (28x28, 32x32); a bigger one is a mistake or a bomb
+
+
+def _check_size(size: tuple[int, int], source: Path | str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise AuxError(f"aux image {source} is {width}x{height} pixels: empty; remove it")
+    if width * height > MAX_AUX_PIXELS:
+        raise AuxError(f"aux image {source} declares {width}x{height} pixels, more than aux images can be "
+                       f"({MAX_AUX_PIXELS:,} pixels); remove it")
 
 
 def _convert(image: Image.Image, shape: tuple[int, int, int]) -> tuple[np.ndarray, bool]:
@@ -108,10 +120,13 @@ def _load_folder(root: Path, shape: tuple[int, int, int], class_names: list[str]
         for file in sorted(class_dir.iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
+            if not file.is_file():  # a FIFO would block the read forever
+                raise AuxError(f"aux image {file} is not a regular file (a folder, pipe or device); remove it")
             try:
                 with Image.open(file) as image:
+                    _check_size(image.size, file)
                     array, was_resized = _convert(image, shape)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
                 raise AuxError(f"cannot read aux image {file}: {exc}") from None
             images.append(array)
             labels.append(label)
@@ -142,6 +157,7 @@ def _load_tensor_file(path: Path, shape: tuple[int, int, int]) -> AuxSet:
     if images.ndim == 4 and images.shape[3] not in (1, 3, 4):
         raise AuxError(f"aux file {path}: images have {images.shape[3]} channels; expected 1, 3 or 4 (last axis)")
     channels, height, width = shape
+    _check_size((images.shape[2], images.shape[1]), path)
     if images.ndim == 3:
         images = images[..., None]
     labels = torch.from_numpy(labels.astype(np.int64))

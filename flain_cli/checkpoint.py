@@ -21,7 +21,7 @@ from safetensors.torch import save
 from . import __version__
 from .datasets import DATASETS
 from .errors import CheckpointError, ConfigError
-from .files import atomic_write
+from .files import atomic_write, regular_file
 from .models import ARCHITECTURES, LayerStack, build_model
 
 FORMAT = "flain-cli/1"
@@ -96,8 +96,9 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a safetensors file; its metadata is decoded when flain-cli wrote it, else empty."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    regular_file(path, "checkpoint")
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -112,7 +113,34 @@ def load_checkpoint(path: Path) -> Checkpoint:
             raise CheckpointError(f"{path}: metadata is not valid JSON ({exc})") from None
         if meta["format"] != FORMAT:
             raise CheckpointError(f"{path} has format {meta['format']!r}; this flain-cli reads {FORMAT!r}")
+        check_meta(meta, path)
     return Checkpoint(tensors, meta, path, sha256_file(path))
+
+
+# metadata fields flain-cli reads, and the JSON kinds they may hold (None: the field may be null)
+META_KINDS: dict[str, tuple[type | None, ...]] = {
+    "arch": (str,), "dataset": (str, None), "num_classes": (int,), "role": (str,), "defended_layer": (str,),
+    "input_shape": (list,), "normalization": (dict,), "class_names": (list,), "parents": (dict,),
+    "attack": (dict, None), "metrics": (dict,), "train_config": (dict,), "defense": (dict,), "seed": (int,),
+}
+MAX_CLASSES = 100_000
+
+
+def check_meta(meta: dict[str, Any], path: Path) -> None:
+    """Refuse flain-cli metadata whose fields have the wrong kind or an absurd value (an edited file)."""
+    for key, kinds in META_KINDS.items():
+        if key not in meta:
+            continue
+        value = meta[key]
+        if not any(value is None if k is None else isinstance(value, k) and not isinstance(value, bool)
+                   for k in kinds):
+            names = " or ".join("null" if k is None else {str: "a string", int: "an integer", list: "a list",
+                                                          dict: "an object"}[k] for k in kinds)
+            raise CheckpointError(f"{path}: metadata field {key!r} must be {names}, got {value!r:.60}; the file was "
+                                  "edited or not written by flain-cli: fix the field or remove the metadata")
+    if "num_classes" in meta and not 2 <= meta["num_classes"] <= MAX_CLASSES:
+        raise CheckpointError(f"{path}: metadata num_classes {meta['num_classes']} is not from 2 to {MAX_CLASSES:,}; "
+                              "fix the field or remove the metadata")
 
 
 def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str | None = None,
@@ -134,6 +162,10 @@ def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str |
     if num_classes is None:
         raise ConfigError(f"cannot tell how many classes {ckpt.path} has; pass --dataset")
     meta = model_meta(arch, int(num_classes), dataset)
+    if dataset is not None and tuple(DATASETS.get(dataset).shape) != tuple(meta["input_shape"]):
+        raise ConfigError(f"{ckpt.path}: dataset {dataset} has {tuple(DATASETS.get(dataset).shape)} images but "
+                          f"architecture {arch} takes {tuple(meta['input_shape'])}; pass the --dataset the model "
+                          "was trained on")
     if ckpt.meta.get("defended_layer"):
         meta["defended_layer"] = ckpt.meta["defended_layer"]
     return meta

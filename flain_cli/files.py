@@ -188,6 +188,7 @@ class FilePlan:
     @contextlib.contextmanager
     def writing(self) -> Iterator[dict[str, Path]]:
         """Claim and check the outputs; yield option name -> temporary path; rename all at the end."""
+        self.check()  # before claiming: two outputs on one path would otherwise look like two processes
         with contextlib.ExitStack() as claims:
             for name in sorted(self.outputs, key=lambda n: str(self.outputs[n])):
                 claims.enter_context(_claim(name, self.outputs[name]))

@@ -10,12 +10,14 @@ It reads test labels, so it is a diagnostic, never a defense.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .audit import AuxFeatures, check_pair, load_aux_for, load_model
+from .audit import AuxFeatures, check_finite, check_float32, check_pair, load_aux_for, load_model
 from .auxdata import AuxSet
 from .checkpoint import load_checkpoint
 from .datasets import DATASETS, load_dataset
@@ -52,10 +54,15 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
                      data_dir: Path | None = None, test_file: Path | None = None,
                      device: torch.device | str = "cpu") -> SweepResult:
     """The model unchanged, then ``points`` thresholds mu, mu + step, ... as `defend` would apply them."""
-    if step <= 0 or points < 1:
-        raise ConfigError(f"--step must be > 0 and --points at least 1, got {step} and {points}")
+    if not (math.isfinite(step) and step > 0):
+        raise ConfigError(f"--step must be a finite number > 0, got {step}")
+    if points < 1:
+        raise ConfigError(f"--points must be at least 1, got {points}")
     loaded = load_model(path, dataset=dataset, device=device)
     init = load_checkpoint(init_path)
+    for ckpt, role in ((loaded.ckpt, "MODEL"), (init, "--init")):
+        check_finite(ckpt, role)
+        check_float32(ckpt, role)
     check_pair(loaded.ckpt, init)
     meta = loaded.meta
     if meta["dataset"] is None:

@@ -108,3 +108,291 @@ def test_the_repair_on_a_large_aux_set_is_warned_about(tiny_run, tmp_path):
     assert any("brought the backdoor back" in w for w in json.loads(res.stdout)["warnings"])
     paper = defend(run, big, tmp_path / "p.safetensors", "--rho", "0.05", "--preset", "paper", "--json")
     assert not any("repair" in w for w in json.loads(paper.stdout)["warnings"])
+
+
+# ---- files: an output never replaces an input; clashes, claims, staging, names ---------------------------
+
+def tree(path) -> dict:
+    """Every file under ``path`` (or the file itself) with its bytes: to show nothing changed."""
+    from pathlib import Path
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p): p.read_bytes() for p in files}
+
+
+def export(data, out, *options):
+    return invoke("aux", "export", "--dataset", "fmnist", "--data-dir", data, "--per-class", "2", "--out", out,
+                  *options)
+
+
+def test_outputs_that_are_inputs_or_clash_are_refused_and_inputs_stay(tiny_run, aux_dir, tmp_path, monkeypatch):
+    run, data = tiny_run
+    earlier = tmp_path / "earlier"
+    assert export(data, earlier).exit_code == 0
+    npz = tmp_path / "aux.npz"
+    assert export(data, npz, "--format", "npz").exit_code == 0
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("mine")
+    model = ("MODEL", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir)
+    cases = [
+        (export(data, data, "--force"), "Error: --out ", "is also the input --data-dir"),
+        (export(data, earlier, "--exclude", earlier, "--force"), "Error: --out ", "is also the input --exclude"),
+        (export(data, junk, "--force"), "Error: --out ", "did not write (it has no aux.json)"),
+        (invoke("scan", run / "final.safetensors", "--aux", npz, "--csv", npz, "--force"), "Error: --csv ",
+         "is also the input --aux"),
+        (invoke("sweep", *model[1:], "--test", npz, "--csv", npz, "--force"), "Error: --csv ", "is also the input --test"),
+        (invoke("train", "--data-dir", data, "--rounds", "1", "--out", tmp_path / "t", "--log", data / "log.jsonl"),
+         "Error: --log ", "lies inside the input folder --data-dir"),
+        (invoke("defend", *model[1:], "--out", tmp_path / "f.csv", "--trace", tmp_path / "f.csv"), "Error: --out and "
+         "--trace are the same path", ""),
+        (invoke("defend", *model[1:], "--out", aux_dir / "clean.safetensors"), "Error: --out ",
+         "lies inside the input folder --aux"),
+        (invoke("defend", *model[1:], "--out", run, "--force"), "Error: --out ", "contains the input MODEL"),
+    ]
+    before = tree(data) | tree(earlier) | tree(npz) | tree(junk) | tree(aux_dir) | tree(run)
+    for res, start, detail in cases:
+        one_error_line(res, start)
+        assert detail in res.stderr
+    assert tree(data) | tree(earlier) | tree(npz) | tree(junk) | tree(aux_dir) | tree(run) == before
+    assert not (tmp_path / "f.csv").exists() and not (tmp_path / "t").exists()
+    monkeypatch.chdir(tmp_path)
+    one_error_line(export(data, ".", "--force"), "Error: --out . ")
+
+
+def test_two_writers_of_one_output_cannot_both_succeed(tmp_path):
+    from flain_cli.errors import ConfigError
+    from flain_cli.files import Busy, FilePlan
+    out = tmp_path / "o.txt"
+    with FilePlan({}, {"--out": out}).writing() as stage:
+        with pytest.raises(Busy, match="being written by another process"):
+            with FilePlan({}, {"--out": out}).writing():
+                pass
+        stage["--out"].write_text("first")
+    assert out.read_text() == "first"
+    with pytest.raises(ConfigError, match="already exists; pass --force"):
+        with FilePlan({}, {"--out": out}).writing():
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.txt"]  # no lock, no temp file left
+
+
+def test_a_failure_writes_none_of_the_outputs(tiny_run, aux_dir, tmp_path):
+    from flain_cli.files import FilePlan
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    with pytest.raises(RuntimeError):
+        with FilePlan({}, {"--a": a, "--b": b}).writing() as stage:
+            stage["--a"].write_text("a")
+            raise RuntimeError("the second output failed")
+    assert list(tmp_path.iterdir()) == []
+    run, _ = tiny_run
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = tmp_path / "o.safetensors"
+    res = defend(run, aux_dir, out, "--trace", blocker / "trace.csv")  # --trace cannot be written
+    one_error_line(res, "Error: --trace ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_long_names_and_brackets_in_paths_are_written_and_printed_as_given(tiny_run, aux_dir, tmp_path, monkeypatch):
+    run, _ = tiny_run
+    monkeypatch.chdir(tmp_path)  # short relative names: the table titles below fit on one line
+    long = tmp_path / ("m" * 238 + ".safetensors")  # 250 bytes: the temp name must still fit
+    res = defend(run, aux_dir, long, "--preset", "paper", "--rho", "0.05", "--json")
+    assert res.exit_code == 0, res.output
+    assert long.is_file() and json.loads(res.stdout)["out"] == str(long)
+    (tmp_path / "runs[").mkdir()
+    for name in ("runs[/x].csv", "d[v2].csv", "[bold]b[/bold].csv"):
+        model = name.replace("/", "_").replace(".csv", ".safetensors")
+        shutil.copy(run / "final.safetensors", model)
+        res = invoke("scan", model, "--aux", aux_dir, "--csv", name)
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / name).is_file() and f"flain scan {model}:" in res.stdout
+    res = invoke("aux", "export", "--dataset", "fmnist", "--data-dir", tiny_run[1], "--per-class", "1",
+                 "--out", "a[v2]")
+    assert res.exit_code == 0 and "to a[v2]" in res.stdout
+
+
+# ---- numbers: every option has a range, checked before any work ----------------------------------------
+
+@pytest.mark.parametrize(("args", "code", "start"), [
+    (["train", "--server-lr", "nan"], 1, "Error: --server-lr must be a finite number, got nan"),
+    (["train", "--lr", "inf"], 1, "Error: --lr must be a finite number, got inf"),
+    (["train", "--train-samples", "0"], 1, "Error: --train-samples must be at least one per class (10), got 0"),
+    (["train", "--alpha", "0"], 1, "Error: --alpha must be > 0, got 0.0"),
+    (["train", "--device", "cpu:5"], 1, "Error: --device 'cpu:5': there is one CPU device; use cpu"),
+    (["train", "--seed", "-1"], 2, "Usage: "),
+])
+def test_train_options_out_of_range(fmnist_dir, tmp_path, args, code, start):
+    res = invoke(*args, "--data-dir", fmnist_dir, "--rounds", "1", "--out", tmp_path / "t")
+    assert res.exit_code == code and res.stderr.startswith(start), res.stderr
+    assert not (tmp_path / "t" / "final.safetensors").exists()
+
+
+@pytest.mark.parametrize(("args", "code", "start"), [
+    (["scan", "{final}", "--aux", "{aux}", "--lowest", "-5"], 2, "Usage: "),
+    (["sweep", "{final}", "--init", "{init}", "--aux", "{aux}", "--step", "nan"], 1,
+     "Error: --step must be a finite number > 0, got nan"),
+    (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--method", "../x"], 1, "Error: "),
+    (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--holdout", "1"], 1,
+     "Error: --holdout must be in [0, 1), got 1.0"),
+    (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--seed", "-1"], 2, "Usage: "),
+    (["plot", "activations", "{csv}", "--out", "{png}", "--bins", "0"], 2, "Usage: "),
+])
+def test_other_options_out_of_range(tiny_run, aux_dir, tmp_path, args, code, start):
+    run, _ = tiny_run
+    fill = {"final": run / "final.safetensors", "init": run / "init.safetensors", "aux": aux_dir,
+            "csv": tmp_path / "m.csv", "png": tmp_path / "m.png"}
+    res = invoke(*[a.format(**{k: str(v) for k, v in fill.items()}) for a in args])
+    assert res.exit_code == code and res.stderr.startswith(start), res.stderr
+    if code == 1:
+        assert len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.png").exists() and not (run / "final.flain.safetensors").exists()
+
+
+# ---- experiment grids: refused before anything trains ---------------------------------------------------
+
+GRID = '[train]\nrounds = 1\nclients = 2\n[grid]\nseed = [1]\n'
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (GRID + '[defence]\nrho = 0.05\n', "unknown key or table defence"),
+    (GRID.replace("seed = [1]", "seed = " + str(list(range(10_000)))), "the grid has 10,000 points, more than 100"),
+    (GRID.replace("rounds = 1", 'rounds = "ten"'), "--rounds must be a whole number, got 'ten'"),
+    (GRID + '[defense]\nrho = 2.0\n', "[defense] rho must be in [0, 1], got 2.0"),
+    (GRID + '[defense]\nstep = "big"\n', "[defense] step must be a finite number, got 'big'"),
+    (GRID + '[defense]\naux_per_class = 0\n', "[defense] aux_per_class must be a whole number of at least 1"),
+    ("defense = 3\n", "defense must be a table"),
+])
+def test_bad_experiment_grids_fail_before_training(fmnist_dir, tmp_path, text, message):
+    config = tmp_path / "grid.toml"
+    config.write_text(text)
+    res = invoke("experiment", config, "--data-dir", fmnist_dir, "--out", tmp_path / "out")
+    one_error_line(res, "Error: ")
+    assert message in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_binary_and_endless_files_are_refused(tiny_run, tmp_path):
+    binary = tmp_path / "grid.toml"
+    binary.write_bytes(b"\xff\xfe\x00name")
+    one_error_line(invoke("experiment", binary), "Error: experiment file ")
+    assert "is not UTF-8 text" in invoke("experiment", binary).stderr
+    one_error_line(invoke("experiment", "/dev/zero"), "Error: experiment file /dev/zero is not a regular file")
+    one_error_line(invoke("plot", "training", "/dev/zero", "--out", tmp_path / "p.png"),
+                   "Error: training log /dev/zero is not a regular file")
+    bad_csv = tmp_path / "t.csv"
+    bad_csv.write_bytes(b"lambda,selected\n\xff\xff\n")
+    one_error_line(invoke("plot", "trace", bad_csv, "--out", tmp_path / "p.png"), "Error: CSV file ")
+    assert not (tmp_path / "p.png").exists()
+
+
+# ---- aux images and checkpoints that are not what they claim --------------------------------------------
+
+def png_declaring(path, width: int, height: int) -> None:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` (a decompression bomb costs nothing to make)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    body = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = body
+    data[29:33] = struct.pack(">I", zlib.crc32(body))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("spoil", ["bomb", "large", "empty", "fifo", "superscript"])
+def test_bad_aux_folders_get_one_error_line(tiny_run, aux_dir, tmp_path, spoil):
+    import os
+    run, _ = tiny_run
+    aux = tmp_path / "aux"
+    shutil.copytree(aux_dir, aux)
+    if spoil == "bomb":  # Pillow's own guard
+        png_declaring(aux / "3" / "x.png", 20000, 20000)
+    elif spoil == "large":  # under Pillow's guard, over what an aux image can be
+        png_declaring(aux / "3" / "x.png", 5000, 5000)
+    elif spoil == "empty":
+        png_declaring(aux / "3" / "x.png", 0, 0)
+    elif spoil == "fifo":
+        os.mkfifo(aux / "3" / "x.png")  # opening it would block forever
+    else:
+        shutil.copytree(aux_dir / "3", aux / "²")
+    res = invoke("scan", run / "final.safetensors", "--aux", aux)
+    one_error_line(res, "Error: ")
+    assert {"bomb": "decompression bomb", "large": "declares 5000x5000 pixels", "empty": "x.png", "fifo": "not a regular file",
+            "superscript": "neither a class index nor a class name"}[spoil] in res.stderr
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("num_classes", 10**9, "num_classes 1000000000 is not from 2 to 100,000"),
+    ("parents", "x", "metadata field 'parents' must be an object"),
+    ("dataset", "cifar10", "dataset cifar10 has (3, 32, 32) images but architecture cnn-mnist takes (1, 28, 28)"),
+])
+def test_checkpoint_metadata_out_of_kind_is_refused(tiny_run, aux_dir, tmp_path, field, value, message):
+    run, _ = tiny_run
+    ckpt = load_checkpoint(run / "final.safetensors")
+    edited = tmp_path / "edited.safetensors"
+    save_checkpoint(edited, ckpt.tensors, ckpt.meta | {field: value})
+    for res in (invoke("scan", edited, "--aux", aux_dir), invoke("eval", edited)):
+        one_error_line(res, "Error: ")
+        assert message in res.stderr
+
+
+def test_a_float16_checkpoint_is_refused_by_defend_with_what_to_do(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    folder = tmp_path / "half"
+    folder.mkdir()
+    for name in ("init.safetensors", "final.safetensors"):
+        ckpt = load_checkpoint(run / name)
+        save_checkpoint(folder / name, {k: v.half() for k, v in ckpt.tensors.items()}, ckpt.meta)
+    res = defend(folder, aux_dir, tmp_path / "o.safetensors")
+    one_error_line(res, "Error: MODEL ")
+    assert "as float16" in res.stderr and "save a float32 copy" in res.stderr
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+# ---- signals: exit 130/143, one line, nothing left behind -------------------------------------------------
+
+def flain_process(*args, cwd):
+    import os
+    import subprocess
+    import sys
+    env = os.environ | {"PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "flain_cli", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_mid_defend_exits_143_and_leaves_nothing(tiny_run, aux_dir, tmp_path):
+    import signal
+    import time
+    run, _ = tiny_run
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = flain_process("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                         "--out", out / "o.safetensors", "--trace", out / "t.csv", "--repair-steps", "100000",
+                         cwd=tmp_path)
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".lock") for p in out.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the outputs are claimed: the command is at work
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert stderr.strip().splitlines() == ["Interrupted (SIGTERM); nothing was written."]
+    assert list(out.iterdir()) == []
+
+
+def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path):
+    import signal
+    import time
+    proc = flain_process("eval", tmp_path / "none.safetensors", cwd=tmp_path)
+    time.sleep(0.3)  # inside the imports (torch takes longer than this)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 1), stderr  # 1: the command had already failed on the missing file
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    if proc.returncode == 130:
+        assert stderr.startswith("Interrupted (SIGINT)")

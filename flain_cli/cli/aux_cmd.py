@@ -32,11 +32,12 @@ def export(
 ) -> None:
     """Write a class-balanced, seeded aux folder (PNG) drawn from a dataset split."""
     out_dir = export_path(out_dir, fmt)
+    plan = FilePlan({"--data-dir": data_dir, "--exclude": exclude}, {"--out": out_dir}, force=force,
+                    folders=("--out",) if fmt == "folder" else ())
+    plan.check()
     if force and out_dir.is_dir() and not (out_dir / "aux.json").is_file():
         raise ConfigError(f"--out {out_dir} is a folder that `flain aux export` did not write (it has no aux.json); "
                           "--force replaces only an earlier aux set: choose another path")
-    plan = FilePlan({"--data-dir": data_dir, "--exclude": exclude}, {"--out": out_dir}, force=force,
-                    folders=("--out",) if fmt == "folder" else ())
     with plan.writing() as stage:
         manifest = export_aux(dataset, per_class, stage["--out"], split=split, seed=seed, data_dir=data_dir, fmt=fmt,
                               exclude=exported_indices(exclude) if exclude else None)

@@ -30,7 +30,7 @@ def scan(
     model: ModelArg,
     aux: AuxOpt,
     layer: LayerOpt = None,
-    lowest: Annotated[int, typer.Option(help="How many of the least active neurons to list.")] = 10,
+    lowest: Annotated[int, typer.Option(min=1, help="How many of the least active neurons to list.")] = 10,
     csv: Annotated[Path | None, typer.Option(help="Write 'neuron,mean' for every neuron to this CSV file.",
                                              show_default=False)] = None,
     arch: ArchOpt = None,

@@ -24,7 +24,7 @@ def sweep(
     aux: AuxOpt,
     method: Annotated[str, typer.Option(help=f"{'|'.join(METHODS.names())}.")] = "flain",
     step: Annotated[float, typer.Option(help="Threshold step, as in `defend`.")] = PAPER_STEP,
-    points: Annotated[int, typer.Option(help="Thresholds to score: mu, mu + step, ...")] = 25,
+    points: Annotated[int, typer.Option(min=1, max=100_000, help="Thresholds to score: mu, mu + step, ...")] = 25,
     layer: LayerOpt = None,
     dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,

@@ -106,6 +106,7 @@ def train(
     cfg.validate(spec.num_classes)
     torch_device = resolve_device(device)
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
+    _plan(data_dir, out_dir, log, force=True).check()  # clashes with inputs, before the lock creates --out
     with run_lock(out_dir):  # held from the checks to the last checkpoint: one trainer per folder
         outcome = _train_locked(cfg, data_dir, out_dir, torch_device, log, resume, force)
     summary = outcome.summary(cfg)
@@ -128,6 +129,14 @@ def train(
     out.print(f"wrote {init_path} and {final_path}")
 
 
+def _plan(data_dir: Path | None, out_dir: Path, log: Path | None, *, force: bool) -> FilePlan:
+    """What `flain train` reads and writes. The log is written as the rounds finish (so it can be
+    followed), the checkpoints at the end; resume.safetensors is the run's own progress file."""
+    return FilePlan({"--data-dir": data_dir}, {"--out (init)": out_dir / "init.safetensors",
+                                               "--out (final)": out_dir / "final.safetensors", "--log": log},
+                    force=force)
+
+
 def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device, log: Path | None,
                   resume: bool, force: bool) -> TrainOutcome:
     """Everything between taking and releasing the folder's lock: the checks, the data, the run."""
@@ -137,8 +146,7 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
     if resume_path.is_file() and not (resume or force):
         raise ConfigError(f"{out_dir} holds a run interrupted after round {load_snapshot(resume_path).round}; "
                           "pass --resume to continue it, or --force to start over")
-    FilePlan({"--data-dir": data_dir}, {"--out (init)": init_path, "--out (final)": final_path,
-                                        "--log": None if resuming else log}, force=force).check()
+    _plan(data_dir, out_dir, None if resuming else log, force=force).check()
     data = load_dataset(cfg.dataset, data_dir)
 
     listener: _RichListener | None = None
