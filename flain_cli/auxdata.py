@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .datasets import Split, load_dataset, normalize
 from .errors import AuxError, ConfigError
-from .files import atomic_write
+from .files import atomic_write, read_text, regular_file
 from .splits import balanced_subset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -174,8 +174,8 @@ def exported_indices(path: Path) -> list[int]:
     path = Path(path)
     try:
         if path.is_dir():
-            return json.loads((path / "aux.json").read_text())["indices"]
-        with np.load(path, allow_pickle=False) as f:
+            return json.loads(read_text(path / "aux.json", "--exclude manifest"))["indices"]
+        with np.load(regular_file(path, "--exclude"), allow_pickle=False) as f:
             return f["indices"].tolist()
     except (OSError, KeyError, ValueError, json.JSONDecodeError):
         raise ConfigError(f"--exclude {path} is not a `flain aux export` output (folder with aux.json, or .npz)") from None

@@ -106,12 +106,18 @@ def load_dataset(name: str, data_dir: Path | None = None) -> Dataset:
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+MAX_IDX_BYTES = 2 << 30  # the largest IDX file in the family (EMNIST byclass train images) is 0.55 GB
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (gzipped or not) into a numpy array."""
+    """Read one IDX file (gzipped or not, at most MAX_IDX_BYTES once unzipped) into a numpy array."""
     try:
         raw = path.read_bytes()
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+            with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+                raw = f.read(MAX_IDX_BYTES + 1)
+            if len(raw) > MAX_IDX_BYTES:
+                raise DataError(f"{path} unzips to more than {MAX_IDX_BYTES:,} bytes; it is not a dataset file")
     except (OSError, EOFError, gzip.BadGzipFile) as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:

@@ -396,3 +396,17 @@ def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path):
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
     if proc.returncode == 130:
         assert stderr.startswith("Interrupted (SIGINT)")
+
+
+def test_exported_folders_follow_the_umask_and_fifos_are_not_read(tiny_run, tmp_path):
+    import os
+    _, data = tiny_run
+    old = os.umask(0o022)
+    try:
+        assert export(data, tmp_path / "aux").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "aux").stat().st_mode & 0o777 == 0o755  # mkdtemp's 0700 used to stay
+    os.mkfifo(tmp_path / "x.npz")
+    one_error_line(export(data, tmp_path / "y", "--exclude", tmp_path / "x.npz"),
+                   "Error: --exclude ")
