@@ -17,9 +17,9 @@ import torch
 from torch.func import functional_call
 
 from .auxdata import AuxSet, load_aux
-from .checkpoint import Checkpoint, build_from, load_checkpoint, resolve_model_meta
+from .checkpoint import Checkpoint, build_from, conform, load_checkpoint, resolve_model_meta
 from .defense import PRESETS, DefenseConfig, SearchResult, search_fast, search_plain
-from .errors import AuxError, CheckpointError
+from .errors import AuxError, CheckpointError, ConfigError
 from .models import LayerStack
 from .repair import RepairSettings, distill_repair
 
@@ -31,10 +31,15 @@ class LoadedModel:
     model: LayerStack
 
 
-def load_model(path: Path, *, arch: str | None = None, dataset: str | None = None,
+def load_model(path: Path, *, arch: str | None = None, dataset: str | None = None, strict: bool = True,
                device: torch.device | str = "cpu") -> LoadedModel:
+    """Read a checkpoint in any supported format, align it to its architecture, and build the model.
+
+    ``ckpt.tensors`` of the result are under the architecture's names, floating ones as float32.
+    """
     ckpt = load_checkpoint(path)
     meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset)
+    ckpt = conform(ckpt, meta, strict=strict)
     return LoadedModel(ckpt, meta, build_from(ckpt, meta, device))
 
 
@@ -146,17 +151,19 @@ class ScanResult:
     means: torch.Tensor
     n_aux: int
     aux_acc: float
+    notes: tuple[str, ...] = ()  # how the checkpoint was read (formats.align)
 
 
 def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, arch: str | None = None,
-                    dataset: str | None = None, device: torch.device | str = "cpu") -> ScanResult:
-    loaded = load_model(path, arch=arch, dataset=dataset, device=device)
+                    dataset: str | None = None, strict: bool = True,
+                    device: torch.device | str = "cpu") -> ScanResult:
+    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, device=device)
     check_finite(loaded.ckpt, "MODEL")
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
     feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
     return ScanResult(loaded.meta, layer, feats.mean_activations(), len(aux),
-                      feats.accuracy_model(loaded.model.linear(layer).weight.detach()))
+                      feats.accuracy_model(loaded.model.linear(layer).weight.detach()), loaded.ckpt.notes)
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,7 @@ class DefendOutcome:
     n_aux: int
     seconds: float
     warnings: tuple[str, ...] = ()  # the result may be wrong: the CLI prints them on stderr and in --json
+    notes: tuple[str, ...] = ()  # how MODEL was read (format, prefixes, dtype): stderr and --json
 
 
 REPAIR_TUNED_PER_CLASS = 50  # above this many aux images per class, the repair is past what it was tuned on
@@ -181,16 +189,6 @@ def check_finite(ckpt: Checkpoint, role: str) -> None:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise CheckpointError(f"{role} {ckpt.path} holds NaN or Inf in {', '.join(bad[:3])}{more}; "
                               f"use a checkpoint whose weights are all finite")
-
-
-def check_float32(ckpt: Checkpoint, role: str) -> None:
-    """`defend` computes and writes float32: refuse other dtypes with what to do (eval and scan cast on load)."""
-    other = {name: t.dtype for name, t in ckpt.tensors.items() if t.dtype != torch.float32}
-    if other:
-        name, dtype = next(iter(other.items()))
-        raise CheckpointError(f"{role} {ckpt.path} stores {name} as {str(dtype).removeprefix('torch.')} "
-                              f"({len(other)} of {len(ckpt.tensors)} tensors are not float32); `flain defend` "
-                              f"reads float32 checkpoints only: save a float32 copy (tensor.float()) and defend that")
 
 
 def aux_warnings(aux: AuxSet, num_classes: int) -> list[str]:
@@ -211,10 +209,20 @@ def aux_warnings(aux: AuxSet, num_classes: int) -> list[str]:
     return found
 
 
-def check_pair(model: Checkpoint, init: Checkpoint) -> None:
-    """MODEL and INIT must be the same network: architecture, tensor names and shapes."""
+def load_init(path: Path, loaded: LoadedModel, *, strict: bool = True) -> Checkpoint:
+    """The initial checkpoint W0, read and aligned like MODEL (same architecture, or a clear error)."""
+    init = load_checkpoint(path)
+    model = loaded.ckpt
     if model.arch and init.arch and model.arch != init.arch:
         raise CheckpointError(f"{model.path} is a {model.arch} but --init {init.path} is a {init.arch}")
+    init = conform(init, loaded.meta, strict=strict)
+    check_finite(init, "--init")
+    check_pair(model, init)
+    return init
+
+
+def check_pair(model: Checkpoint, init: Checkpoint) -> None:
+    """MODEL and INIT (both aligned to one architecture) must hold the same tensor names and shapes."""
     names_m, names_i = set(model.tensors), set(init.tensors)
     if names_m != names_i:
         diff = sorted(names_m ^ names_i)
@@ -234,15 +242,19 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
                               f"init.safetensors written by the same `flain train` run")
 
 
-def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: DefenseConfig = PRESETS["default"], *,
-                      layer: str | None = None, arch: str | None = None, dataset: str | None = None,
-                      plain: bool = False, seed: int = 0, device: torch.device | str = "cpu") -> DefendOutcome:
+def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config: DefenseConfig = PRESETS["default"],
+                      *, layer: str | None = None, arch: str | None = None, dataset: str | None = None,
+                      strict: bool = True, plain: bool = False, seed: int = 0,
+                      device: torch.device | str = "cpu") -> DefendOutcome:
     """Apply FLAIN (or pruning), and the repair if ``config`` asks for it, to the checkpoint at ``path``.
 
     Nothing is written here. Args: the checkpoint, its initial checkpoint W0 and the aux set;
     ``config`` (default: ``PRESETS["default"]``; ``PRESETS["paper"]`` is Algorithm 1 exactly);
     ``layer`` (default: the checkpoint's defended layer); ``arch``/``dataset`` for checkpoints
-    without metadata; ``plain`` runs Algorithm 1 one threshold at a time (same result, slow);
+    without metadata; ``strict`` refuses tensors the architecture lacks; ``init_path`` may be None
+    for ``method="prune"`` (it zeroes columns, W0 plays no part). Checkpoints of any supported format
+    and floating dtype are read (:mod:`flain_cli.formats`); the work is done in float32/float64 and
+    the result is cast back to the model's dtype; ``plain`` runs Algorithm 1 one threshold at a time (same result, slow);
     ``seed`` draws the ``holdout`` split. Returns the new tensors, their metadata and the search.
 
     Example: ``defend_checkpoint(Path("final.safetensors"), Path("init.safetensors"), Path("aux"),
@@ -251,13 +263,14 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
     started = time.perf_counter()
     if config.repair is not None:
         config.repair.check()
-    loaded = load_model(path, arch=arch, dataset=dataset, device=device)
-    init = load_checkpoint(init_path)
+    if init_path is None and config.method != "prune":
+        raise ConfigError(f"--init is needed for --method {config.method}: FLAIN flips the updates W - W0, so it "
+                          "needs W0, the model before training (only --method prune works without it)")
+    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, device=device)
     check_finite(loaded.ckpt, "MODEL")
-    check_finite(init, "--init")
-    check_float32(loaded.ckpt, "MODEL")
-    check_float32(init, "--init")
-    check_pair(loaded.ckpt, init)
+    init = None
+    if init_path is not None:
+        init = load_init(init_path, loaded, strict=strict)
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
     warnings = aux_warnings(aux, loaded.meta["num_classes"])
@@ -274,7 +287,7 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
         feats = every
         x = feats.mean_activations()
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
-    init_weight = init.tensors[f"{layer}.weight"].to(weight.dtype)
+    init_weight = init.tensors[f"{layer}.weight"] if init is not None else torch.zeros_like(weight)
     search = search_plain if plain else search_fast  # plain: Algorithm 1 as written (slow; for verification)
     evaluate = feats.accuracy_full if plain else feats.accuracy
     result = search(weight, init_weight, x, evaluate, step=config.step, rho=config.rho, method=config.method,
@@ -295,10 +308,16 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
         state |= {name: value.to(state[name].dtype).contiguous() for name, value in repaired.items()}
         repair_record = config.repair.record() | {"aux_acc_flipped": aux_acc_flipped}
     aux_acc_after = every.accuracy_model(state)
+    notes = list(loaded.ckpt.notes)
+    if loaded.ckpt.dtype not in ("float32", "mixed"):
+        dtype = getattr(torch, loaded.ckpt.dtype)
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        notes.append(f"written as {loaded.ckpt.dtype}, like MODEL (aux accuracy above is the float32 model's)")
     meta = {key: value for key, value in loaded.ckpt.meta.items() if key not in ("metrics",)} | loaded.meta
     meta |= {
         "role": "defended",
-        "parents": {"final": loaded.ckpt.sha256, "init": init.sha256},
+        "parents": {"final": loaded.ckpt.sha256, "init": init.sha256 if init is not None else None},
+        "source": {"format": loaded.ckpt.format, "dtype": loaded.ckpt.dtype, "notes": notes},
         "defense": config.record() | {
             "layer": layer, "lambda": result.lam, "mu": result.mu, "flipped": result.changed,
             "of": int(x.numel()), "neurons": torch.nonzero(result.mask).flatten().tolist(),
@@ -309,4 +328,4 @@ def defend_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defen
         },
     }
     return DefendOutcome(meta, state, result, layer, aux_acc_after, len(aux), time.perf_counter() - started,
-                         tuple(warnings))
+                         tuple(warnings), tuple(notes))

@@ -174,6 +174,8 @@ def exported_indices(path: Path) -> list[int]:
     path = Path(path)
     try:
         if path.is_dir():
+            if not (path / "aux.json").is_file():
+                raise KeyError("aux.json")
             return json.loads(read_text(path / "aux.json", "--exclude manifest"))["indices"]
         with np.load(regular_file(path, "--exclude"), allow_pickle=False) as f:
             return f["indices"].tolist()

@@ -1,5 +1,9 @@
 """Checkpoints: safetensors files whose ``__metadata__`` says how to rebuild and read them.
 
+Checkpoints from other tools (torch.save state dicts, .npz array lists, safetensors without our
+metadata, other dtypes) are read too: :mod:`flain_cli.formats` tells the format and aligns the
+tensors to an architecture (:func:`conform`).
+
 Every metadata value is a JSON document (safetensors metadata is ``str -> str``). See
 docs/checkpoint-format.md for the fields. Files are written atomically and never carry a
 timestamp, so a seeded run writes bit-identical files.
@@ -7,6 +11,7 @@ timestamp, so a seeded run writes bit-identical files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -22,6 +27,7 @@ from . import __version__
 from .datasets import DATASETS
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, regular_file
+from .formats import align, read_npz, read_torch, sniff
 from .models import ARCHITECTURES, LayerStack, build_model
 
 FORMAT = "flain-cli/1"
@@ -34,6 +40,9 @@ class Checkpoint:
     meta: dict[str, Any]
     path: Path | None = None
     sha256: str | None = None
+    format: str = "safetensors"  # as read: safetensors, torch or npz (formats.FORMATS)
+    dtype: str = "float32"  # the floating dtype as read; after conform() the tensors are float32
+    notes: tuple[str, ...] = ()  # what reading it took (a prefix stripped, a dtype cast...)
 
     @property
     def arch(self) -> str | None:
@@ -99,6 +108,14 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     regular_file(path, "checkpoint")
+    fmt = sniff(path)
+    if fmt == "torch":
+        tensors, where = read_torch(path)
+        return Checkpoint(tensors, {}, path, sha256_file(path), "torch",
+                          notes=(f"read as a torch.save state dict (from {where}, weights only)",))
+    if fmt == "npz":
+        return Checkpoint(read_npz(path), {}, path, sha256_file(path), "npz",
+                          notes=("read as an .npz list of arrays",))
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
@@ -120,7 +137,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
 # metadata fields flain-cli reads, and the JSON kinds they may hold (None: the field may be null)
 META_KINDS: dict[str, tuple[type | None, ...]] = {
     "arch": (str,), "dataset": (str, None), "num_classes": (int,), "role": (str,), "defended_layer": (str,),
-    "input_shape": (list,), "normalization": (dict,), "class_names": (list,), "parents": (dict,),
+    "input_shape": (list,), "normalization": (dict,), "class_names": (list,), "parents": (dict,), "source": (dict,),
     "attack": (dict, None), "metrics": (dict,), "train_config": (dict,), "defense": (dict,), "seed": (int,),
 }
 MAX_CLASSES = 100_000
@@ -171,20 +188,20 @@ def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str |
     return meta
 
 
-def build_from(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device | str = "cpu") -> LayerStack:
-    """Build the architecture named in ``meta`` and load the checkpoint's tensors into it."""
+def conform(ckpt: Checkpoint, meta: dict[str, Any], *, strict: bool = True) -> Checkpoint:
+    """``ckpt`` with its tensors under the architecture's names (``meta``), floating ones as float32.
+
+    Raises CheckpointError with counts of missing, extra and misshapen tensors when it does not fit.
+    """
+    expected = build_model(meta["arch"], meta["num_classes"]).state_dict()
+    what = f"{ckpt.path} (architecture {meta['arch']}, {meta['num_classes']} classes)"
+    aligned = align(ckpt.tensors, expected, what=what, ordered=ckpt.format == "npz", strict=strict)
+    return dataclasses.replace(ckpt, tensors=aligned.tensors, dtype=aligned.dtype, notes=ckpt.notes + aligned.notes)
+
+
+def build_from(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device | str = "cpu", *,
+               strict: bool = True) -> LayerStack:
+    """Build the architecture named in ``meta`` and load the checkpoint's tensors into it (see `conform`)."""
     model = build_model(meta["arch"], meta["num_classes"])
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(ckpt.tensors))
-    extra = sorted(set(ckpt.tensors) - set(expected))
-    wrong = [name for name in expected if name in ckpt.tensors and ckpt.tensors[name].shape != expected[name].shape]
-    if missing or extra or wrong:
-        detail = "; ".join(part for part in (
-            f"missing {', '.join(missing[:4])}" if missing else "",
-            f"unexpected {', '.join(extra[:4])}" if extra else "",
-            f"wrong shape {', '.join(f'{n} {tuple(ckpt.tensors[n].shape)} vs {tuple(expected[n].shape)}' for n in wrong[:3])}" if wrong else "",
-        ) if part)
-        raise CheckpointError(f"{ckpt.path} does not fit architecture {meta['arch']} "
-                              f"with {meta['num_classes']} classes: {detail}")
-    model.load_state_dict(ckpt.tensors)
+    model.load_state_dict(conform(ckpt, meta, strict=strict).tensors)
     return model.to(device).eval()

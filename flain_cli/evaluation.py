@@ -10,7 +10,7 @@ import torch
 
 from .attack import AttackTask
 from .auxdata import load_aux
-from .checkpoint import Checkpoint, build_from, load_checkpoint, resolve_model_meta
+from .checkpoint import Checkpoint, build_from, conform, load_checkpoint, resolve_model_meta
 from .datasets import DATASETS, Split, load_dataset
 from .errors import ConfigError
 from .metrics import EvalResult, evaluate
@@ -40,6 +40,7 @@ class CheckpointEval:
     meta: dict[str, Any]
     attack: AttackSpec | None
     result: EvalResult
+    notes: tuple[str, ...] = ()  # how the checkpoint was read (formats.align)
 
 
 def load_test_file(path: Path, meta: dict[str, Any]) -> Split:
@@ -51,7 +52,7 @@ def load_test_file(path: Path, meta: dict[str, Any]) -> Split:
 def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Path | None = None,
                         arch: str | None = None, attack: str | None = None, trigger: str | None = None,
                         device: torch.device | str = "cpu", test: Split | None = None,
-                        test_file: Path | None = None) -> CheckpointEval:
+                        test_file: Path | None = None, strict: bool = True) -> CheckpointEval:
     """ACC on the clean test split (or ``test``/``test_file``) and ASR of the known (or given) attack."""
     ckpt = load_checkpoint(path)
     meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset)
@@ -59,10 +60,11 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Pat
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
                           f"({', '.join(DATASETS.names())})")
     spec = DATASETS.get(meta["dataset"])
+    ckpt = conform(ckpt, meta, strict=strict)
     model = build_from(ckpt, meta, device)
     spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, trigger)
     if test is None:
         test = load_test_file(test_file, meta) if test_file else load_dataset(meta["dataset"], data_dir).test
     trig = make_trigger(spec_attack.trigger, *spec.shape[1:]) if spec_attack else None
     result = evaluate(model, test, spec, spec_attack.task if spec_attack else None, trig, device)
-    return CheckpointEval(meta, spec_attack, result)
+    return CheckpointEval(meta, spec_attack, result, ckpt.notes)

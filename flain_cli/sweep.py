@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .audit import AuxFeatures, check_finite, check_float32, check_pair, load_aux_for, load_model
+from .audit import AuxFeatures, check_finite, load_aux_for, load_init, load_model
 from .auxdata import AuxSet
-from .checkpoint import load_checkpoint
 from .datasets import DATASETS, load_dataset
 from .defense import METHODS, PAPER_STEP, apply_mask, rescale_factor
 from .errors import ConfigError
@@ -50,7 +49,8 @@ class SweepResult:
 
 
 def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = PAPER_STEP,
-                     points: int = 25, layer: str | None = None, dataset: str | None = None,
+                     points: int = 25, layer: str | None = None, arch: str | None = None,
+                     dataset: str | None = None, strict: bool = True,
                      data_dir: Path | None = None, test_file: Path | None = None,
                      device: torch.device | str = "cpu") -> SweepResult:
     """The model unchanged, then ``points`` thresholds mu, mu + step, ... as `defend` would apply them."""
@@ -58,12 +58,9 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
         raise ConfigError(f"--step must be a finite number > 0, got {step}")
     if points < 1:
         raise ConfigError(f"--points must be at least 1, got {points}")
-    loaded = load_model(path, dataset=dataset, device=device)
-    init = load_checkpoint(init_path)
-    for ckpt, role in ((loaded.ckpt, "MODEL"), (init, "--init")):
-        check_finite(ckpt, role)
-        check_float32(ckpt, role)
-    check_pair(loaded.ckpt, init)
+    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, device=device)
+    check_finite(loaded.ckpt, "MODEL")
+    init = load_init(init_path, loaded, strict=strict)
     meta = loaded.meta
     if meta["dataset"] is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "

@@ -341,19 +341,6 @@ def test_checkpoint_metadata_out_of_kind_is_refused(tiny_run, aux_dir, tmp_path,
         assert message in res.stderr
 
 
-def test_a_float16_checkpoint_is_refused_by_defend_with_what_to_do(tiny_run, aux_dir, tmp_path):
-    run, _ = tiny_run
-    folder = tmp_path / "half"
-    folder.mkdir()
-    for name in ("init.safetensors", "final.safetensors"):
-        ckpt = load_checkpoint(run / name)
-        save_checkpoint(folder / name, {k: v.half() for k, v in ckpt.tensors.items()}, ckpt.meta)
-    res = defend(folder, aux_dir, tmp_path / "o.safetensors")
-    one_error_line(res, "Error: MODEL ")
-    assert "as float16" in res.stderr and "save a float32 copy" in res.stderr
-    assert not (tmp_path / "o.safetensors").exists()
-
-
 # ---- signals: exit 130/143, one line, nothing left behind -------------------------------------------------
 
 def flain_process(*args, cwd):
@@ -388,14 +375,22 @@ def test_sigterm_mid_defend_exits_143_and_leaves_nothing(tiny_run, aux_dir, tmp_
 def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path):
     import signal
     import time
+    from pathlib import Path
     proc = flain_process("eval", tmp_path / "none.safetensors", cwd=tmp_path)
-    time.sleep(0.3)  # inside the imports (torch takes longer than this)
-    proc.send_signal(signal.SIGINT)
+    status = Path(f"/proc/{proc.pid}/status")
+    if not status.exists():
+        proc.kill()
+        pytest.skip("needs /proc to see when the handlers are in place")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until flain's handlers are in (it catches SIGTERM, bit 15)
+        caught = next((line.split()[1] for line in status.read_text().splitlines() if line.startswith("SigCgt")), "0")
+        if int(caught, 16) >> (signal.SIGTERM - 1) & 1:
+            break
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)  # now inside the imports (torch takes far longer than the polling)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode in (130, 1), stderr  # 1: the command had already failed on the missing file
-    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
-    if proc.returncode == 130:
-        assert stderr.startswith("Interrupted (SIGINT)")
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["Interrupted (SIGINT); nothing was written."]
 
 
 def test_exported_folders_follow_the_umask_and_fifos_are_not_read(tiny_run, tmp_path):

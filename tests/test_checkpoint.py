@@ -49,10 +49,14 @@ def test_bad_files_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "nope.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="not a readable safetensors"):
+    with pytest.raises(CheckpointError, match="is not a checkpoint flain-cli can read: not safetensors, not a "
+                                              "torch.save state dict"):
         load_checkpoint(tmp_path / "junk.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")  # header past the end
+    with pytest.raises(CheckpointError, match="not a checkpoint flain-cli can read"):
+        load_checkpoint(tmp_path / "cut.safetensors")
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, build_model("cnn-mnist", 10).state_dict(), model_meta("cnn-mnist", 10, "mnist") | {"role": "init"})
     ckpt = load_checkpoint(path)
-    with pytest.raises(CheckpointError, match="does not fit architecture cnn-fmnist"):
+    with pytest.raises(CheckpointError, match=r"\(architecture cnn-fmnist, 10 classes\) does not fit the architecture: missing 4 \(fc3.weight"):
         build_from(ckpt, resolve_model_meta(ckpt, arch="cnn-fmnist"))

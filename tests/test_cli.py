@@ -90,7 +90,7 @@ def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "x.safetensors"
     bad.write_text("hello")
     res = invoke("eval", bad)
-    assert res.exit_code == 1 and res.stderr.startswith(f"Error: {bad} is not a readable safetensors file")
+    assert res.exit_code == 1 and res.stderr.startswith(f"Error: {bad} is not a checkpoint flain-cli can read")
 
 
 def test_usage_errors_keep_exit_code_2():

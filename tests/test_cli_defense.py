@@ -77,8 +77,17 @@ def test_defend_bad_inputs(tiny_run, aux_dir, tmp_path):
         assert res.exit_code == 1, res.output
         assert res.stderr.strip().splitlines() == [res.stderr.strip()] and res.stderr.startswith(message), res.stderr
     assert not (tmp_path / "x.safetensors").exists()
-    res = invoke("defend", run / "final.safetensors", "--aux", aux_dir)
-    assert res.exit_code == 2  # --init is required: a usage error
+    res = invoke("defend", run / "final.safetensors", "--aux", aux_dir, "--out", tmp_path / "x.safetensors")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: --init is needed for --method flain")
+    assert not (tmp_path / "x.safetensors").exists()
+    pruned = invoke("defend", run / "final.safetensors", "--aux", aux_dir, "--method", "prune", "--rho", "0.05",
+                    "--out", tmp_path / "p.safetensors", "--json")  # pruning zeroes columns: no W0 needed
+    assert pruned.exit_code == 0, pruned.output
+    with_init = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                       "--method", "prune", "--rho", "0.05", "--out", tmp_path / "q.safetensors")
+    assert with_init.exit_code == 0
+    assert load_checkpoint(tmp_path / "p.safetensors").tensors["fc1.weight"].equal(
+        load_checkpoint(tmp_path / "q.safetensors").tensors["fc1.weight"])
 
 
 def test_scan_json_csv_and_table(tiny_run, aux_dir, tmp_path):

@@ -37,6 +37,9 @@ LayerOpt = Annotated[str | None, typer.Option(help="Linear layer to work on (def
 ArchOpt = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without flain-cli metadata.",
                                              show_default=False)]
 DatasetOpt = Annotated[str | None, typer.Option(help="Dataset (default: from the checkpoint).", show_default=False)]
+StrictOpt = Annotated[bool, typer.Option(
+    "--strict/--no-strict", help="Refuse a checkpoint holding tensors the architecture lacks (e.g. global_step); "
+                                 "--no-strict ignores them and says so.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never an input).")]
 
 
@@ -57,6 +60,12 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"numbered from 0")
     return device
+
+
+def print_notes(notes) -> None:
+    """How a checkpoint was read (format, prefix stripped, dtype), on stderr."""
+    for note in notes:
+        err.print(f"note: {note}", soft_wrap=True)
 
 
 def interrupt_code(exc: KeyboardInterrupt) -> int:

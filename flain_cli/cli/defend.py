@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..files import FilePlan
 from ..repair import RepairSettings
 from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     SeedOpt, err, out, print_json, resolve_device)
+                     SeedOpt, StrictOpt, err, print_notes, out, print_json, resolve_device)
 
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
@@ -49,9 +49,10 @@ def default_out(model: Path, method: str) -> Path:
 
 def defend(
     model: ModelArg,
-    init: Annotated[Path, typer.Option(help="The initial checkpoint W0 of the same run (init.safetensors).",
-                                       show_default=False)],
     aux: AuxOpt,
+    init: Annotated[Path | None, typer.Option(
+        help="The initial checkpoint W0 of the same run (init.safetensors); needed by FLAIN, not by --method prune.",
+        show_default=False)] = None,
     preset: Annotated[Preset, typer.Option(
         help="default: Algorithm 1 (step 0.001, rho 0.03, crossing) then the distillation repair, which keeps more "
              "clean accuracy; paper: Algorithm 1 exactly, no repair. The options below override the preset.")
@@ -96,6 +97,7 @@ def defend(
         "--plain", help="Run Algorithm 1 literally (every lambda, whole network): slow, same result.")] = False,
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
+    strict: StrictOpt = True,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -111,12 +113,13 @@ def defend(
     torch_device = resolve_device(device)
     with plan.writing() as stage:  # claimed from here; both files appear at the end, or neither
         outcome = defend_checkpoint(model, init, aux, config, layer=layer, arch=arch, dataset=dataset, plain=plain,
-                                    seed=seed, device=torch_device)
+                                    strict=strict, seed=seed, device=torch_device)
         res, record = outcome.result, outcome.meta["defense"]
         save_checkpoint(stage["--out"], outcome.state, outcome.meta)
         if trace is not None:
             rows = "".join(f"{s.lam:.9g},{s.selected},{s.acc:.6f},{res.acc0 - s.acc:.6f}\n" for s in res.trace)
             stage["--trace"].write_text("lambda,selected,aux_acc,drop\n" + rows)
+    print_notes(outcome.notes)
     for warning in outcome.warnings:
         err.print(f"warning: {warning}", markup=False, soft_wrap=True)
     summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method, "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
@@ -124,7 +127,8 @@ def defend(
                "out": str(target), "layer": outcome.layer, "select": select, "step": step, "rho": rho,
                "mu": res.mu, "aux_acc_kept": res.acc_kept, "all_selected": res.all_selected,
                "evaluations": res.evaluations, "n_aux": outcome.n_aux, "holdout": config.holdout,
-               "seconds": round(outcome.seconds, 3), "warnings": list(outcome.warnings)}
+               "seconds": round(outcome.seconds, 3), "warnings": list(outcome.warnings),
+               "notes": list(outcome.notes)}
     if as_json:
         print_json(summary)
         return

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..evaluation import evaluate_checkpoint
-from .common import DataDirOpt, DeviceOpt, JsonOpt, ModelArg, fmt, out, print_json, resolve_device
+from .common import (DataDirOpt, DeviceOpt, JsonOpt, ModelArg, StrictOpt, fmt, out, print_json, print_notes,
+                     resolve_device)
 
 
 def evaluate_command(
@@ -25,18 +26,20 @@ def evaluate_command(
     test: Annotated[Path | None, typer.Option(
         help="Evaluate on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
         show_default=False)] = None,
+    strict: StrictOpt = True,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
     report = evaluate_checkpoint(model, dataset=dataset, data_dir=data_dir, arch=arch, attack=attack,
-                                 trigger=trigger, device=resolve_device(device), test_file=test)
+                                 trigger=trigger, device=resolve_device(device), test_file=test, strict=strict)
+    print_notes(report.notes)
     res, meta, spec_attack = report.result, report.meta, report.attack
     summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "asr_clean": res.asr_clean, "n_clean": res.n_clean,
                "n_triggered": res.n_triggered, "dataset": meta["dataset"], "arch": meta["arch"],
                "attack": str(spec_attack.task) if spec_attack else None,
                "trigger": spec_attack.trigger if spec_attack else None,
-               "per_class_acc": list(res.per_class_acc)}
+               "per_class_acc": list(res.per_class_acc), "notes": list(report.notes)}
     if as_json:
         print_json(summary)
         return

@@ -11,7 +11,8 @@ from rich.table import Table
 from ..defense import METHODS, PAPER_STEP
 from ..files import FilePlan
 from ..sweep import sweep_checkpoint
-from .common import (AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
+from .common import (ArchOpt, AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
+                     StrictOpt,
                      fmt, out, print_json, resolve_device)
 
 COLUMNS = ("lambda", "changed", "aux_acc", "acc", "asr", "asr_clean")
@@ -26,7 +27,9 @@ def sweep(
     step: Annotated[float, typer.Option(help="Threshold step, as in `defend`.")] = PAPER_STEP,
     points: Annotated[int, typer.Option(min=1, max=100_000, help="Thresholds to score: mu, mu + step, ...")] = 25,
     layer: LayerOpt = None,
+    arch: ArchOpt = None,
     dataset: DatasetOpt = None,
+    strict: StrictOpt = True,
     data_dir: DataDirOpt = None,
     test: Annotated[Path | None, typer.Option(
         help="Score on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
@@ -44,7 +47,7 @@ def sweep(
                     {"--csv": csv}, force=force)
     with plan.writing() as stage:
         res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
-                               dataset=dataset, data_dir=data_dir, test_file=test, device=torch_device)
+                               arch=arch, dataset=dataset, strict=strict, data_dir=data_dir, test_file=test, device=torch_device)
         rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
                  "asr_clean": p.asr_clean} for p in res.points]
         if csv is not None:

@@ -1,0 +1,114 @@
+"""Checkpoints written by other tools: torch.save state dicts, Flower .npz lists, prefixes, extra
+tensors, other dtypes. The same weights in any of these forms must defend to the same result as
+the flain-cli safetensors file they came from."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flain_cli.checkpoint import load_checkpoint
+from flain_cli.formats import sniff
+from flain_cli.models import build_model
+
+from .conftest import invoke
+
+FOREIGN = ("--arch", "cnn-mnist", "--dataset", "fmnist")  # what a file without metadata needs
+
+
+def convert(run, tmp_path, kind: str):
+    """(final, init) of the tiny run rewritten as another tool would have saved them."""
+    out = []
+    for name in ("final", "init"):
+        tensors = load_checkpoint(run / f"{name}.safetensors").tensors
+        path = tmp_path / f"{name}-{kind}"
+        if kind == "pt":  # DataParallel prefix, a training-loop wrapper and a step counter
+            wrapped = {f"module.{k}": v for k, v in tensors.items()} | {"global_step": torch.tensor(7)}
+            path = path.with_suffix(".pt")
+            torch.save({"epoch": 3, "state_dict": wrapped}, path)
+        elif kind == "npz":  # Flower: the state_dict's values, in the model's order
+            path = path.with_suffix(".npz")
+            np.savez(path, *[tensors[k].numpy() for k in build_model("cnn-mnist", 10).state_dict()])
+        else:  # safetensors without metadata, in another dtype
+            path = path.with_suffix(".safetensors")
+            save_file({k: v.to(getattr(torch, kind)) for k, v in tensors.items()}, path)
+        out.append(path)
+    return out
+
+
+def defend_json(final, init, aux, out, *extra):
+    res = invoke("defend", final, "--init", init, "--aux", aux, "--preset", "paper", "--rho", "0.05",
+                 "--out", out, "--json", *extra)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout), res.stderr
+
+
+def test_sniffing_goes_by_content_not_by_name(tiny_run, tmp_path):
+    run, _ = tiny_run
+    pt, _ = convert(run, tmp_path, "pt")
+    npz, _ = convert(run, tmp_path, "npz")
+    disguised = tmp_path / "model.safetensors"
+    disguised.write_bytes(pt.read_bytes())
+    assert [sniff(p) for p in (run / "final.safetensors", pt, npz, disguised)] == ["safetensors", "torch", "npz",
+                                                                                 "torch"]
+
+
+@pytest.mark.parametrize("kind", ["pt", "npz"])
+def test_torch_and_flower_checkpoints_defend_exactly_like_the_original(tiny_run, aux_dir, tmp_path, kind):
+    run, _ = tiny_run
+    final, init = convert(run, tmp_path, kind)
+    reference, _ = defend_json(run / "final.safetensors", run / "init.safetensors", aux_dir, tmp_path / "ref.st")
+    extra = ("--no-strict",) if kind == "pt" else ()
+    report, stderr = defend_json(final, init, aux_dir, tmp_path / "d.safetensors", *FOREIGN, *extra)
+    ours = load_checkpoint(tmp_path / "ref.st").tensors
+    theirs = load_checkpoint(tmp_path / "d.safetensors").tensors
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert report["flipped"] == reference["flipped"]
+    if kind == "pt":
+        assert "stripped the prefix 'module.'" in stderr and "ignored 1 (global_step)" in stderr
+        assert "read as a torch.save state dict (from its 'state_dict' entry" in stderr
+    else:
+        assert "mapped 8 arrays onto the architecture's tensors by position" in stderr
+
+
+def test_extra_tensors_need_no_strict_and_mismatches_are_counted(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    final, _ = convert(run, tmp_path, "pt")
+    res = invoke("scan", final, "--aux", aux_dir, *FOREIGN)
+    assert res.exit_code == 1 and "unexpected 1 (global_step); extra tensors alone are allowed with --no-strict" \
+        in res.stderr
+    res = invoke("scan", final, "--aux", aux_dir, "--arch", "cnn-fmnist", "--dataset", "fmnist", "--no-strict")
+    assert res.exit_code == 1 and "missing 4 (fc3.weight" in res.stderr and "wrong shape 4 (fc1.weight" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float64"])
+def test_other_dtypes_are_defended_and_written_back_in_their_dtype(tiny_run, aux_dir, tmp_path, dtype):
+    run, _ = tiny_run
+    final, init = convert(run, tmp_path, dtype)
+    report, stderr = defend_json(final, init, aux_dir, tmp_path / "d.safetensors", *FOREIGN)
+    cleaned = load_checkpoint(tmp_path / "d.safetensors")
+    assert {t.dtype for t in cleaned.tensors.values()} == {getattr(torch, dtype)}
+    assert f"its weights are {dtype}; computed in float32" in stderr and f"written as {dtype}" in stderr
+    assert cleaned.meta["source"] == {"format": "safetensors", "dtype": dtype, "notes": report["notes"]}
+    assert invoke("eval", tmp_path / "d.safetensors").exit_code == 0  # the cleaned file carries our metadata
+
+
+def test_what_cannot_be_read_safely_gets_one_error_line(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    whole = tmp_path / "whole.pt"
+    torch.save(torch.nn.Linear(2, 2), whole)  # a pickled module: loading it would run code
+    res = invoke("eval", whole, *FOREIGN)
+    assert res.exit_code == 1 and "needs more than weights to load" in res.stderr
+    assert "torch.save(model.state_dict(), path)" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    tensors = load_checkpoint(run / "final.safetensors").tensors
+    quantized = tmp_path / "q.safetensors"
+    save_file({k: v.to(torch.int8) for k, v in tensors.items()}, quantized)
+    res = invoke("eval", quantized, *FOREIGN)
+    assert res.exit_code == 1 and "as int8, a quantized or integer type" in res.stderr
+    short = tmp_path / "short.npz"
+    np.savez(short, *[v.numpy() for v in list(tensors.values())[:-1]])
+    res = invoke("eval", short, *FOREIGN)
+    assert res.exit_code == 1 and "holds 7 arrays but the architecture has 8 tensors" in res.stderr
