@@ -112,3 +112,30 @@ def test_what_cannot_be_read_safely_gets_one_error_line(tiny_run, aux_dir, tmp_p
     np.savez(short, *[v.numpy() for v in list(tensors.values())[:-1]])
     res = invoke("eval", short, *FOREIGN)
     assert res.exit_code == 1 and "holds 7 arrays but the architecture has 8 tensors" in res.stderr
+
+
+def test_inspect_names_the_format_the_architecture_and_the_layers(tiny_run, tmp_path):
+    run, _ = tiny_run
+    pt, _ = convert(run, tmp_path, "pt")
+    res = invoke("inspect", pt, "--json")
+    assert res.exit_code == 0, res.output
+    found = json.loads(res.stdout)
+    assert found["format"] == "torch" and found["meta"] == {} and len(found["tensors"]) == 9
+    match = {m["arch"]: m for m in found["matches"]}["cnn-mnist"]
+    assert match["num_classes"] == 10 and "stripped the prefix 'module.' from the tensor names" in match["notes"]
+    assert [(x["name"], x["in_features"], x["defended"]) for x in match["linear_layers"]] == [
+        ("fc1", 3136, True), ("fc2", 128, False)]
+    mlp = tmp_path / "mlp.safetensors"
+    save_file({"0.weight": torch.zeros(64, 784), "0.bias": torch.zeros(64), "2.weight": torch.zeros(10, 64),
+               "2.bias": torch.zeros(10)}, mlp)
+    found = json.loads(invoke("inspect", mlp, "--json").stdout)
+    assert found["matches"] == [] and found["linear_like"] == ["0.weight", "2.weight"]
+    table = invoke("inspect", run / "final.safetensors")
+    words = " ".join(table.stdout.split())  # the line wraps at the terminal's width
+    assert table.exit_code == 0 and "cnn-mnist" in words and "flain-cli metadata (role final)" in words
+
+
+def test_debug_prints_the_traceback_of_the_error(tmp_path):
+    res = invoke("--debug", "eval", tmp_path / "missing.safetensors")
+    assert res.exit_code == 1 and "Traceback (most recent call last)" in res.stderr
+    assert "NoneType: None" not in res.stderr and res.stderr.strip().splitlines()[-1].startswith("Error: checkpoint")

@@ -8,7 +8,7 @@ import torch
 import typer
 
 from .. import __version__
-from . import aux_cmd, defend, demo, evaluate, experiment, plot, scan, sweep, train
+from . import aux_cmd, defend, demo, evaluate, experiment, inspect_cmd, plot, scan, sweep, train
 from .common import Settings, handle_errors
 
 app = typer.Typer(
@@ -43,6 +43,7 @@ def root(
 app.command("train")(handle_errors(train.train))
 app.command("demo")(handle_errors(demo.demo))
 app.command("eval")(handle_errors(evaluate.evaluate_command))
+app.command("inspect")(handle_errors(inspect_cmd.inspect))
 app.command("scan")(handle_errors(scan.scan))
 app.command("defend")(handle_errors(defend.defend))
 app.command("sweep")(handle_errors(sweep.sweep))

@@ -115,19 +115,20 @@ def handle_errors(command):
         except (typer.Exit, typer.Abort):
             raise
         except FlainError as exc:
-            message = str(exc)
+            failure, message = exc, str(exc)
         except OSError as exc:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            message = f"{exc.strerror or exc}{where}"
+            failure, message = exc, f"{exc.strerror or exc}{where}"
         except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as files.Interrupted: outputs were staged, not written
             err.print(f"Interrupted ({interrupt_name(exc)}); nothing was written.")
             raise typer.Exit(interrupt_code(exc)) from None
         except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, traceback with --debug
             if hasattr(exc, "exit_code"):  # Typer's own usage errors keep their exit code
                 raise
+            failure = exc
             message = f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-        if Settings.debug or os.environ.get("FLAIN_DEBUG"):
-            traceback.print_exc()
+        if Settings.debug or os.environ.get("FLAIN_DEBUG"):  # the exception itself: outside `except` none is current
+            traceback.print_exception(type(failure), failure, failure.__traceback__, file=sys.stderr)
         err.print(f"Error: {message}", markup=False, soft_wrap=True)
         raise typer.Exit(1)
 
