@@ -20,7 +20,7 @@ from .auxdata import AuxSet, load_aux
 from .checkpoint import Checkpoint, build_from, conform, load_checkpoint, resolve_model_meta
 from .defense import PRESETS, DefenseConfig, SearchResult, search_fast, search_plain
 from .errors import AuxError, CheckpointError, ConfigError
-from .models import LayerStack
+from .modeldef import get_linear, split_model
 from .repair import RepairSettings, distill_repair
 
 
@@ -28,17 +28,18 @@ from .repair import RepairSettings, distill_repair
 class LoadedModel:
     ckpt: Checkpoint
     meta: dict[str, Any]
-    model: LayerStack
+    model: torch.nn.Module
 
 
 def load_model(path: Path, *, arch: str | None = None, dataset: str | None = None, strict: bool = True,
-               device: torch.device | str = "cpu") -> LoadedModel:
+               model_def: str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
     """Read a checkpoint in any supported format, align it to its architecture, and build the model.
 
+    ``model_def`` (FILE.py:NAME) builds the user's own class instead of a built-in: its code runs.
     ``ckpt.tensors`` of the result are under the architecture's names, floating ones as float32.
     """
     ckpt = load_checkpoint(path)
-    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset)
+    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def)
     ckpt = conform(ckpt, meta, strict=strict)
     return LoadedModel(ckpt, meta, build_from(ckpt, meta, device))
 
@@ -61,14 +62,14 @@ class AuxFeatures:
     so both search loops see the same accuracies (a test checks it on trained models).
     """
 
-    def __init__(self, model: LayerStack, layer: str, aux: AuxSet, meta: dict[str, Any],
+    def __init__(self, model: torch.nn.Module, layer: str, aux: AuxSet, meta: dict[str, Any],
                  device: torch.device | str = "cpu") -> None:
-        self.linear = model.linear(layer)  # a Linear layer, or a clear error
+        self.linear = get_linear(model, layer)  # a Linear layer, or a clear error
         self.model, self.layer = model.eval(), layer
         self.inputs = aux.normalized(meta["normalization"]["mean"], meta["normalization"]["std"]).to(device)
         self.labels = aux.labels.to(device)
-        self.prefix, suffix = model.split_at(layer)
-        self.rest = copy.deepcopy(suffix[1:]).double().eval()
+        self.prefix, head = split_model(model, layer)
+        self.rest = copy.deepcopy(head).double().eval()
         self.bias = (self.linear.bias.detach().double() if self.linear.bias is not None
                      else torch.zeros(self.linear.out_features, dtype=torch.float64, device=device))
         with torch.no_grad():
@@ -76,6 +77,15 @@ class AuxFeatures:
         self._weight: torch.Tensor | None = None  # the weight behind self._pre
         self._pre: torch.Tensor | None = None
         self.evaluations = 0
+
+    def premise_warnings(self) -> list[str]:
+        """FLAIN reads low mean activations as silent neurons: that needs non-negative inputs (after a ReLU)."""
+        low = float(self.features64.min())
+        if low < 0:
+            return [f"the inputs of {self.layer} take negative values on the aux set (down to {low:.3g}): FLAIN "
+                    f"assumes non-negative activations (after a ReLU), so a low mean does not mean a silent neuron "
+                    f"here; choose a layer that follows a ReLU (--layer)"]
+        return []
 
     def mean_activations(self) -> torch.Tensor:
         """Mean of each input neuron of the layer over the aux set (x of eq. 6)."""
@@ -140,7 +150,7 @@ class AuxFeatures:
         out = {f"{self.layer}.weight": result.weight.cpu()}
         if has_bias:
             out[f"{self.layer}.bias"] = result.bias.cpu()
-        # the head is a slice of the LayerStack, so its parameter names are the model's own (fc2.weight...)
+        # the head shares the model's modules under their own names (fc2.weight...): see split_model
         return out | {name: value.cpu() for name, value in result.head.items()}
 
 
@@ -152,18 +162,21 @@ class ScanResult:
     n_aux: int
     aux_acc: float
     notes: tuple[str, ...] = ()  # how the checkpoint was read (formats.align)
+    warnings: tuple[str, ...] = ()
 
 
 def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, arch: str | None = None,
-                    dataset: str | None = None, strict: bool = True,
+                    dataset: str | None = None, strict: bool = True, model_def: str | None = None,
                     device: torch.device | str = "cpu") -> ScanResult:
-    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, device=device)
+    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def, device=device)
     check_finite(loaded.ckpt, "MODEL")
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
     feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
     return ScanResult(loaded.meta, layer, feats.mean_activations(), len(aux),
-                      feats.accuracy_model(loaded.model.linear(layer).weight.detach()), loaded.ckpt.notes)
+                      feats.accuracy_model(get_linear(loaded.model, layer).weight.detach()),
+                      loaded.ckpt.notes + (f"defended layer: {layer}",) * bool(loaded.meta.get("model_def")),
+                      tuple(feats.premise_warnings()))
 
 
 @dataclass(frozen=True)
@@ -244,7 +257,7 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
 
 def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config: DefenseConfig = PRESETS["default"],
                       *, layer: str | None = None, arch: str | None = None, dataset: str | None = None,
-                      strict: bool = True, plain: bool = False, seed: int = 0,
+                      strict: bool = True, model_def: str | None = None, plain: bool = False, seed: int = 0,
                       device: torch.device | str = "cpu") -> DefendOutcome:
     """Apply FLAIN (or pruning), and the repair if ``config`` asks for it, to the checkpoint at ``path``.
 
@@ -266,7 +279,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     if init_path is None and config.method != "prune":
         raise ConfigError(f"--init is needed for --method {config.method}: FLAIN flips the updates W - W0, so it "
                           "needs W0, the model before training (only --method prune works without it)")
-    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, device=device)
+    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def, device=device)
     check_finite(loaded.ckpt, "MODEL")
     init = None
     if init_path is not None:
@@ -279,6 +292,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
                         f"backdoor back on one of our trainings (ASR 0.025 after the flip, 0.389 after the repair, "
                         f"docs/results.md): check ASR, or pass --repair none")
     every = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
+    warnings += every.premise_warnings()
     if config.holdout:
         activation_set, scoring_set = aux.split(config.holdout, seed)
         x = AuxFeatures(loaded.model, layer, activation_set, loaded.meta, device).mean_activations()
@@ -309,6 +323,8 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         repair_record = config.repair.record() | {"aux_acc_flipped": aux_acc_flipped}
     aux_acc_after = every.accuracy_model(state)
     notes = list(loaded.ckpt.notes)
+    if loaded.meta.get("model_def"):
+        notes.append(f"ran {loaded.meta['model_def']['spec']} to build the model; defended layer: {layer}")
     if loaded.ckpt.dtype not in ("float32", "mixed"):
         dtype = getattr(torch, loaded.ckpt.dtype)
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}

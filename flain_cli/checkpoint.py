@@ -28,7 +28,8 @@ from .datasets import DATASETS
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, regular_file
 from .formats import align, read_npz, read_torch, sniff
-from .models import ARCHITECTURES, LayerStack, build_model
+from .modeldef import build_from_def, first_linear, model_def_record
+from .models import ARCHITECTURES, build_model
 
 FORMAT = "flain-cli/1"
 ROLES = ("init", "final", "defended")
@@ -138,7 +139,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
 META_KINDS: dict[str, tuple[type | None, ...]] = {
     "arch": (str,), "dataset": (str, None), "num_classes": (int,), "role": (str,), "defended_layer": (str,),
     "input_shape": (list,), "normalization": (dict,), "class_names": (list,), "parents": (dict,), "source": (dict,),
-    "attack": (dict, None), "metrics": (dict,), "train_config": (dict,), "defense": (dict,), "seed": (int,),
+    "attack": (dict, None), "metrics": (dict,), "model_def": (dict,), "train_config": (dict,), "defense": (dict,),
+    "seed": (int,),
 }
 MAX_CLASSES = 100_000
 
@@ -161,14 +163,23 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
 
 
 def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str | None = None,
-                       num_classes: int | None = None) -> dict[str, Any]:
+                       num_classes: int | None = None, model_def: str | None = None) -> dict[str, Any]:
     """Model metadata from the checkpoint, with the user's options taking precedence.
 
-    A checkpoint written by another tool has no metadata: then ``arch`` is required and the
+    A checkpoint written by another tool has no metadata: then ``arch`` (a built-in) or
+    ``model_def`` (FILE.py:NAME, the user's own class; its code runs) is required, and the
     dataset (or ``num_classes``) tells the number of classes.
     """
-    arch = arch or ckpt.arch
     dataset = dataset or ckpt.dataset
+    recorded = ckpt.meta.get("model_def")
+    if model_def is None and recorded and arch is None:
+        raise ConfigError(f"{ckpt.path} was written for the model class {recorded['spec']}; pass "
+                          f"--model-def {recorded['spec']} (flain runs that file's code to rebuild the model)")
+    if model_def is not None:
+        if arch is not None:
+            raise ConfigError("--arch and --model-def both name the architecture; pass one of them")
+        return _model_def_meta(ckpt, model_def, dataset, num_classes)
+    arch = arch or ckpt.arch
     if arch is None:
         raise CheckpointError(f"{ckpt.path} carries no flain-cli metadata; pass --arch "
                               f"({', '.join(ARCHITECTURES.names())}) and --dataset")
@@ -188,20 +199,45 @@ def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str |
     return meta
 
 
+def _model_def_meta(ckpt: Checkpoint, spec: str, dataset: str | None, num_classes: int | None) -> dict[str, Any]:
+    """Metadata for the user's own model class: shapes and normalization from the dataset, the
+    defended layer from the checkpoint or a probe (the first nn.Linear the forward pass reaches)."""
+    dataset = dataset or ckpt.dataset
+    if dataset is None:
+        raise ConfigError(f"--model-def needs --dataset for {ckpt.path}: its input size, normalization and classes")
+    ds = DATASETS.get(dataset)
+    n = int(num_classes or ckpt.meta.get("num_classes") or ds.num_classes)
+    meta: dict[str, Any] = {"format": FORMAT, "tool": f"flain-cli {__version__}", "arch": "model-def",
+                            "model_def": model_def_record(spec), "num_classes": n, "input_shape": list(ds.shape),
+                            "dataset": dataset, "normalization": {"mean": list(ds.mean), "std": list(ds.std),
+                                                                   "scale": 255},
+                            "class_names": list(ds.classes)}
+    meta["defended_layer"] = ckpt.meta.get("defended_layer") or first_linear(build_network(meta), tuple(ds.shape))
+    return meta
+
+
+def build_network(meta: dict[str, Any]) -> torch.nn.Module:
+    """The untrained network ``meta`` describes: a built-in architecture, or the user's --model-def."""
+    if meta.get("model_def"):
+        return build_from_def(meta["model_def"]["spec"], meta["num_classes"])
+    return build_model(meta["arch"], meta["num_classes"])
+
+
 def conform(ckpt: Checkpoint, meta: dict[str, Any], *, strict: bool = True) -> Checkpoint:
     """``ckpt`` with its tensors under the architecture's names (``meta``), floating ones as float32.
 
     Raises CheckpointError with counts of missing, extra and misshapen tensors when it does not fit.
     """
-    expected = build_model(meta["arch"], meta["num_classes"]).state_dict()
-    what = f"{ckpt.path} (architecture {meta['arch']}, {meta['num_classes']} classes)"
+    expected = build_network(meta).state_dict()
+    name = meta["model_def"]["spec"] if meta.get("model_def") else meta["arch"]
+    what = f"{ckpt.path} (architecture {name}, {meta['num_classes']} classes)"
     aligned = align(ckpt.tensors, expected, what=what, ordered=ckpt.format == "npz", strict=strict)
     return dataclasses.replace(ckpt, tensors=aligned.tensors, dtype=aligned.dtype, notes=ckpt.notes + aligned.notes)
 
 
 def build_from(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device | str = "cpu", *,
-               strict: bool = True) -> LayerStack:
+               strict: bool = True) -> torch.nn.Module:
     """Build the architecture named in ``meta`` and load the checkpoint's tensors into it (see `conform`)."""
-    model = build_model(meta["arch"], meta["num_classes"])
+    model = build_network(meta)
     model.load_state_dict(conform(ckpt, meta, strict=strict).tensors)
     return model.to(device).eval()

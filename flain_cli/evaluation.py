@@ -52,10 +52,11 @@ def load_test_file(path: Path, meta: dict[str, Any]) -> Split:
 def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Path | None = None,
                         arch: str | None = None, attack: str | None = None, trigger: str | None = None,
                         device: torch.device | str = "cpu", test: Split | None = None,
-                        test_file: Path | None = None, strict: bool = True) -> CheckpointEval:
+                        test_file: Path | None = None, strict: bool = True,
+                        model_def: str | None = None) -> CheckpointEval:
     """ACC on the clean test split (or ``test``/``test_file``) and ASR of the known (or given) attack."""
     ckpt = load_checkpoint(path)
-    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset)
+    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def)
     if meta["dataset"] is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
                           f"({', '.join(DATASETS.names())})")

@@ -37,6 +37,11 @@ LayerOpt = Annotated[str | None, typer.Option(help="Linear layer to work on (def
 ArchOpt = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without flain-cli metadata.",
                                              show_default=False)]
 DatasetOpt = Annotated[str | None, typer.Option(help="Dataset (default: from the checkpoint).", show_default=False)]
+ModelDefOpt = Annotated[str | None, typer.Option(
+    "--model-def", metavar="FILE.py:NAME",
+    help="Your own model class (or a function returning the nn.Module) for a checkpoint of an architecture that is "
+         "not built in. This RUNS the code in FILE.py: pass only files you trust. Needs --dataset.",
+    show_default=False)]
 StrictOpt = Annotated[bool, typer.Option(
     "--strict/--no-strict", help="Refuse a checkpoint holding tensors the architecture lacks (e.g. global_step); "
                                  "--no-strict ignores them and says so.")]

@@ -15,9 +15,10 @@ from ..checkpoint import save_checkpoint
 from ..defense import METHODS, PRESETS, SELECTS, DefenseConfig
 from ..errors import ConfigError
 from ..files import FilePlan
+from ..modeldef import parse_model_def
 from ..repair import RepairSettings
 from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     SeedOpt, StrictOpt, err, print_notes, out, print_json, resolve_device)
+                     ModelDefOpt, SeedOpt, StrictOpt, err, out, print_json, print_notes, resolve_device)
 
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
@@ -98,6 +99,7 @@ def defend(
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
     strict: StrictOpt = True,
+    model_def: ModelDefOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -109,11 +111,13 @@ def defend(
     config.check()
     method, step, rho = config.method, config.step, config.rho
     target = out_path or default_out(model, method)
-    plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux}, {"--out": target, "--trace": trace}, force=force)
+    plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux,
+                     "--model-def": model_def and parse_model_def(model_def)[0]},
+                    {"--out": target, "--trace": trace}, force=force)
     torch_device = resolve_device(device)
     with plan.writing() as stage:  # claimed from here; both files appear at the end, or neither
         outcome = defend_checkpoint(model, init, aux, config, layer=layer, arch=arch, dataset=dataset, plain=plain,
-                                    strict=strict, seed=seed, device=torch_device)
+                                    strict=strict, model_def=model_def, seed=seed, device=torch_device)
         res, record = outcome.result, outcome.meta["defense"]
         save_checkpoint(stage["--out"], outcome.state, outcome.meta)
         if trace is not None:

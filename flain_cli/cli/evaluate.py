@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from ..evaluation import evaluate_checkpoint
-from .common import (DataDirOpt, DeviceOpt, JsonOpt, ModelArg, StrictOpt, fmt, out, print_json, print_notes,
-                     resolve_device)
+from .common import (DataDirOpt, DeviceOpt, JsonOpt, ModelArg, ModelDefOpt, StrictOpt, fmt, out, print_json,
+                     print_notes, resolve_device)
 
 
 def evaluate_command(
@@ -27,12 +27,14 @@ def evaluate_command(
         help="Evaluate on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
         show_default=False)] = None,
     strict: StrictOpt = True,
+    model_def: ModelDefOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
     report = evaluate_checkpoint(model, dataset=dataset, data_dir=data_dir, arch=arch, attack=attack,
-                                 trigger=trigger, device=resolve_device(device), test_file=test, strict=strict)
+                                 trigger=trigger, device=resolve_device(device), test_file=test, strict=strict,
+                                 model_def=model_def)
     print_notes(report.notes)
     res, meta, spec_attack = report.result, report.meta, report.attack
     summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "asr_clean": res.asr_clean, "n_clean": res.n_clean,

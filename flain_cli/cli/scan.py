@@ -11,8 +11,9 @@ from rich.table import Table
 
 from ..audit import scan_checkpoint
 from ..files import FilePlan
-from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg, StrictOpt,
-                     out, print_notes, print_json, resolve_device)
+from ..modeldef import parse_model_def
+from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg, ModelDefOpt,
+                     StrictOpt, err, out, print_notes, print_json, resolve_device)
 
 
 def histogram_rows(values: torch.Tensor, bins: int = 12, width: int = 40) -> list[tuple[str, int, str]]:
@@ -36,21 +37,27 @@ def scan(
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
     strict: StrictOpt = True,
+    model_def: ModelDefOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the mean activation of each input neuron of a Linear layer over the aux set."""
     torch_device = resolve_device(device)
-    with FilePlan({"MODEL": model, "--aux": aux}, {"--csv": csv}, force=force).writing() as stage:
-        res = scan_checkpoint(model, aux, layer=layer, arch=arch, dataset=dataset, strict=strict, device=torch_device)
+    inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def and parse_model_def(model_def)[0]}
+    with FilePlan(inputs, {"--csv": csv}, force=force).writing() as stage:
+        res = scan_checkpoint(model, aux, layer=layer, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
+                              device=torch_device)
         means = res.means
         if csv is not None:
             stage["--csv"].write_text("neuron,mean\n" + "".join(f"{i},{v:.9g}\n" for i, v in enumerate(means.tolist())))
     print_notes(res.notes)
+    for warning in res.warnings:
+        err.print(f"warning: {warning}", soft_wrap=True)
     summary = {"model": str(model), "layer": res.layer, "neurons": int(means.numel()), "n_aux": res.n_aux,
                "aux_acc": res.aux_acc, "min": float(means.min()), "median": float(means.median()),
-               "max": float(means.max()), "zeros": int((means == 0).sum()), "notes": list(res.notes)}
+               "max": float(means.max()), "zeros": int((means == 0).sum()), "notes": list(res.notes),
+               "warnings": list(res.warnings)}
     if as_json:
         print_json(summary | {"means": means.tolist()})
         return

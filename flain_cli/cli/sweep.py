@@ -10,9 +10,10 @@ from rich.table import Table
 
 from ..defense import METHODS, PAPER_STEP
 from ..files import FilePlan
+from ..modeldef import parse_model_def
 from ..sweep import sweep_checkpoint
 from .common import (ArchOpt, AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     StrictOpt,
+                     ModelDefOpt, StrictOpt,
                      fmt, out, print_json, resolve_device)
 
 COLUMNS = ("lambda", "changed", "aux_acc", "acc", "asr", "asr_clean")
@@ -30,6 +31,7 @@ def sweep(
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
     strict: StrictOpt = True,
+    model_def: ModelDefOpt = None,
     data_dir: DataDirOpt = None,
     test: Annotated[Path | None, typer.Option(
         help="Score on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
@@ -43,11 +45,13 @@ def sweep(
     without trigger. A diagnostic for whoever holds labelled test data: it shows whether any threshold
     removes the backdoor and what it costs, and where the paper's stopping rule lands."""
     torch_device = resolve_device(device)
-    plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux, "--test": test, "--data-dir": data_dir},
+    plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux, "--test": test, "--data-dir": data_dir,
+                     "--model-def": model_def and parse_model_def(model_def)[0]},
                     {"--csv": csv}, force=force)
     with plan.writing() as stage:
         res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
-                               arch=arch, dataset=dataset, strict=strict, data_dir=data_dir, test_file=test, device=torch_device)
+                               arch=arch, dataset=dataset, strict=strict, model_def=model_def, data_dir=data_dir,
+                               test_file=test, device=torch_device)
         rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
                  "asr_clean": p.asr_clean} for p in res.points]
         if csv is not None:

@@ -1,0 +1,135 @@
+"""`--model-def FILE.py:NAME`: architectures that are not built in, cut at their Linear layer by
+torch.fx; an MLP and a small ResNet trained here on a few hundred images go through scan, defend
+and eval."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flain_cli.checkpoint import load_checkpoint
+from flain_cli.datasets import DATASETS
+
+from .conftest import invoke, write_idx
+
+DEFS = Path(__file__).parent / "data" / "model_defs.py"
+
+
+def brightness_images(n: int, seed: int):
+    """Images whose class is their mean brightness: learnable after a global average pool."""
+    rng = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    images = (labels[:, None, None] * 24 + rng.integers(0, 16, size=(n, 28, 28))).astype(np.uint8)
+    return images, labels
+
+
+@pytest.fixture
+def bright(tmp_path):
+    """An aux folder and Fashion-MNIST-shaped IDX files of brightness images."""
+    from PIL import Image
+    images, labels = brightness_images(60, 5)
+    for i, (image, label) in enumerate(zip(images, labels)):
+        (tmp_path / "aux" / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(tmp_path / "aux" / str(label) / f"{i}.png")
+    (tmp_path / "data").mkdir()
+    for stem, n, seed in (("train", 100, 6), ("t10k", 200, 7)):
+        images, labels = brightness_images(n, seed)
+        write_idx(tmp_path / "data" / f"{stem}-images-idx3-ubyte", images)
+        write_idx(tmp_path / "data" / f"{stem}-labels-idx1-ubyte", labels)
+    return tmp_path / "aux", tmp_path / "data"
+
+
+def trained(tmp_path, name: str, steps: int = 60):
+    """init and final safetensors (no metadata) of the class ``name``, trained on tiny images."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("defs_for_test", DEFS)
+    defs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(defs)
+    torch.manual_seed(0)
+    model = getattr(defs, name)()
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = brightness_images(400, 0)
+    ds = DATASETS.get("fmnist")
+    x = (torch.from_numpy(images).float()[:, None] / 255 - ds.mean[0]) / ds.std[0]
+    y = torch.from_numpy(labels).long()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        batch = slice(step * 50 % 400, step * 50 % 400 + 50)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[batch]), y[batch]).backward()
+        opt.step()
+    folder = tmp_path / name
+    folder.mkdir()
+    save_file(init, folder / "init.safetensors")
+    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, folder / "final.safetensors")
+    return folder
+
+
+def test_a_small_resnet_is_scanned_defended_and_evaluated(tmp_path, bright):
+    aux_dir, fmnist_dir = bright
+    run = trained(tmp_path, "TinyResNet")
+    before = invoke("eval", run / "final.safetensors", "--model-def", f"{DEFS}:TinyResNet", "--dataset", "fmnist",
+                    "--data-dir", fmnist_dir, "--json")
+    assert before.exit_code == 0, before.output
+    assert json.loads(before.stdout)["acc"] > 0.8  # it learnt the task: the defense below has something to keep
+    spec = f"{DEFS}:TinyResNet"
+    scan = invoke("scan", run / "final.safetensors", "--aux", aux_dir, "--model-def", spec, "--dataset", "fmnist",
+                  "--json")
+    assert scan.exit_code == 0, scan.output
+    report = json.loads(scan.stdout)
+    assert report["layer"] == "fc" and report["neurons"] == 16 and report["warnings"] == []
+    assert "note: defended layer: fc" in scan.stderr
+    out = tmp_path / "clean.safetensors"
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--model-def", spec, "--dataset", "fmnist", "--preset", "paper", "--rho", "0.1", "--out", out,
+                 "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["layer"] == "fc" and f"ran {spec} to build the model; defended layer: fc" in report["notes"]
+    cleaned, final, init = (load_checkpoint(p).tensors for p in (out, run / "final.safetensors",
+                                                                 run / "init.safetensors"))
+    flipped = torch.tensor(load_checkpoint(out).meta["defense"]["neurons"], dtype=torch.long)
+    assert len(flipped) == report["flipped"] > 0
+    w, w0 = final["fc.weight"], init["fc.weight"]
+    scale = cleaned["fc.weight"].norm() / torch.where(torch.isin(torch.arange(16), flipped), 2 * w0 - w, w).norm()
+    expected = torch.where(torch.isin(torch.arange(16), flipped), 2 * w0 - w, w) * scale  # eq. 7, then the rescale
+    assert torch.allclose(cleaned["fc.weight"], expected, atol=1e-6)
+    assert all(torch.equal(cleaned[k], final[k]) for k in final if not k.startswith("fc."))
+    assert load_checkpoint(out).meta["model_def"]["spec"] == spec
+    again = invoke("eval", out, "--model-def", spec, "--data-dir", fmnist_dir, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["acc"] > 0.5  # flips on a 16-input layer are coarse (rho 0.1): a cost, not chance
+    missing = invoke("eval", out, "--data-dir", fmnist_dir)
+    assert missing.exit_code == 1 and f"pass --model-def {spec}" in missing.stderr
+
+
+def test_an_mlp_warns_that_its_first_layer_sees_negative_inputs(tmp_path, aux_dir):
+    run = trained(tmp_path, "MLP")
+    for name, layer, warned in (("MLP", None, True), ("make_mlp", "fc2", False)):
+        args = ["scan", run / "final.safetensors", "--aux", aux_dir, "--model-def", f"{DEFS}:{name}",
+                "--dataset", "fmnist", "--json"] + (["--layer", layer] if layer else [])
+        res = invoke(*args)
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        assert report["layer"] == (layer or "fc1")
+        assert bool(report["warnings"]) == warned and ("take negative values" in res.stderr) == warned
+
+
+@pytest.mark.parametrize(("spec", "extra", "message"), [
+    ("{defs}:SkipAround", [], "after fc1 the network also reads direct, computed before it (a skip connection"),
+    ("{defs}:Nope", [], "has no class or function 'Nope'"),
+    ("{defs}", [], "must be FILE.py:NAME"),
+    ("{defs}:MLP", ["--arch", "cnn-mnist"], "--arch and --model-def both name the architecture"),
+    ("{defs}:TinyResNet", [], "does not fit the architecture: missing"),
+])
+def test_model_def_failures_are_one_line(tmp_path, aux_dir, spec, extra, message):
+    run = trained(tmp_path, "SkipAround" if "SkipAround" in spec else "MLP", steps=1)
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--model-def", spec.format(defs=DEFS), "--dataset", "fmnist", "--out", tmp_path / "o.st", *extra)
+    assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert message in res.stderr
+    assert not (tmp_path / "o.st").exists()
