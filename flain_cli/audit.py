@@ -32,14 +32,15 @@ class LoadedModel:
 
 
 def load_model(path: Path, *, arch: str | None = None, dataset: str | None = None, strict: bool = True,
-               model_def: str | None = None, device: torch.device | str = "cpu") -> LoadedModel:
+               model_def: str | None = None, normalization: tuple[list[float], list[float]] | None = None,
+               device: torch.device | str = "cpu") -> LoadedModel:
     """Read a checkpoint in any supported format, align it to its architecture, and build the model.
 
     ``model_def`` (FILE.py:NAME) builds the user's own class instead of a built-in: its code runs.
     ``ckpt.tensors`` of the result are under the architecture's names, floating ones as float32.
     """
     ckpt = load_checkpoint(path)
-    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def)
+    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def, normalization=normalization)
     ckpt = conform(ckpt, meta, strict=strict)
     return LoadedModel(ckpt, meta, build_from(ckpt, meta, device))
 
@@ -167,15 +168,18 @@ class ScanResult:
 
 def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, arch: str | None = None,
                     dataset: str | None = None, strict: bool = True, model_def: str | None = None,
+                    normalization: tuple[list[float], list[float]] | None = None,
                     device: torch.device | str = "cpu") -> ScanResult:
-    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def, device=device)
+    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
+                        normalization=normalization, device=device)
     check_finite(loaded.ckpt, "MODEL")
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
     feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
     return ScanResult(loaded.meta, layer, feats.mean_activations(), len(aux),
                       feats.accuracy_model(get_linear(loaded.model, layer).weight.detach()),
-                      loaded.ckpt.notes + (f"defended layer: {layer}",) * bool(loaded.meta.get("model_def")),
+                      loaded.ckpt.notes + (f"defended layer: {layer}",) * bool(loaded.meta.get("model_def"))
+                      + tuple(resize_notes(aux, loaded.meta)),
                       tuple(feats.premise_warnings()))
 
 
@@ -193,6 +197,14 @@ class DefendOutcome:
 
 
 REPAIR_TUNED_PER_CLASS = 50  # above this many aux images per class, the repair is past what it was tuned on
+
+
+def resize_notes(aux: AuxSet, meta: dict[str, Any]) -> list[str]:
+    """Say so when aux images did not have the model's input size (they were resized, bilinear)."""
+    if not aux.resized:
+        return []
+    _, height, width = meta["input_shape"]
+    return [f"{aux.resized} of {len(aux)} aux images were resized to {width}x{height}, the model's input size"]
 
 
 def check_finite(ckpt: Checkpoint, role: str) -> None:
@@ -257,7 +269,8 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
 
 def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config: DefenseConfig = PRESETS["default"],
                       *, layer: str | None = None, arch: str | None = None, dataset: str | None = None,
-                      strict: bool = True, model_def: str | None = None, plain: bool = False, seed: int = 0,
+                      strict: bool = True, model_def: str | None = None,
+                      normalization: tuple[list[float], list[float]] | None = None, plain: bool = False, seed: int = 0,
                       device: torch.device | str = "cpu") -> DefendOutcome:
     """Apply FLAIN (or pruning), and the repair if ``config`` asks for it, to the checkpoint at ``path``.
 
@@ -279,7 +292,8 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     if init_path is None and config.method != "prune":
         raise ConfigError(f"--init is needed for --method {config.method}: FLAIN flips the updates W - W0, so it "
                           "needs W0, the model before training (only --method prune works without it)")
-    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def, device=device)
+    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
+                        normalization=normalization, device=device)
     check_finite(loaded.ckpt, "MODEL")
     init = None
     if init_path is not None:
@@ -322,7 +336,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         state |= {name: value.to(state[name].dtype).contiguous() for name, value in repaired.items()}
         repair_record = config.repair.record() | {"aux_acc_flipped": aux_acc_flipped}
     aux_acc_after = every.accuracy_model(state)
-    notes = list(loaded.ckpt.notes)
+    notes = list(loaded.ckpt.notes) + resize_notes(aux, loaded.meta)
     if loaded.meta.get("model_def"):
         notes.append(f"ran {loaded.meta['model_def']['spec']} to build the model; defended layer: {layer}")
     if loaded.ckpt.dtype not in ("float32", "mixed"):
@@ -340,7 +354,8 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
             "all_selected": result.all_selected, "aux_acc_before": result.acc0, "aux_acc_kept": result.acc_kept,
             "aux_acc_after": aux_acc_after, "steps": result.steps, "evaluations": result.evaluations,
             "seed": seed, "repair": repair_record, "warnings": warnings,
-            "aux": {"source": aux.source, "n": len(aux), "scored_on": int(feats.labels.numel())},
+            "aux": {"source": aux.source, "n": len(aux), "scored_on": int(feats.labels.numel()),
+                    "resized": aux.resized},
         },
     }
     return DefendOutcome(meta, state, result, layer, aux_acc_after, len(aux), time.perf_counter() - started,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -79,12 +80,20 @@ def load_aux(path: Path, input_shape: tuple[int, int, int], num_classes: int,
     return aux
 
 
+def folder_alias(class_name: str) -> str:
+    """A class name as a folder name can hold it: 'T-shirt/top' -> 'T-shirt_top'."""
+    return re.sub(r"[^\w.-]+", "_", class_name).strip("_")
+
+
 def _class_index(name: str, class_names: list[str], folder: Path) -> int:
     if name.isascii() and name.isdigit():  # "²" is a digit to str.isdigit, not to int()
         return int(name)
     if name in class_names:
         return class_names.index(name)
-    known = f"; known names: {', '.join(class_names)}" if class_names else ""
+    aliases = [folder_alias(c) for c in class_names]
+    if name in aliases:
+        return aliases.index(name)
+    known = f"; known names: {', '.join(aliases)}" if class_names else ""
     raise AuxError(f"aux class folder {folder / name} is neither a class index nor a class name of the model{known}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from . import __version__
-from .datasets import DATASETS
+from .datasets import DATASETS, DatasetSpec
 from .errors import CheckpointError, ConfigError
 from .files import atomic_write, regular_file
 from .formats import align, read_npz, read_torch, sniff
@@ -163,7 +164,45 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
 
 
 def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str | None = None,
-                       num_classes: int | None = None, model_def: str | None = None) -> dict[str, Any]:
+                       num_classes: int | None = None, model_def: str | None = None,
+                       normalization: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
+    """Model metadata from the checkpoint, with the user's options taking precedence (see `_resolve`).
+
+    Inputs are normalized with ``normalization`` (mean, std per channel) when given, else with the
+    checkpoint's recorded ``normalization``, else with the dataset's standard one.
+    """
+    meta = _resolve(ckpt, arch, dataset, num_classes, model_def)
+    recorded = ckpt.meta.get("normalization")
+    if normalization is not None:
+        meta["normalization"] = _normalization(list(normalization[0]), list(normalization[1]), meta, "--mean/--std")
+    elif recorded:
+        meta["normalization"] = _normalization(recorded.get("mean"), recorded.get("std"), meta,
+                                               f"{ckpt.path}: metadata normalization")
+    return meta
+
+
+def _normalization(mean, std, meta: dict[str, Any], what: str) -> dict[str, Any]:
+    channels = meta["input_shape"][0]
+    ok = all(isinstance(v, list) and len(v) in (1, channels) and all(isinstance(x, (int, float)) for x in v)
+             for v in (mean, std))
+    if not ok or not all(math.isfinite(x) for x in mean) or not all(math.isfinite(x) and x > 0 for x in std):
+        raise ConfigError(f"{what} must give a finite mean and a positive std for 1 or {channels} channels, "
+                          f"got mean {mean!r} and std {std!r}")
+    return {"mean": [float(x) for x in mean] * (channels // len(mean)),
+            "std": [float(x) for x in std] * (channels // len(std)), "scale": 255}
+
+
+def dataset_spec(meta: dict[str, Any]) -> DatasetSpec:
+    """The dataset of ``meta``, normalizing as ``meta`` says (which may differ from the dataset's standard)."""
+    spec = DATASETS.get(meta["dataset"])
+    norm = meta.get("normalization")
+    if norm and (tuple(norm["mean"]), tuple(norm["std"])) != (tuple(spec.mean), tuple(spec.std)):
+        spec = dataclasses.replace(spec, mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    return spec
+
+
+def _resolve(ckpt: Checkpoint, arch: str | None, dataset: str | None, num_classes: int | None,
+             model_def: str | None) -> dict[str, Any]:
     """Model metadata from the checkpoint, with the user's options taking precedence.
 
     A checkpoint written by another tool has no metadata: then ``arch`` (a built-in) or

@@ -10,7 +10,7 @@ import torch
 
 from .attack import AttackTask
 from .auxdata import load_aux
-from .checkpoint import Checkpoint, build_from, conform, load_checkpoint, resolve_model_meta
+from .checkpoint import Checkpoint, build_from, conform, dataset_spec, load_checkpoint, resolve_model_meta
 from .datasets import DATASETS, Split, load_dataset
 from .errors import ConfigError
 from .metrics import EvalResult, evaluate
@@ -53,14 +53,15 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Pat
                         arch: str | None = None, attack: str | None = None, trigger: str | None = None,
                         device: torch.device | str = "cpu", test: Split | None = None,
                         test_file: Path | None = None, strict: bool = True,
-                        model_def: str | None = None) -> CheckpointEval:
+                        model_def: str | None = None,
+                        normalization: tuple[list[float], list[float]] | None = None) -> CheckpointEval:
     """ACC on the clean test split (or ``test``/``test_file``) and ASR of the known (or given) attack."""
     ckpt = load_checkpoint(path)
-    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def)
+    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def, normalization=normalization)
     if meta["dataset"] is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
                           f"({', '.join(DATASETS.names())})")
-    spec = DATASETS.get(meta["dataset"])
+    spec = dataset_spec(meta)
     ckpt = conform(ckpt, meta, strict=strict)
     model = build_from(ckpt, meta, device)
     spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, trigger)

@@ -51,6 +51,7 @@ class SweepResult:
 def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = PAPER_STEP,
                      points: int = 25, layer: str | None = None, arch: str | None = None,
                      dataset: str | None = None, strict: bool = True, model_def: str | None = None,
+                     normalization: tuple[list[float], list[float]] | None = None,
                      data_dir: Path | None = None, test_file: Path | None = None,
                      device: torch.device | str = "cpu") -> SweepResult:
     """The model unchanged, then ``points`` thresholds mu, mu + step, ... as `defend` would apply them."""
@@ -58,7 +59,8 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
         raise ConfigError(f"--step must be a finite number > 0, got {step}")
     if points < 1:
         raise ConfigError(f"--points must be at least 1, got {points}")
-    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def, device=device)
+    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
+                        normalization=normalization, device=device)
     check_finite(loaded.ckpt, "MODEL")
     init = load_init(init_path, loaded, strict=strict)
     meta = loaded.meta

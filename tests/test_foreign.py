@@ -139,3 +139,46 @@ def test_debug_prints_the_traceback_of_the_error(tmp_path):
     res = invoke("--debug", "eval", tmp_path / "missing.safetensors")
     assert res.exit_code == 1 and "Traceback (most recent call last)" in res.stderr
     assert "NoneType: None" not in res.stderr and res.stderr.strip().splitlines()[-1].startswith("Error: checkpoint")
+
+
+def test_normalization_comes_from_the_options_then_the_metadata_then_the_dataset(tiny_run, tmp_path):
+    from flain_cli.checkpoint import save_checkpoint
+    run, data = tiny_run
+    ckpt = load_checkpoint(run / "final.safetensors")
+    recorded = tmp_path / "half.safetensors"
+    save_checkpoint(recorded, ckpt.tensors, ckpt.meta | {"normalization": {"mean": [0.9], "std": [0.05], "scale": 255}})
+
+    def scores(*args):
+        res = invoke("eval", *args, "--data-dir", data, "--json")
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        return report["acc"], report["asr"]
+    standard = scores(run / "final.safetensors")
+    assert scores(recorded) == scores(run / "final.safetensors", "--mean", "0.9", "--std", "0.05") != standard
+    assert scores(recorded, "--mean", "0.286", "--std", "0.353") == standard  # the options win over the metadata
+    res = invoke("eval", recorded, "--mean", "0.5")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: --mean and --std go together")
+    res = invoke("eval", recorded, "--mean", "0.5", "--std", "0")
+    assert res.exit_code == 1 and "a positive std" in res.stderr
+
+
+def test_aux_folders_by_class_name_alias_and_resized_images_are_announced(tiny_run, tmp_path):
+    from PIL import Image
+
+    from .conftest import write_aux_folder
+    run, _ = tiny_run
+    names = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+             "Ankle_boot"]
+    aux = write_aux_folder(tmp_path / "aux", per_class=3, names=names, size=32)  # 32x32: resized to 28x28
+    res = invoke("scan", run / "final.safetensors", "--aux", aux, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n_aux"] == 30
+    assert "note: 30 of 30 aux images were resized to 28x28, the model's input size" in res.stderr
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux,
+                 "--preset", "paper", "--rho", "0.05", "--out", tmp_path / "d.safetensors")
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(tmp_path / "d.safetensors").meta["defense"]["aux"]["resized"] == 30
+    Image.new("L", (28, 28)).save(aux / "T-shirt_top" / "x.png")
+    (aux / "T-shirt_top").rename(aux / "Tshirt")
+    res = invoke("scan", run / "final.safetensors", "--aux", aux)
+    assert res.exit_code == 1 and "known names: T-shirt_top, Trouser" in res.stderr

@@ -42,6 +42,12 @@ ModelDefOpt = Annotated[str | None, typer.Option(
     help="Your own model class (or a function returning the nn.Module) for a checkpoint of an architecture that is "
          "not built in. This RUNS the code in FILE.py: pass only files you trust. Needs --dataset.",
     show_default=False)]
+MeanOpt = Annotated[str | None, typer.Option(
+    "--mean", metavar="M[,M,M]", help="Input normalization: mean per channel on the 0-1 scale (0.5, or "
+                                      "0.485,0.456,0.406), with --std. Default: the checkpoint's recorded "
+                                      "normalization, else the dataset's.", show_default=False)]
+StdOpt = Annotated[str | None, typer.Option(
+    "--std", metavar="S[,S,S]", help="Input normalization: std per channel, with --mean.", show_default=False)]
 StrictOpt = Annotated[bool, typer.Option(
     "--strict/--no-strict", help="Refuse a checkpoint holding tensors the architecture lacks (e.g. global_step); "
                                  "--no-strict ignores them and says so.")]
@@ -65,6 +71,18 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"numbered from 0")
     return device
+
+
+def parse_normalization(mean: str | None, std: str | None) -> tuple[list[float], list[float]] | None:
+    """--mean/--std as two lists of floats, or None when neither is given."""
+    if mean is None and std is None:
+        return None
+    if mean is None or std is None:
+        raise ConfigError("--mean and --std go together: give both, or neither")
+    try:
+        return [float(v) for v in mean.split(",")], [float(v) for v in std.split(",")]
+    except ValueError:
+        raise ConfigError(f"--mean {mean!r} / --std {std!r} must be numbers separated by commas") from None
 
 
 def print_notes(notes) -> None:

@@ -17,8 +17,9 @@ from ..errors import ConfigError
 from ..files import FilePlan
 from ..modeldef import parse_model_def
 from ..repair import RepairSettings
-from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     ModelDefOpt, SeedOpt, StrictOpt, err, out, print_json, print_notes, resolve_device)
+from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, MeanOpt, ModelArg,
+                     ModelDefOpt, SeedOpt, StdOpt, StrictOpt, err, out, parse_normalization, print_json, print_notes,
+                     resolve_device)
 
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
@@ -100,6 +101,8 @@ def defend(
     dataset: DatasetOpt = None,
     strict: StrictOpt = True,
     model_def: ModelDefOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -114,10 +117,11 @@ def defend(
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux,
                      "--model-def": model_def and parse_model_def(model_def)[0]},
                     {"--out": target, "--trace": trace}, force=force)
-    torch_device = resolve_device(device)
+    torch_device, norm = resolve_device(device), parse_normalization(mean, std)
     with plan.writing() as stage:  # claimed from here; both files appear at the end, or neither
         outcome = defend_checkpoint(model, init, aux, config, layer=layer, arch=arch, dataset=dataset, plain=plain,
-                                    strict=strict, model_def=model_def, seed=seed, device=torch_device)
+                                    strict=strict, model_def=model_def, normalization=norm, seed=seed,
+                                    device=torch_device)
         res, record = outcome.result, outcome.meta["defense"]
         save_checkpoint(stage["--out"], outcome.state, outcome.meta)
         if trace is not None:

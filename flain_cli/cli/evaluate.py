@@ -9,8 +9,8 @@ import typer
 from rich.table import Table
 
 from ..evaluation import evaluate_checkpoint
-from .common import (DataDirOpt, DeviceOpt, JsonOpt, ModelArg, ModelDefOpt, StrictOpt, fmt, out, print_json,
-                     print_notes, resolve_device)
+from .common import (DataDirOpt, DeviceOpt, JsonOpt, MeanOpt, ModelArg, ModelDefOpt, StdOpt, StrictOpt, fmt, out,
+                     parse_normalization, print_json, print_notes, resolve_device)
 
 
 def evaluate_command(
@@ -28,13 +28,15 @@ def evaluate_command(
         show_default=False)] = None,
     strict: StrictOpt = True,
     model_def: ModelDefOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
     report = evaluate_checkpoint(model, dataset=dataset, data_dir=data_dir, arch=arch, attack=attack,
                                  trigger=trigger, device=resolve_device(device), test_file=test, strict=strict,
-                                 model_def=model_def)
+                                 model_def=model_def, normalization=parse_normalization(mean, std))
     print_notes(report.notes)
     res, meta, spec_attack = report.result, report.meta, report.attack
     summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "asr_clean": res.asr_clean, "n_clean": res.n_clean,

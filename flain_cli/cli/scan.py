@@ -12,8 +12,9 @@ from rich.table import Table
 from ..audit import scan_checkpoint
 from ..files import FilePlan
 from ..modeldef import parse_model_def
-from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg, ModelDefOpt,
-                     StrictOpt, err, out, print_notes, print_json, resolve_device)
+from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, MeanOpt, ModelArg,
+                     ModelDefOpt, StdOpt, StrictOpt, err, out, parse_normalization, print_json, print_notes,
+                     resolve_device)
 
 
 def histogram_rows(values: torch.Tensor, bins: int = 12, width: int = 40) -> list[tuple[str, int, str]]:
@@ -38,15 +39,18 @@ def scan(
     dataset: DatasetOpt = None,
     strict: StrictOpt = True,
     model_def: ModelDefOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the mean activation of each input neuron of a Linear layer over the aux set."""
-    torch_device = resolve_device(device)
+    torch_device, norm = resolve_device(device), parse_normalization(mean, std)
     inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def and parse_model_def(model_def)[0]}
     with FilePlan(inputs, {"--csv": csv}, force=force).writing() as stage:
         res = scan_checkpoint(model, aux, layer=layer, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
+                              normalization=norm,
                               device=torch_device)
         means = res.means
         if csv is not None:

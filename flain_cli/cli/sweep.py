@@ -12,9 +12,9 @@ from ..defense import METHODS, PAPER_STEP
 from ..files import FilePlan
 from ..modeldef import parse_model_def
 from ..sweep import sweep_checkpoint
-from .common import (ArchOpt, AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, ModelArg,
-                     ModelDefOpt, StrictOpt,
-                     fmt, out, print_json, resolve_device)
+from .common import (ArchOpt, AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, MeanOpt,
+                     ModelArg, ModelDefOpt, StdOpt, StrictOpt, fmt, out, parse_normalization, print_json,
+                     resolve_device)
 
 COLUMNS = ("lambda", "changed", "aux_acc", "acc", "asr", "asr_clean")
 
@@ -32,6 +32,8 @@ def sweep(
     dataset: DatasetOpt = None,
     strict: StrictOpt = True,
     model_def: ModelDefOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     data_dir: DataDirOpt = None,
     test: Annotated[Path | None, typer.Option(
         help="Score on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
@@ -44,13 +46,14 @@ def sweep(
     """Score the model that `defend` would write at each threshold: aux accuracy, test ACC, ASR, and the ASR
     without trigger. A diagnostic for whoever holds labelled test data: it shows whether any threshold
     removes the backdoor and what it costs, and where the paper's stopping rule lands."""
-    torch_device = resolve_device(device)
+    torch_device, norm = resolve_device(device), parse_normalization(mean, std)
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux, "--test": test, "--data-dir": data_dir,
                      "--model-def": model_def and parse_model_def(model_def)[0]},
                     {"--csv": csv}, force=force)
     with plan.writing() as stage:
         res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
-                               arch=arch, dataset=dataset, strict=strict, model_def=model_def, data_dir=data_dir,
+                               arch=arch, dataset=dataset, strict=strict, model_def=model_def, normalization=norm,
+                               data_dir=data_dir,
                                test_file=test, device=torch_device)
         rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
                  "asr_clean": p.asr_clean} for p in res.points]
