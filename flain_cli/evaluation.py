@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, build_from, conform, dataset_spec, load_chec
 from .datasets import DATASETS, Split, load_dataset
 from .errors import ConfigError
 from .metrics import EvalResult, evaluate
-from .triggers import make_trigger
+from .triggers import load_trigger_image, make_trigger
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,17 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Pat
                         device: torch.device | str = "cpu", test: Split | None = None,
                         test_file: Path | None = None, strict: bool = True,
                         model_def: str | None = None,
-                        normalization: tuple[list[float], list[float]] | None = None) -> CheckpointEval:
-    """ACC on the clean test split (or ``test``/``test_file``) and ASR of the known (or given) attack."""
+                        normalization: tuple[list[float], list[float]] | None = None,
+                        trigger_image: Path | None = None, trigger_mask: Path | None = None) -> CheckpointEval:
+    """ACC on the clean test split (or ``test``/``test_file``) and ASR of the known (or given) attack.
+
+    ``trigger_image`` (with ``trigger_mask``, or its alpha channel): a trigger the user suspects,
+    measured for the task of ``attack`` (SRC:TGT or all:TGT), instead of a built-in one.
+    """
+    if trigger_image is not None and (attack is None or attack.lower() == "none"):
+        raise ConfigError("--trigger-image needs --attack SRC:TGT (or all:TGT): the target class its ASR counts")
+    if trigger_mask is not None and trigger_image is None:
+        raise ConfigError("--trigger-mask goes with --trigger-image")
     ckpt = load_checkpoint(path)
     meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def, normalization=normalization)
     if meta["dataset"] is None:
@@ -64,9 +73,12 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Pat
     spec = dataset_spec(meta)
     ckpt = conform(ckpt, meta, strict=strict)
     model = build_from(ckpt, meta, device)
-    spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, trigger)
+    spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, str(trigger_image) if trigger_image else trigger)
     if test is None:
         test = load_test_file(test_file, meta) if test_file else load_dataset(meta["dataset"], data_dir).test
-    trig = make_trigger(spec_attack.trigger, *spec.shape[1:]) if spec_attack else None
+    if trigger_image is not None:
+        trig = load_trigger_image(trigger_image, spec.shape, trigger_mask)
+    else:
+        trig = make_trigger(spec_attack.trigger, *spec.shape[1:]) if spec_attack else None
     result = evaluate(model, test, spec, spec_attack.task if spec_attack else None, trig, device)
     return CheckpointEval(meta, spec_attack, result, ckpt.notes)

@@ -116,3 +116,57 @@ def _pixel_variant(n: int) -> Callable[[int, int], Trigger]:
 
 for _n in _PIXEL_SHAPES:
     TRIGGERS.register(f"pix{_n}")(_pixel_variant(_n))
+
+
+@dataclass(frozen=True)
+class PatternTrigger:
+    """A trigger an auditor suspects, from an image: ``pattern`` (uint8 [C, H, W]) written where ``mask`` is set."""
+
+    name: str
+    pattern: torch.Tensor
+    mask_: torch.Tensor  # bool [H, W]
+
+    @property
+    def full(self) -> torch.Tensor:
+        return self.mask_
+
+    def stamp(self, images: torch.Tensor, part: int | None = None) -> torch.Tensor:  # noqa: ARG002 - one part
+        out = images.clone()
+        out[:, :, self.mask_.to(images.device)] = self.pattern[:, self.mask_].to(images.device)
+        return out
+
+
+def load_trigger_image(path, shape: tuple[int, int, int], mask_path=None) -> PatternTrigger:
+    """A trigger from a PNG: where its alpha is non-zero (or, with ``mask_path``, where that image is
+    non-zero), its pixels are written. Both must have the model's input size; colours are converted
+    to the model's channels."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from .files import regular_file
+    channels, height, width = shape
+
+    def read(p, what):
+        try:
+            with Image.open(regular_file(p, what)) as image:
+                image.load()
+                if image.size != (width, height):
+                    raise ConfigError(f"{what} {p} is {image.size[0]}x{image.size[1]}; the model takes "
+                                      f"{width}x{height} images: draw the trigger at that size")
+                return image.copy()
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise ConfigError(f"{what} {p} is not a readable image ({exc})") from None
+
+    image = read(path, "--trigger-image")
+    if mask_path is not None:
+        mask = np.asarray(read(mask_path, "--trigger-mask").convert("L")) > 0
+    elif image.mode in ("RGBA", "LA") or "transparency" in image.info:
+        mask = np.asarray(image.convert("RGBA"))[..., 3] > 0
+    else:
+        raise ConfigError(f"--trigger-image {path} has no alpha channel: make the pixels outside the trigger "
+                          "transparent, or pass --trigger-mask")
+    if not mask.any():
+        raise ConfigError(f"the trigger of {path} covers no pixel (its mask is empty)")
+    pixels = np.array(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)  # a writable copy
+    pattern = torch.from_numpy(pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy())
+    return PatternTrigger(str(path), pattern, torch.from_numpy(mask))

@@ -182,3 +182,31 @@ def test_aux_folders_by_class_name_alias_and_resized_images_are_announced(tiny_r
     (aux / "T-shirt_top").rename(aux / "Tshirt")
     res = invoke("scan", run / "final.safetensors", "--aux", aux)
     assert res.exit_code == 1 and "known names: T-shirt_top, Trouser" in res.stderr
+
+
+def test_a_suspected_trigger_from_a_png_measures_the_same_asr_as_the_built_in(tiny_run, tmp_path):
+    from PIL import Image
+
+    from flain_cli.triggers import make_trigger
+    run, data = tiny_run
+    cba = make_trigger("cba", 28, 28)
+    mask = cba.full.numpy()
+    pixels = (mask * cba.value).astype(np.uint8)
+    Image.fromarray(np.stack([pixels, (mask * 255).astype(np.uint8)], axis=-1), "LA").save(tmp_path / "t.png")
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    Image.fromarray((mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+
+    def asr(*args):
+        res = invoke("eval", run / "final.safetensors", "--data-dir", data, "--json", *args)
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)["asr"], json.loads(res.stdout)["trigger"]
+    built_in, _ = asr("--attack", "0:5", "--trigger", "cba")
+    assert asr("--attack", "0:5", "--trigger-image", tmp_path / "t.png") == (built_in, str(tmp_path / "t.png"))
+    assert asr("--attack", "0:5", "--trigger-image", tmp_path / "plain.png", "--trigger-mask",
+               tmp_path / "mask.png")[0] == built_in
+    Image.new("L", (32, 32)).save(tmp_path / "big.png")
+    for args, message in ((["--trigger-image", tmp_path / "t.png"], "needs --attack SRC:TGT"),
+                          (["--attack", "0:5", "--trigger-image", tmp_path / "plain.png"], "has no alpha channel"),
+                          (["--attack", "0:5", "--trigger-image", tmp_path / "big.png"], "is 32x32; the model takes 28x28")):
+        res = invoke("eval", run / "final.safetensors", "--data-dir", data, *args)
+        assert res.exit_code == 1 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1

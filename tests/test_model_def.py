@@ -42,14 +42,19 @@ def bright(tmp_path):
     return tmp_path / "aux", tmp_path / "data"
 
 
-def trained(tmp_path, name: str, steps: int = 60):
-    """init and final safetensors (no metadata) of the class ``name``, trained on tiny images."""
+def user_class(name: str):
+    """A class of tests/data/model_defs.py, imported as the user's own code would be."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("defs_for_test", DEFS)
     defs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(defs)
+    return getattr(defs, name)
+
+
+def trained(tmp_path, name: str, steps: int = 60):
+    """init and final safetensors (no metadata) of the class ``name``, trained on tiny images."""
     torch.manual_seed(0)
-    model = getattr(defs, name)()
+    model = user_class(name)()
     init = {k: v.clone() for k, v in model.state_dict().items()}
     images, labels = brightness_images(400, 0)
     ds = DATASETS.get("fmnist")
@@ -133,3 +138,47 @@ def test_model_def_failures_are_one_line(tmp_path, aux_dir, spec, extra, message
     assert res.exit_code == 1 and len(res.stderr.strip().splitlines()) == 1, res.output
     assert message in res.stderr
     assert not (tmp_path / "o.st").exists()
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "bfloat16", "pt", "npz"])
+def test_the_authors_model_in_four_formats_goes_through_inspect_eval_defend_eval(tmp_path, kind):
+    """Issue 11's walk-through: their class file, their checkpoint (no metadata), our commands."""
+    from .conftest import write_aux_folder, write_fmnist_like
+    data = write_fmnist_like(tmp_path / "data", n_train=200, n_test=100)
+    aux = write_aux_folder(tmp_path / "aux", per_class=4)
+    run = tmp_path / "run"
+    res = invoke("train", "--data-dir", data, "--arch", "cnn-fmnist-ref", "--clients", "2", "--rounds", "1",
+                 "--batch-size", "64", "--out", run)  # tensors named as the authors' (conv1..fc4)
+    assert res.exit_code == 0, res.output
+    spec = f"{DEFS}:AuthorsFMNIST"
+    order = list(user_class("AuthorsFMNIST")().state_dict())  # a Flower client sends the values in this order
+    paths = {}
+    for name in ("final", "init"):
+        tensors = load_checkpoint(run / f"{name}.safetensors").tensors
+        if kind in ("safetensors", "bfloat16"):
+            paths[name] = tmp_path / f"{name}.safetensors"
+            save_file({k: v.to(torch.bfloat16 if kind == "bfloat16" else torch.float32) for k, v in tensors.items()},
+                      paths[name])
+        elif kind == "pt":
+            paths[name] = tmp_path / f"{name}.pt"
+            torch.save({f"module.{k}": v for k, v in tensors.items()}, paths[name])
+        else:
+            paths[name] = tmp_path / f"{name}.npz"
+            np.savez(paths[name], *[tensors[k].numpy() for k in order])
+    found = json.loads(invoke("inspect", paths["final"], "--json").stdout)
+    assert {"cnn-fmnist", "cnn-fmnist-ref"} <= {m["arch"] for m in found["matches"]}
+    common = ("--model-def", spec, "--dataset", "fmnist")
+    before = invoke("eval", paths["final"], *common, "--data-dir", data, "--attack", "0:5", "--trigger", "cba",
+                    "--json")
+    assert before.exit_code == 0, before.output
+    out = tmp_path / "clean.safetensors"
+    res = invoke("defend", paths["final"], "--init", paths["init"], "--aux", aux, *common, "--rho", "0.05",
+                 "--repair-steps", "5", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["layer"] == "fc1"
+    after = invoke("eval", out, "--model-def", spec, "--data-dir", data, "--attack", "0:5", "--trigger", "cba",
+                   "--json")
+    assert after.exit_code == 0, after.output
+    written = load_checkpoint(out)
+    assert written.meta["source"]["format"] == {"pt": "torch", "npz": "npz"}.get(kind, "safetensors")
+    assert written.tensors["fc1.weight"].dtype == (torch.bfloat16 if kind == "bfloat16" else torch.float32)

@@ -23,6 +23,11 @@ def evaluate_command(
         show_default=False)] = None,
     trigger: Annotated[str | None, typer.Option(help="Trigger stamped for ASR (default: from the checkpoint).",
                                                 show_default=False)] = None,
+    trigger_image: Annotated[Path | None, typer.Option(
+        help="Measure ASR for a trigger you suspect: a PNG of the model's input size whose non-transparent pixels "
+             "are stamped (or use --trigger-mask); needs --attack SRC:TGT or all:TGT.", show_default=False)] = None,
+    trigger_mask: Annotated[Path | None, typer.Option(
+        help="With --trigger-image: a PNG whose non-zero pixels say where the trigger is.", show_default=False)] = None,
     test: Annotated[Path | None, typer.Option(
         help="Evaluate on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
         show_default=False)] = None,
@@ -36,6 +41,7 @@ def evaluate_command(
     """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
     report = evaluate_checkpoint(model, dataset=dataset, data_dir=data_dir, arch=arch, attack=attack,
                                  trigger=trigger, device=resolve_device(device), test_file=test, strict=strict,
+                                 trigger_image=trigger_image, trigger_mask=trigger_mask,
                                  model_def=model_def, normalization=parse_normalization(mean, std))
     print_notes(report.notes)
     res, meta, spec_attack = report.result, report.meta, report.attack

@@ -55,3 +55,23 @@ class SkipAround(nn.Module):
 def make_mlp():
     """A factory function instead of a class."""
     return MLP(10)
+
+
+class AuthorsFMNIST(nn.Module):
+    """The paper's public Fashion-MNIST model as its own code writes it: named layers, functional ReLUs,
+    Dropout(0.5) before each fc layer (docs/simulation.md). Not a built-in LayerStack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 32, 3), nn.Conv2d(32, 64, 3)
+        self.dropout = nn.Dropout(0.5)
+        self.fc1, self.fc2, self.fc3, self.fc4 = (nn.Linear(9216, 256), nn.Linear(256, 128), nn.Linear(128, 64),
+                                                  nn.Linear(64, 10))
+
+    def forward(self, x):
+        x = torch.max_pool2d(torch.relu(self.conv2(torch.relu(self.conv1(x)))), 2)
+        x = self.dropout(torch.flatten(x, 1))
+        x = self.dropout(torch.relu(self.fc1(x)))
+        x = self.dropout(torch.relu(self.fc2(x)))
+        x = self.dropout(torch.relu(self.fc3(x)))
+        return self.fc4(x)
