@@ -45,7 +45,8 @@ class Lab:
         aux = load_aux_for(self.loaded, aux_path)
         test = load_dataset(meta["dataset"]).test
         # test images not in the aux set (match by pixels+label)
-        key = lambda im: hash(im.numpy().tobytes())
+        def key(im):
+            return hash(im.numpy().tobytes())
         aux_keys = {key(im) for im in aux.images}
         keep = torch.tensor([key(im) not in aux_keys for im in test.images])
         self.n_excluded = int((~keep).sum())
@@ -84,7 +85,8 @@ def variants(lab, mask, rescale_on=True):
     Wf = torch.where(mask.view(1, -1), W0 - (W - W0), W)
     n0 = torch.linalg.matrix_norm(W)
     Wr = Wf * (n0 / torch.linalg.matrix_norm(Wf))
-    comp = lambda Wn: b + (W - Wn) @ lab.xbar
+    def comp(Wn):
+        return b + (W - Wn) @ lab.xbar
     return {"flip": (Wf, b), "flip+rs": (Wr, b), "flip+comp": (Wf, comp(Wf)), "flip+rs+comp": (Wr, comp(Wr))}
 
 
@@ -124,7 +126,8 @@ def distill(lab, W, b, *, epochs=100, lr=1e-3, temp=2.0, alpha=0.5, train_w=Fals
     for _ in range(epochs):
         opt.zero_grad()
         out = rest(torch.addmm(bb, F, Wt.T))
-        loss = (1 - alpha) * torch.nn.functional.cross_entropy(out, Y[:len(F)] if len(F) == len(Y) else teacher.argmax(1))
+        target = Y[:len(F)] if len(F) == len(Y) else teacher.argmax(1)
+        loss = (1 - alpha) * torch.nn.functional.cross_entropy(out, target)
         loss = loss + alpha * temp * temp * torch.nn.functional.kl_div(
             torch.log_softmax(out / temp, 1), torch.log_softmax(teacher / temp, 1), log_target=True,
             reduction="batchmean")

@@ -35,7 +35,8 @@ class AttackTask:
     def check(self, num_classes: int) -> None:
         for label in (self.source, self.target):
             if label is not None and not 0 <= label < num_classes:
-                raise ConfigError(f"attack {self} names class {label}, but the dataset has classes 0..{num_classes - 1}")
+                raise ConfigError(f"attack {self} names class {label}, but the dataset has classes "
+                                  f"0..{num_classes - 1}")
         if self.source == self.target:
             raise ConfigError(f"attack {self}: source and target are the same class")
 

@@ -280,7 +280,8 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     without metadata; ``strict`` refuses tensors the architecture lacks; ``init_path`` may be None
     for ``method="prune"`` (it zeroes columns, W0 plays no part). Checkpoints of any supported format
     and floating dtype are read (:mod:`flain_cli.formats`); the work is done in float32/float64 and
-    the result is cast back to the model's dtype; ``plain`` runs Algorithm 1 one threshold at a time (same result, slow);
+    the result is cast back to the model's dtype; ``plain`` runs Algorithm 1 one threshold at a time
+    (same result, slow);
     ``seed`` draws the ``holdout`` split. Returns the new tensors, their metadata and the search.
 
     Example: ``defend_checkpoint(Path("final.safetensors"), Path("init.safetensors"), Path("aux"),
@@ -322,7 +323,8 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
                     select=config.select, rescale_layer=config.rescale)
     if result.all_selected:
         warnings.append(f"all {result.mask.numel()} inputs of {layer} were selected before the aux accuracy dropped "
-                        f"by rho={config.rho}; the whole layer was {'flipped' if config.method == 'flain' else 'pruned'}")
+                        f"by rho={config.rho}; the whole layer was "
+                        f"{'flipped' if config.method == 'flain' else 'pruned'}")
     elif result.acc0 - result.acc_kept > config.rho + 0.1:
         warnings.append(f"the kept threshold cost {100 * (result.acc0 - result.acc_kept):.1f} points of aux accuracy "
                         f"(rho {config.rho}): the search jumped far past rho at one step; try a smaller --step "

@@ -189,7 +189,8 @@ def exported_indices(path: Path) -> list[int]:
         with np.load(regular_file(path, "--exclude"), allow_pickle=False) as f:
             return f["indices"].tolist()
     except (OSError, KeyError, ValueError, json.JSONDecodeError):
-        raise ConfigError(f"--exclude {path} is not a `flain aux export` output (folder with aux.json, or .npz)") from None
+        raise ConfigError(f"--exclude {path} is not a `flain aux export` output (folder with aux.json, "
+                          "or .npz)") from None
 
 
 def export_path(out: Path, fmt: str) -> Path:

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from .audit import defend_checkpoint, scan_checkpoint
-from .defense import PRESETS
 from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import Split, load_dataset
+from .defense import PRESETS
 from .errors import DataError, FlainError
 from .evaluation import evaluate_checkpoint, load_test_file
 

@@ -11,7 +11,8 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     [defense]
     methods = ["none", "prune", "flain", "rlr"]   # rlr trains again with the RLR aggregator
     aux_per_class = 20
-    rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class, repair may be lists: prune and flain run once per combination
+    rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class, repair may be lists;
+                       # prune and flain run once per combination
     repair = ["none", "distill"]  # the paper's rule, and `flain defend`'s default (the default here too)
 
 Every distinct training configuration is trained once into ``CACHE/train-<hash>/`` (CACHE: the
@@ -390,8 +391,10 @@ def markdown_table(exp: Experiment, cells: list[Cell]) -> str:
     keys = varying_keys(exp)
     header = "| " + " | ".join(keys + ["defense", "ASR", "ACC", "ASR without trigger"]) + " |"
     lines = [header, "|" + "---|" * (len(keys) + 4)]
+    def value(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
     for cell in cells:
-        value = (lambda v: "-" if v is None else f"{v:.3f}")
         numbers = ([value(cell.asr), value(cell.acc), value(cell.detail.get("asr_clean"))]
                    if cell.status != "failed" else ["failed"] * 3)
         lines.append("| " + " | ".join([str(cell.point.get(k, "")) for k in keys] + [cell.defense] + numbers) + " |")

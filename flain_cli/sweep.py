@@ -11,7 +11,6 @@ It reads test labels, so it is a diagnostic, never a defense.
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -23,9 +23,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
-from .files import atomic_write
 from .datasets import Dataset
 from .errors import CheckpointError, FlainError
+from .files import atomic_write
 from .simulation import Listener, RoundLog, SimulationResult, Snapshot, TrainConfig, simulate
 
 RESUME_FILE = "resume.safetensors"
@@ -86,7 +86,8 @@ def load_snapshot(path: Path) -> Snapshot:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         if meta.get("format") != RESUME_FORMAT:
             raise ValueError(f"format {meta.get('format')!r}, expected {RESUME_FORMAT!r}")
-        part = (lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         return Snapshot(meta["config"], int(meta["round"]), part("init/"), part("state/"),
                         [RoundLog(**h) for h in meta["history"]], meta["numpy_rng"],
                         **{field: tensors.get(key) for field, key in _RNG.items()})

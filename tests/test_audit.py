@@ -90,7 +90,8 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
     wrong_classes = tmp_path / "c.safetensors"
     save_checkpoint(wrong_classes, build_model("cnn-mnist", 12).state_dict(),
                     model_meta("cnn-mnist", 12, None) | {"role": "init"})
-    with pytest.raises(CheckpointError, match=r"does not fit the architecture: wrong shape 2 \(fc2.weight \(12, 128\) vs \(10, 128\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"does not fit the architecture: wrong shape 2 \(fc2.weight \(12, 128\) vs \(10, 128\)"):
         defend_checkpoint(out / "final.safetensors", wrong_classes, aux_dir)
 
 

@@ -141,7 +141,8 @@ def test_outputs_that_are_inputs_or_clash_are_refused_and_inputs_stay(tiny_run, 
         (export(data, junk, "--force"), "Error: --out ", "did not write (it has no aux.json)"),
         (invoke("scan", run / "final.safetensors", "--aux", npz, "--csv", npz, "--force"), "Error: --csv ",
          "is also the input --aux"),
-        (invoke("sweep", *model[1:], "--test", npz, "--csv", npz, "--force"), "Error: --csv ", "is also the input --test"),
+        (invoke("sweep", *model[1:], "--test", npz, "--csv", npz, "--force"), "Error: --csv ",
+         "is also the input --test"),
         (invoke("train", "--data-dir", data, "--rounds", "1", "--out", tmp_path / "t", "--log", data / "log.jsonl"),
          "Error: --log ", "lies inside the input folder --data-dir"),
         (invoke("defend", *model[1:], "--out", tmp_path / "f.csv", "--trace", tmp_path / "f.csv"), "Error: --out and "
@@ -322,7 +323,8 @@ def test_bad_aux_folders_get_one_error_line(tiny_run, aux_dir, tmp_path, spoil):
         shutil.copytree(aux_dir / "3", aux / "²")
     res = invoke("scan", run / "final.safetensors", "--aux", aux)
     one_error_line(res, "Error: ")
-    assert {"bomb": "decompression bomb", "large": "declares 5000x5000 pixels", "empty": "x.png", "fifo": "not a regular file",
+    assert {"bomb": "decompression bomb", "large": "declares 5000x5000 pixels", "empty": "x.png",
+            "fifo": "not a regular file",
             "superscript": "neither a class index nor a class name"}[spoil] in res.stderr
 
 

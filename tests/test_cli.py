@@ -74,7 +74,8 @@ def test_existing_outputs_are_not_overwritten(trained):
     (["train", "--attack", "0:12"], "Error: attack 0:12 names class 12"),
     (["train", "--mcr", "1.5"], "Error: --mcr must be in [0, 1], got 1.5"),
     (["train", "--trigger", "star"], "Error: unknown trigger 'star'; choose one of: cba, dba"),
-    (["train", "--dataset", "mnist", "--data-dir", "nowhere"], "Error: MNIST file train-images-idx3-ubyte[.gz] not found in: nowhere"),
+    (["train", "--dataset", "mnist", "--data-dir", "nowhere"],
+     "Error: MNIST file train-images-idx3-ubyte[.gz] not found in: nowhere"),
     pytest.param(["train", "--device", "cuda:0"], "Error: --device cuda was asked for",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")),
 ])

@@ -116,13 +116,15 @@ def test_aux_export_cli(tmp_path, fmnist_dir):
 
 def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     run, _ = tiny_run
-    common = [run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir, "--rho", "0.05", "--json"]
+    common = [run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir, "--rho", "0.05",
+              "--json"]
     paper = json.loads(invoke("defend", *common, "--preset", "paper", "--out", tmp_path / "p.safetensors").stdout)
     none = json.loads(invoke("defend", *common, "--repair", "none", "--out", tmp_path / "n.safetensors").stdout)
     assert (none["rule"], none["preset"], none["repair"]) == ("flain", "default", None)
     default = json.loads(invoke("defend", *common, "--repair-steps", "20", "--out", tmp_path / "d.safetensors").stdout)
     assert (paper["rule"], paper["preset"], paper["repair"]) == ("flain", "paper", None)
-    assert load_checkpoint(tmp_path / "p.safetensors").tensors.keys() == load_checkpoint(tmp_path / "n.safetensors").tensors.keys()
+    keys = load_checkpoint(tmp_path / "p.safetensors").tensors.keys()
+    assert keys == load_checkpoint(tmp_path / "n.safetensors").tensors.keys()
     p, n = load_checkpoint(tmp_path / "p.safetensors").tensors, load_checkpoint(tmp_path / "n.safetensors").tensors
     assert all(torch.equal(p[k], n[k]) for k in p)  # --repair none on the default preset is the paper preset
     assert default["rule"] == "flain+distill" and default["preset"] == "default"
@@ -132,8 +134,10 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("options", "message"), [
-    (["--repair", "none", "--repair-steps", "5"], "Error: --repair-steps has no effect without the repair; drop it or pass --repair distill"),
-    (["--preset", "paper", "--repair-lr", "0.1"], "Error: --repair-lr has no effect without the repair; drop it or pass --repair distill"),
+    (["--repair", "none", "--repair-steps", "5"],
+     "Error: --repair-steps has no effect without the repair; drop it or pass --repair distill"),
+    (["--preset", "paper", "--repair-lr", "0.1"],
+     "Error: --repair-lr has no effect without the repair; drop it or pass --repair distill"),
     (["--repair-alpha", "2"], "Error: repair alpha must be in [0, 1], got 2.0"),
     (["--repair-steps", "0"], "Error: repair steps must be an integer from 1 to 100000, got 0"),
     (["--repair-temperature", "nan"], "Error: repair temperature must be in (0, 100], got nan"),

@@ -51,7 +51,8 @@ methods = ["none", "flain"]
     assert exp.config({"attack": "0:6", "mcr": 0.6}, "rlr").aggregator == "rlr"
     assert exp.config({"attack": "0:6", "mcr": 0.6}).arch == "cnn-fmnist"
     for bad, message in [("[train]\nclientz = 3", "unknown option"), ("[grid]\nattack = \"0:5\"", "non-empty list"),
-                         ("[grid]\nattack = [\"0:11\"]", "names class 11"), ("[defense]\nmethods = [\"krum\"]", "unknown"),
+                         ("[grid]\nattack = [\"0:11\"]", "names class 11"),
+                         ("[defense]\nmethods = [\"krum\"]", "unknown"),
                          ("[train]\naggregator = \"rlr\"", "through \\[defense\\]"), ("[train\n", "not valid TOML")]:
         with pytest.raises(ConfigError, match=message):
             load_experiment(write(tmp_path, bad, "bad.toml"))

@@ -207,6 +207,7 @@ def test_a_suspected_trigger_from_a_png_measures_the_same_asr_as_the_built_in(ti
     Image.new("L", (32, 32)).save(tmp_path / "big.png")
     for args, message in ((["--trigger-image", tmp_path / "t.png"], "needs --attack SRC:TGT"),
                           (["--attack", "0:5", "--trigger-image", tmp_path / "plain.png"], "has no alpha channel"),
-                          (["--attack", "0:5", "--trigger-image", tmp_path / "big.png"], "is 32x32; the model takes 28x28")):
+                          (["--attack", "0:5", "--trigger-image", tmp_path / "big.png"],
+                           "is 32x32; the model takes 28x28")):
         res = invoke("eval", run / "final.safetensors", "--data-dir", data, *args)
         assert res.exit_code == 1 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1

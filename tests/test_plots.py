@@ -88,4 +88,5 @@ def test_missing_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     res = invoke("plot", "training", files[0], "--out", tmp_path / "t.png")
-    assert res.exit_code == 1 and res.stderr.strip() == "Error: plotting needs matplotlib: pip install 'flain-cli[plot]'"
+    assert res.exit_code == 1
+    assert res.stderr.strip() == "Error: plotting needs matplotlib: pip install 'flain-cli[plot]'"

@@ -18,10 +18,14 @@ app = typer.Typer(help="Make auxiliary (clean) sets for scan and defend.", no_ar
 
 def export(
     dataset: Annotated[str, typer.Option(help=f"Dataset: {'|'.join(DATASETS.names())}.")] = "fmnist",
-    per_class: Annotated[int, typer.Option(help="Images per class (the paper: 20 for MNIST/FMNIST, 60 for CIFAR-10).")] = 20,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder to create: OUT/<class>/<image>.png and OUT/aux.json.")] = Path("aux"),
+    per_class: Annotated[int, typer.Option(
+        help="Images per class (the paper: 20 for MNIST/FMNIST, 60 for CIFAR-10).")] = 20,
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="Folder to create: OUT/<class>/<image>.png and OUT/aux.json.")] = Path("aux"),
     split: Annotated[str, typer.Option(help="Draw from the train or test split.")] = "test",
-    fmt: Annotated[str, typer.Option("--format", help="folder (OUT/<class>/*.png) or npz (one file, OUT.npz; .npz is added when missing).")] = "folder",
+    fmt: Annotated[str, typer.Option(
+        "--format", help="folder (OUT/<class>/*.png) or npz (one file, OUT.npz; .npz is added when missing).")
+    ] = "folder",
     exclude: Annotated[Path | None, typer.Option(
         help="Never draw the images of this earlier export (folder with aux.json, or .npz), e.g. to keep a "
              "test subset disjoint from an aux set.", show_default=False)] = None,

@@ -25,14 +25,16 @@ ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint (.sa
                                           show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when present).")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of every random choice; a seed makes a run reproducible.")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
+                                      help="Seed of every random choice; a seed makes a run reproducible.")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Folder with the dataset's files (flat, or torchvision's <root>/<Name>/raw/).",
     show_default=False)]
 AuxOpt = Annotated[Path, typer.Option(
     "--aux", help="Clean aux set: a folder AUX/<class>/<image>.png, or a .safetensors/.npz with images and labels.",
     show_default=False)]
-LayerOpt = Annotated[str | None, typer.Option(help="Linear layer to work on (default: the checkpoint's defended layer, fc1).",
+LayerOpt = Annotated[str | None, typer.Option(help="Linear layer to work on (default: the checkpoint's defended "
+                                                   "layer, fc1).",
                                               show_default=False)]
 ArchOpt = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without flain-cli metadata.",
                                              show_default=False)]

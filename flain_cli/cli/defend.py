@@ -17,10 +17,27 @@ from ..errors import ConfigError
 from ..files import FilePlan
 from ..modeldef import parse_model_def
 from ..repair import RepairSettings
-from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, MeanOpt, ModelArg,
-                     ModelDefOpt, SeedOpt, StdOpt, StrictOpt, err, out, parse_normalization, print_json, print_notes,
-                     resolve_device)
-
+from .common import (
+    ArchOpt,
+    AuxOpt,
+    DatasetOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    LayerOpt,
+    MeanOpt,
+    ModelArg,
+    ModelDefOpt,
+    SeedOpt,
+    StdOpt,
+    StrictOpt,
+    err,
+    out,
+    parse_normalization,
+    print_json,
+    print_notes,
+    resolve_device,
+)
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
 
@@ -84,13 +101,15 @@ def defend(
     repair_lr: Annotated[float | None, typer.Option(help="Repair: Adam learning rate (default 0.001).",
                                                     show_default=False)] = None,
     repair_alpha: Annotated[float | None, typer.Option(
-        help="Repair: weight of the distillation loss, 1-alpha on the labels (default 0.8).", show_default=False)] = None,
+        help="Repair: weight of the distillation loss, 1-alpha on the labels (default 0.8).",
+        show_default=False)] = None,
     repair_temperature: Annotated[float | None, typer.Option(
         help="Repair: distillation temperature (default 4).", show_default=False)] = None,
     seed: SeedOpt = 0,
     layer: LayerOpt = None,
     out_path: Annotated[Path | None, typer.Option(
-        "--out", help="Cleaned checkpoint (default: MODEL's name with .METHOD.safetensors).", show_default=False)] = None,
+        "--out", help="Cleaned checkpoint (default: MODEL's name with .METHOD.safetensors).",
+        show_default=False)] = None,
     trace: Annotated[Path | None, typer.Option(
         help="Write the search curve as CSV (lambda, selected, aux_acc, drop): one row per threshold at which the "
              "selection changed, the curve being constant in between (with --plain: every threshold).",
@@ -130,7 +149,8 @@ def defend(
     print_notes(outcome.notes)
     for warning in outcome.warnings:
         err.print(f"warning: {warning}", markup=False, soft_wrap=True)
-    summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method, "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
+    summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method,
+               "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
                "aux_acc_before": res.acc0, "aux_acc_after": outcome.aux_acc_after, "steps": res.steps,
                "out": str(target), "layer": outcome.layer, "select": select, "step": step, "rho": rho,
                "mu": res.mu, "aux_acc_kept": res.acc_kept, "all_selected": res.all_selected,

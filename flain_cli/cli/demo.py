@@ -18,7 +18,8 @@ def demo(
     samples_dir: Annotated[Path, typer.Option(help="Where the sample models are.")] = Path("sample_models"),
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the defended checkpoint.")] = Path("runs/demo"),
     test_subset: Annotated[bool, typer.Option(
-        "--test-subset", help="Evaluate on the shipped 2,000-image test subset even if the dataset is installed.")] = False,
+        "--test-subset",
+        help="Evaluate on the shipped 2,000-image test subset even if the dataset is installed.")] = False,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,

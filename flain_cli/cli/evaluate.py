@@ -9,15 +9,31 @@ import typer
 from rich.table import Table
 
 from ..evaluation import evaluate_checkpoint
-from .common import (DataDirOpt, DeviceOpt, JsonOpt, MeanOpt, ModelArg, ModelDefOpt, StdOpt, StrictOpt, fmt, out,
-                     parse_normalization, print_json, print_notes, resolve_device)
+from .common import (
+    DataDirOpt,
+    DatasetOpt,
+    DeviceOpt,
+    JsonOpt,
+    MeanOpt,
+    ModelArg,
+    ModelDefOpt,
+    StdOpt,
+    StrictOpt,
+    fmt,
+    out,
+    parse_normalization,
+    print_json,
+    print_notes,
+    resolve_device,
+)
 
 
 def evaluate_command(
     model: ModelArg,
-    dataset: Annotated[str | None, typer.Option(help="Dataset (default: from the checkpoint).", show_default=False)] = None,
+    dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    arch: Annotated[str | None, typer.Option(help="Architecture (default: from the checkpoint).", show_default=False)] = None,
+    arch: Annotated[str | None, typer.Option(help="Architecture (default: from the checkpoint).",
+                                             show_default=False)] = None,
     attack: Annotated[str | None, typer.Option(
         help="Attack task SRC:TGT or all:TGT to measure (default: from the checkpoint); 'none' skips ASR.",
         show_default=False)] = None,

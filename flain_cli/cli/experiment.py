@@ -9,12 +9,10 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import FlainError
-from ..experiment import (MAX_POINTS, ExperimentListener, load_experiment, markdown_table, result_paths,
-                          run_experiment)
+from ..experiment import MAX_POINTS, ExperimentListener, load_experiment, markdown_table, result_paths, run_experiment
 from ..files import FilePlan
 from ..simulation import RoundLog
-from .common import (DataDirOpt, DeviceOpt, JsonOpt, err, interrupt_code, interrupt_name, out, print_json,
-                     resolve_device)
+from .common import DataDirOpt, DeviceOpt, JsonOpt, err, interrupt_code, interrupt_name, out, print_json, resolve_device
 
 
 class _RichListener(ExperimentListener):
@@ -63,7 +61,8 @@ def experiment(
     """Train each configuration of a grid once, apply every defense, and tabulate ACC and ASR."""
     exp = load_experiment(config, out_dir, cache, max_points=max_points)
     # both folders are added to as the grid runs (and resumed), so they may exist: no --force here
-    FilePlan({"CONFIG.toml": config, "--data-dir": data_dir}, {"--out": exp.out, "--cache": None if exp.cache == exp.out else exp.cache},
+    FilePlan({"CONFIG.toml": config, "--data-dir": data_dir},
+             {"--out": exp.out, "--cache": None if exp.cache == exp.out else exp.cache},
              force=True, folders=("--out", "--cache")).check()
     points = exp.points()
     defenses = exp.defenses
@@ -82,7 +81,8 @@ def experiment(
         return
     torch_device = resolve_device(device)
     try:
-        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(),
                       console=err, transient=True) as progress:
             cells = run_experiment(exp, device=torch_device, data_dir=data_dir,
                                    listener=_RichListener(progress, total))
@@ -101,4 +101,5 @@ def experiment(
     if failed:
         for cell in failed:
             err.print(f"failed: {cell.point} {cell.defense}: {cell.error}", markup=False)
-        raise FlainError(f"{len(failed)} of {len(cells)} cells failed (listed above); the others are in {paths['json']}")
+        raise FlainError(f"{len(failed)} of {len(cells)} cells failed (listed above); the others are in "
+                         f"{paths['json']}")

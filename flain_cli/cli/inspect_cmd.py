@@ -27,12 +27,15 @@ def inspect(
         print_json(found.record())
         return
     print_notes(found.notes)
+    about = f"flain-cli metadata (role {found.meta.get('role')})" if found.meta else "no flain-cli metadata"
     out.print(f"{file}: {found.format}, {found.size:,} bytes, sha256 {found.sha256[:16]}..., "
-              f"{len(found.tensors)} tensors, {'flain-cli metadata (role ' + str(found.meta.get('role')) + ')' if found.meta else 'no flain-cli metadata'}")
+              f"{len(found.tensors)} tensors, {about}")
     tensors = Table(title="tensors")
     for column in ("name", "shape", "dtype"):
         tensors.add_column(column)
-    rows = found.tensors if len(found.tensors) <= MAX_ROWS else found.tensors[:MAX_ROWS // 2] + found.tensors[-MAX_ROWS // 2:]
+    rows = found.tensors
+    if len(rows) > MAX_ROWS:
+        rows = rows[:MAX_ROWS // 2] + rows[-MAX_ROWS // 2:]
     for i, t in enumerate(rows):
         if len(found.tensors) > MAX_ROWS and i == MAX_ROWS // 2:
             tensors.add_row("...", f"({len(found.tensors) - MAX_ROWS} more)", "")

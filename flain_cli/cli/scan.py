@@ -12,9 +12,26 @@ from rich.table import Table
 from ..audit import scan_checkpoint
 from ..files import FilePlan
 from ..modeldef import parse_model_def
-from .common import (ArchOpt, AuxOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, MeanOpt, ModelArg,
-                     ModelDefOpt, StdOpt, StrictOpt, err, out, parse_normalization, print_json, print_notes,
-                     resolve_device)
+from .common import (
+    ArchOpt,
+    AuxOpt,
+    DatasetOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    LayerOpt,
+    MeanOpt,
+    ModelArg,
+    ModelDefOpt,
+    StdOpt,
+    StrictOpt,
+    err,
+    out,
+    parse_normalization,
+    print_json,
+    print_notes,
+    resolve_device,
+)
 
 
 def histogram_rows(values: torch.Tensor, bins: int = 12, width: int = 40) -> list[tuple[str, int, str]]:

@@ -12,9 +12,26 @@ from ..defense import METHODS, PAPER_STEP
 from ..files import FilePlan
 from ..modeldef import parse_model_def
 from ..sweep import sweep_checkpoint
-from .common import (ArchOpt, AuxOpt, DataDirOpt, DatasetOpt, DeviceOpt, ForceOpt, JsonOpt, LayerOpt, MeanOpt,
-                     ModelArg, ModelDefOpt, StdOpt, StrictOpt, fmt, out, parse_normalization, print_json,
-                     resolve_device)
+from .common import (
+    ArchOpt,
+    AuxOpt,
+    DataDirOpt,
+    DatasetOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    LayerOpt,
+    MeanOpt,
+    ModelArg,
+    ModelDefOpt,
+    StdOpt,
+    StrictOpt,
+    fmt,
+    out,
+    parse_normalization,
+    print_json,
+    resolve_device,
+)
 
 COLUMNS = ("lambda", "changed", "aux_acc", "acc", "asr", "asr_clean")
 

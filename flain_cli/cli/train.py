@@ -18,8 +18,20 @@ from ..simulation import Listener, RoundLog, TrainConfig
 from ..splits import SPLITS
 from ..training import RESUME_FILE, TrainOutcome, load_snapshot, run_lock, train_to_dir
 from ..triggers import TRIGGERS
-from .common import (DataDirOpt, DeviceOpt, ForceOpt, JsonOpt, SeedOpt, err, fmt, interrupt_code, interrupt_name,
-                     out, print_json, resolve_device)
+from .common import (
+    DataDirOpt,
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    SeedOpt,
+    err,
+    fmt,
+    interrupt_code,
+    interrupt_name,
+    out,
+    print_json,
+    resolve_device,
+)
 
 
 def _choice(registry) -> str:
@@ -67,7 +79,8 @@ def train(
                                              show_default=False)] = None,
     clients: Annotated[int, typer.Option(help="Number of clients N.")] = 10,
     mcr: Annotated[float, typer.Option(help="Malicious client ratio: clients 0..floor(N*MCR)-1 attack.")] = 0.4,
-    pdr: Annotated[float, typer.Option(help="Poison data ratio: share of a malicious client's source-class samples poisoned.")] = 0.3,
+    pdr: Annotated[float, typer.Option(
+        help="Poison data ratio: share of a malicious client's source-class samples poisoned.")] = 0.3,
     attack: Annotated[str, typer.Option(help="Attack task SRC:TGT, all:TGT (all-to-one), or none.")] = "0:5",
     trigger: Annotated[str, typer.Option(help=f"Trigger: {_choice(TRIGGERS)}.")] = "cba",
     split: Annotated[str, typer.Option(help=f"Data split over clients: {_choice(SPLITS)}.")] = "iid",
@@ -84,10 +97,12 @@ def train(
         show_default=False)] = None,
     train_samples: Annotated[int | None, typer.Option(
         help="Use a seeded class-balanced subset of this many training samples.", show_default=False)] = None,
-    eval_every: Annotated[int, typer.Option(help="Evaluate ACC/ASR on the test set every K rounds (and the last).")] = 1,
+    eval_every: Annotated[int, typer.Option(
+        help="Evaluate ACC/ASR on the test set every K rounds (and the last).")] = 1,
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
-    out_dir: Annotated[Path, typer.Option("--out", help="Output folder for init.safetensors and final.safetensors.")] = Path("runs/latest"),
+    out_dir: Annotated[Path, typer.Option(
+        "--out", help="Output folder for init.safetensors and final.safetensors.")] = Path("runs/latest"),
     log: Annotated[Path | None, typer.Option(help="Write one JSON line per round (round, acc, asr, seconds).",
                                              show_default=False)] = None,
     resume: Annotated[bool, typer.Option(
@@ -140,7 +155,6 @@ def _plan(data_dir: Path | None, out_dir: Path, log: Path | None, *, force: bool
 def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device, log: Path | None,
                   resume: bool, force: bool) -> TrainOutcome:
     """Everything between taking and releasing the folder's lock: the checks, the data, the run."""
-    init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
     resume_path = out_dir / RESUME_FILE
     resuming = resume and resume_path.is_file()
     if resume_path.is_file() and not (resume or force):
@@ -151,7 +165,8 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
 
     listener: _RichListener | None = None
     try:
-        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(),
                       console=err, transient=True) as progress:
             listener = _RichListener(progress, cfg.rounds, log)
             outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=resume)
