@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call
 
 from .auxdata import AuxSet, load_aux
-from .checkpoint import Checkpoint, build_from, conform, load_checkpoint, resolve_model_meta
+from .checkpoint import Checkpoint, ModelSource, build_from, conform, load_checkpoint
 from .defense import PRESETS, DefenseConfig, SearchResult, search_fast, search_plain
 from .errors import AuxError, CheckpointError, ConfigError
 from .modeldef import get_linear, split_model
@@ -31,17 +31,15 @@ class LoadedModel:
     model: torch.nn.Module
 
 
-def load_model(path: Path, *, arch: str | None = None, dataset: str | None = None, strict: bool = True,
-               model_def: str | None = None, normalization: tuple[list[float], list[float]] | None = None,
-               device: torch.device | str = "cpu") -> LoadedModel:
+def load_model(path: Path, source: ModelSource = ModelSource(), device: torch.device | str = "cpu") -> LoadedModel:
     """Read a checkpoint in any supported format, align it to its architecture, and build the model.
 
-    ``model_def`` (FILE.py:NAME) builds the user's own class instead of a built-in: its code runs.
-    ``ckpt.tensors`` of the result are under the architecture's names, floating ones as float32.
+    ``source`` says what the file does not (`ModelSource`). ``ckpt.tensors`` of the result are under
+    the architecture's names, floating ones as float32.
     """
     ckpt = load_checkpoint(path)
-    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def, normalization=normalization)
-    ckpt = conform(ckpt, meta, strict=strict)
+    meta = source.meta_for(ckpt)
+    ckpt = conform(ckpt, meta, strict=source.strict)
     return LoadedModel(ckpt, meta, build_from(ckpt, meta, device))
 
 
@@ -166,12 +164,10 @@ class ScanResult:
     warnings: tuple[str, ...] = ()
 
 
-def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, arch: str | None = None,
-                    dataset: str | None = None, strict: bool = True, model_def: str | None = None,
-                    normalization: tuple[list[float], list[float]] | None = None,
+def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, source: ModelSource = ModelSource(),
                     device: torch.device | str = "cpu") -> ScanResult:
-    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
-                        normalization=normalization, device=device)
+    """Mean activation of each input of ``layer`` (default: the defended one) over the aux set."""
+    loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, "MODEL")
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
@@ -268,16 +264,14 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
 
 
 def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config: DefenseConfig = PRESETS["default"],
-                      *, layer: str | None = None, arch: str | None = None, dataset: str | None = None,
-                      strict: bool = True, model_def: str | None = None,
-                      normalization: tuple[list[float], list[float]] | None = None, plain: bool = False, seed: int = 0,
-                      device: torch.device | str = "cpu") -> DefendOutcome:
+                      *, layer: str | None = None, source: ModelSource = ModelSource(), plain: bool = False,
+                      seed: int = 0, device: torch.device | str = "cpu") -> DefendOutcome:
     """Apply FLAIN (or pruning), and the repair if ``config`` asks for it, to the checkpoint at ``path``.
 
     Nothing is written here. Args: the checkpoint, its initial checkpoint W0 and the aux set;
     ``config`` (default: ``PRESETS["default"]``; ``PRESETS["paper"]`` is Algorithm 1 exactly);
-    ``layer`` (default: the checkpoint's defended layer); ``arch``/``dataset`` for checkpoints
-    without metadata; ``strict`` refuses tensors the architecture lacks; ``init_path`` may be None
+    ``layer`` (default: the checkpoint's defended layer); ``source`` for what the file does not say
+    (architecture, dataset, normalization...: `ModelSource`); ``init_path`` may be None
     for ``method="prune"`` (it zeroes columns, W0 plays no part). Checkpoints of any supported format
     and floating dtype are read (:mod:`flain_cli.formats`); the work is done in float32/float64 and
     the result is cast back to the model's dtype; ``plain`` runs Algorithm 1 one threshold at a time
@@ -293,12 +287,11 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     if init_path is None and config.method != "prune":
         raise ConfigError(f"--init is needed for --method {config.method}: FLAIN flips the updates W - W0, so it "
                           "needs W0, the model before training (only --method prune works without it)")
-    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
-                        normalization=normalization, device=device)
+    loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, "MODEL")
     init = None
     if init_path is not None:
-        init = load_init(init_path, loaded, strict=strict)
+        init = load_init(init_path, loaded, strict=source.strict)
     layer = layer or loaded.meta["defended_layer"]
     aux = load_aux_for(loaded, aux_path)
     warnings = aux_warnings(aux, loaded.meta["num_classes"])

@@ -55,6 +55,28 @@ class Checkpoint:
         return self.meta.get("dataset")
 
 
+@dataclass(frozen=True)
+class ModelSource:
+    """What the user says about how to read a checkpoint as a model; every field is optional.
+
+    ``arch`` (a built-in) or ``model_def`` (FILE.py:NAME, the user's class: its code runs) when the
+    file has no metadata; ``dataset`` for its inputs and classes; ``strict`` refuses tensors the
+    architecture lacks; ``normalization`` (mean, std per channel) and ``class_names`` override
+    the recorded or standard ones. See `resolve_model_meta` for the precedence.
+    """
+
+    arch: str | None = None
+    dataset: str | None = None
+    model_def: str | None = None
+    strict: bool = True
+    normalization: tuple[list[float], list[float]] | None = None
+    class_names: list[str] | None = None
+
+    def meta_for(self, ckpt: Checkpoint) -> dict[str, Any]:
+        return resolve_model_meta(ckpt, arch=self.arch, dataset=self.dataset, model_def=self.model_def,
+                                  normalization=self.normalization, class_names=self.class_names)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -165,13 +187,21 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
 
 def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str | None = None,
                        num_classes: int | None = None, model_def: str | None = None,
-                       normalization: tuple[list[float], list[float]] | None = None) -> dict[str, Any]:
+                       normalization: tuple[list[float], list[float]] | None = None,
+                       class_names: list[str] | None = None) -> dict[str, Any]:
     """Model metadata from the checkpoint, with the user's options taking precedence (see `_resolve`).
 
     Inputs are normalized with ``normalization`` (mean, std per channel) when given, else with the
-    checkpoint's recorded ``normalization``, else with the dataset's standard one.
+    checkpoint's recorded ``normalization``, else with the dataset's standard one. ``class_names``
+    (one per class, in index order) replace the dataset's: aux folders may be named by them.
     """
     meta = _resolve(ckpt, arch, dataset, num_classes, model_def)
+    if class_names is not None:
+        if len(class_names) != meta["num_classes"] or len(set(class_names)) != len(class_names):
+            raise ConfigError(f"--class-names gives {len(class_names)} names ({len(set(class_names))} distinct) for "
+                              f"a model of {meta['num_classes']} classes; give one distinct name per line, in "
+                              "class-index order")
+        meta["class_names"] = list(class_names)
     recorded = ckpt.meta.get("normalization")
     if normalization is not None:
         meta["normalization"] = _normalization(list(normalization[0]), list(normalization[1]), meta, "--mean/--std")

@@ -10,7 +10,7 @@ import torch
 
 from .attack import AttackTask
 from .auxdata import load_aux
-from .checkpoint import Checkpoint, build_from, conform, dataset_spec, load_checkpoint, resolve_model_meta
+from .checkpoint import Checkpoint, ModelSource, build_from, conform, dataset_spec, load_checkpoint
 from .datasets import DATASETS, Split, load_dataset
 from .errors import ConfigError
 from .metrics import EvalResult, evaluate
@@ -49,15 +49,13 @@ def load_test_file(path: Path, meta: dict[str, Any]) -> Split:
     return Split(aux.images, aux.labels)
 
 
-def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Path | None = None,
-                        arch: str | None = None, attack: str | None = None, trigger: str | None = None,
-                        device: torch.device | str = "cpu", test: Split | None = None,
-                        test_file: Path | None = None, strict: bool = True,
-                        model_def: str | None = None,
-                        normalization: tuple[list[float], list[float]] | None = None,
+def evaluate_checkpoint(path: Path, *, source: ModelSource = ModelSource(), data_dir: Path | None = None,
+                        attack: str | None = None, trigger: str | None = None,
+                        device: torch.device | str = "cpu", test: Split | None = None, test_file: Path | None = None,
                         trigger_image: Path | None = None, trigger_mask: Path | None = None) -> CheckpointEval:
     """ACC on the clean test split (or ``test``/``test_file``) and ASR of the known (or given) attack.
 
+    ``source`` says what the file does not (architecture, dataset...: `ModelSource`).
     ``trigger_image`` (with ``trigger_mask``, or its alpha channel): a trigger the user suspects,
     measured for the task of ``attack`` (SRC:TGT or all:TGT), instead of a built-in one.
     """
@@ -66,12 +64,12 @@ def evaluate_checkpoint(path: Path, *, dataset: str | None = None, data_dir: Pat
     if trigger_mask is not None and trigger_image is None:
         raise ConfigError("--trigger-mask goes with --trigger-image")
     ckpt = load_checkpoint(path)
-    meta = resolve_model_meta(ckpt, arch=arch, dataset=dataset, model_def=model_def, normalization=normalization)
+    meta = source.meta_for(ckpt)
     if meta["dataset"] is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
                           f"({', '.join(DATASETS.names())})")
     spec = dataset_spec(meta)
-    ckpt = conform(ckpt, meta, strict=strict)
+    ckpt = conform(ckpt, meta, strict=source.strict)
     model = build_from(ckpt, meta, device)
     spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, str(trigger_image) if trigger_image else trigger)
     if test is None:

@@ -18,6 +18,7 @@ import torch
 
 from .audit import AuxFeatures, check_finite, load_aux_for, load_init, load_model
 from .auxdata import AuxSet
+from .checkpoint import ModelSource
 from .datasets import DATASETS, load_dataset
 from .defense import METHODS, PAPER_STEP, apply_mask, rescale_factor
 from .errors import ConfigError
@@ -48,9 +49,7 @@ class SweepResult:
 
 
 def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = PAPER_STEP,
-                     points: int = 25, layer: str | None = None, arch: str | None = None,
-                     dataset: str | None = None, strict: bool = True, model_def: str | None = None,
-                     normalization: tuple[list[float], list[float]] | None = None,
+                     points: int = 25, layer: str | None = None, source: ModelSource = ModelSource(),
                      data_dir: Path | None = None, test_file: Path | None = None,
                      device: torch.device | str = "cpu") -> SweepResult:
     """The model unchanged, then ``points`` thresholds mu, mu + step, ... as `defend` would apply them."""
@@ -58,10 +57,9 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
         raise ConfigError(f"--step must be a finite number > 0, got {step}")
     if points < 1:
         raise ConfigError(f"--points must be at least 1, got {points}")
-    loaded = load_model(path, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
-                        normalization=normalization, device=device)
+    loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, "MODEL")
-    init = load_init(init_path, loaded, strict=strict)
+    init = load_init(init_path, loaded, strict=source.strict)
     meta = loaded.meta
     if meta["dataset"] is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "

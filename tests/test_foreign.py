@@ -211,3 +211,19 @@ def test_a_suspected_trigger_from_a_png_measures_the_same_asr_as_the_built_in(ti
                            "is 32x32; the model takes 28x28")):
         res = invoke("eval", run / "final.safetensors", "--data-dir", data, *args)
         assert res.exit_code == 1 and message in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_class_names_from_a_file_name_the_aux_folders_of_a_foreign_label_set(tiny_run, tmp_path):
+    from .conftest import write_aux_folder
+    run, _ = tiny_run
+    names = [f"kind {c}" for c in range(10)]
+    aux = write_aux_folder(tmp_path / "aux", per_class=3, names=names)
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    res = invoke("scan", run / "final.safetensors", "--aux", aux)
+    assert res.exit_code == 1 and "neither a class index nor a class name" in res.stderr
+    res = invoke("scan", run / "final.safetensors", "--aux", aux, "--class-names", tmp_path / "names.txt", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["n_aux"] == 30
+    (tmp_path / "short.txt").write_text("a\nb\n")
+    res = invoke("scan", run / "final.safetensors", "--aux", aux, "--class-names", tmp_path / "short.txt")
+    assert res.exit_code == 1 and "--class-names gives 2 names (2 distinct) for a model of 10 classes" in res.stderr

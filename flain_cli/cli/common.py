@@ -15,7 +15,9 @@ import torch
 import typer
 from rich.console import Console
 
+from ..checkpoint import ModelSource
 from ..errors import ConfigError, FlainError
+from ..files import read_text
 
 # markup off: paths and labels are printed as given (`runs[/x].safetensors` is a valid file name)
 out = Console(highlight=False, markup=False)  # data: tables (stdout)
@@ -50,6 +52,9 @@ MeanOpt = Annotated[str | None, typer.Option(
                                       "normalization, else the dataset's.", show_default=False)]
 StdOpt = Annotated[str | None, typer.Option(
     "--std", metavar="S[,S,S]", help="Input normalization: std per channel, with --mean.", show_default=False)]
+ClassNamesOpt = Annotated[Path | None, typer.Option(
+    "--class-names", help="A text file of class names, one per line in class-index order, for a label set that is "
+                          "not the dataset's (aux class folders may be named by them).", show_default=False)]
 StrictOpt = Annotated[bool, typer.Option(
     "--strict/--no-strict", help="Refuse a checkpoint holding tensors the architecture lacks (e.g. global_step); "
                                  "--no-strict ignores them and says so.")]
@@ -73,6 +78,16 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"numbered from 0")
     return device
+
+
+def model_source(arch: str | None, dataset: str | None, model_def: str | None, strict: bool, mean: str | None,
+                 std: str | None, class_names: Path | None) -> ModelSource:
+    """The model options every command that loads a checkpoint shares, as one library object."""
+    names = None
+    if class_names is not None:
+        names = [line.strip() for line in read_text(class_names, "--class-names", max_bytes=1 << 20).splitlines()
+                 if line.strip()]
+    return ModelSource(arch, dataset, model_def, strict, parse_normalization(mean, std), names)
 
 
 def parse_normalization(mean: str | None, std: str | None) -> tuple[list[float], list[float]] | None:

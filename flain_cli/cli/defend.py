@@ -20,6 +20,7 @@ from ..repair import RepairSettings
 from .common import (
     ArchOpt,
     AuxOpt,
+    ClassNamesOpt,
     DatasetOpt,
     DeviceOpt,
     ForceOpt,
@@ -32,8 +33,8 @@ from .common import (
     StdOpt,
     StrictOpt,
     err,
+    model_source,
     out,
-    parse_normalization,
     print_json,
     print_notes,
     resolve_device,
@@ -122,6 +123,7 @@ def defend(
     model_def: ModelDefOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    class_names: ClassNamesOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -136,10 +138,10 @@ def defend(
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux,
                      "--model-def": model_def and parse_model_def(model_def)[0]},
                     {"--out": target, "--trace": trace}, force=force)
-    torch_device, norm = resolve_device(device), parse_normalization(mean, std)
+    torch_device = resolve_device(device)
+    source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
     with plan.writing() as stage:  # claimed from here; both files appear at the end, or neither
-        outcome = defend_checkpoint(model, init, aux, config, layer=layer, arch=arch, dataset=dataset, plain=plain,
-                                    strict=strict, model_def=model_def, normalization=norm, seed=seed,
+        outcome = defend_checkpoint(model, init, aux, config, layer=layer, source=source, plain=plain, seed=seed,
                                     device=torch_device)
         res, record = outcome.result, outcome.meta["defense"]
         save_checkpoint(stage["--out"], outcome.state, outcome.meta)

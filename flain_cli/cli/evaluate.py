@@ -10,6 +10,7 @@ from rich.table import Table
 
 from ..evaluation import evaluate_checkpoint
 from .common import (
+    ClassNamesOpt,
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
@@ -20,8 +21,8 @@ from .common import (
     StdOpt,
     StrictOpt,
     fmt,
+    model_source,
     out,
-    parse_normalization,
     print_json,
     print_notes,
     resolve_device,
@@ -51,14 +52,14 @@ def evaluate_command(
     model_def: ModelDefOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    class_names: ClassNamesOpt = None,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
-    report = evaluate_checkpoint(model, dataset=dataset, data_dir=data_dir, arch=arch, attack=attack,
-                                 trigger=trigger, device=resolve_device(device), test_file=test, strict=strict,
-                                 trigger_image=trigger_image, trigger_mask=trigger_mask,
-                                 model_def=model_def, normalization=parse_normalization(mean, std))
+    report = evaluate_checkpoint(model, source=model_source(arch, dataset, model_def, strict, mean, std, class_names),
+                                 data_dir=data_dir, attack=attack, trigger=trigger, device=resolve_device(device),
+                                 test_file=test, trigger_image=trigger_image, trigger_mask=trigger_mask)
     print_notes(report.notes)
     res, meta, spec_attack = report.result, report.meta, report.attack
     summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "asr_clean": res.asr_clean, "n_clean": res.n_clean,

@@ -15,6 +15,7 @@ from ..modeldef import parse_model_def
 from .common import (
     ArchOpt,
     AuxOpt,
+    ClassNamesOpt,
     DatasetOpt,
     DeviceOpt,
     ForceOpt,
@@ -26,8 +27,8 @@ from .common import (
     StdOpt,
     StrictOpt,
     err,
+    model_source,
     out,
-    parse_normalization,
     print_json,
     print_notes,
     resolve_device,
@@ -58,17 +59,17 @@ def scan(
     model_def: ModelDefOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    class_names: ClassNamesOpt = None,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Print the mean activation of each input neuron of a Linear layer over the aux set."""
-    torch_device, norm = resolve_device(device), parse_normalization(mean, std)
+    torch_device = resolve_device(device)
+    source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
     inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def and parse_model_def(model_def)[0]}
     with FilePlan(inputs, {"--csv": csv}, force=force).writing() as stage:
-        res = scan_checkpoint(model, aux, layer=layer, arch=arch, dataset=dataset, strict=strict, model_def=model_def,
-                              normalization=norm,
-                              device=torch_device)
+        res = scan_checkpoint(model, aux, layer=layer, source=source, device=torch_device)
         means = res.means
         if csv is not None:
             stage["--csv"].write_text("neuron,mean\n" + "".join(f"{i},{v:.9g}\n" for i, v in enumerate(means.tolist())))

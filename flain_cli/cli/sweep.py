@@ -15,6 +15,7 @@ from ..sweep import sweep_checkpoint
 from .common import (
     ArchOpt,
     AuxOpt,
+    ClassNamesOpt,
     DataDirOpt,
     DatasetOpt,
     DeviceOpt,
@@ -27,8 +28,8 @@ from .common import (
     StdOpt,
     StrictOpt,
     fmt,
+    model_source,
     out,
-    parse_normalization,
     print_json,
     resolve_device,
 )
@@ -51,6 +52,7 @@ def sweep(
     model_def: ModelDefOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
+    class_names: ClassNamesOpt = None,
     data_dir: DataDirOpt = None,
     test: Annotated[Path | None, typer.Option(
         help="Score on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
@@ -63,15 +65,14 @@ def sweep(
     """Score the model that `defend` would write at each threshold: aux accuracy, test ACC, ASR, and the ASR
     without trigger. A diagnostic for whoever holds labelled test data: it shows whether any threshold
     removes the backdoor and what it costs, and where the paper's stopping rule lands."""
-    torch_device, norm = resolve_device(device), parse_normalization(mean, std)
+    torch_device = resolve_device(device)
+    source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux, "--test": test, "--data-dir": data_dir,
                      "--model-def": model_def and parse_model_def(model_def)[0]},
                     {"--csv": csv}, force=force)
     with plan.writing() as stage:
         res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
-                               arch=arch, dataset=dataset, strict=strict, model_def=model_def, normalization=norm,
-                               data_dir=data_dir,
-                               test_file=test, device=torch_device)
+                               source=source, data_dir=data_dir, test_file=test, device=torch_device)
         rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
                  "asr_clean": p.asr_clean} for p in res.points]
         if csv is not None:
