@@ -29,7 +29,7 @@ def test_every_command_and_option_is_documented_with_help():
 def test_readme_links_resolve():
     readme = (ROOT / "README.md").read_text()
     for target in ("docs/simulation.md", "docs/flain.md", "docs/checkpoint-format.md", "docs/results.md",
-                   "docs/benchmarks.md", "docs/contract.md"):
+                   "docs/benchmarks.md", "docs/contract.md", "docs/architecture.md"):
         assert target in readme and (ROOT / target).is_file(), target
 
 
