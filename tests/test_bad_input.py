@@ -407,3 +407,14 @@ def test_exported_folders_follow_the_umask_and_fifos_are_not_read(tiny_run, tmp_
     os.mkfifo(tmp_path / "x.npz")
     one_error_line(export(data, tmp_path / "y", "--exclude", tmp_path / "x.npz"),
                    "Error: --exclude ")
+
+
+def test_version_is_answered_without_importing_torch(tmp_path):
+    import subprocess
+    import sys
+    code = ("import sys; sys.argv = ['flain', '--version']; from flain_cli.cli.launch import main; main(); "
+            "print('torch' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    from flain_cli import __version__
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split("\n")[:2] == [f"flain-cli {__version__}", "False"], res.stdout

@@ -18,6 +18,10 @@ def _interrupted(signum: int, note: str) -> None:
 def main() -> None:
     signal.signal(signal.SIGINT, raise_on_signal)
     signal.signal(signal.SIGTERM, raise_on_signal)
+    if sys.argv[1:] == ["--version"]:  # answered without importing torch (seconds): scripts ask this often
+        from .. import __version__
+        print(f"flain-cli {__version__}")
+        return
     try:
         from .app import app
         app()
