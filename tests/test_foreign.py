@@ -73,6 +73,15 @@ def test_torch_and_flower_checkpoints_defend_exactly_like_the_original(tiny_run,
         assert "mapped 8 arrays onto the architecture's tensors by position" in stderr
 
 
+def test_sweep_takes_arch_for_a_file_without_metadata(tiny_run, aux_dir, tmp_path):
+    run, data = tiny_run
+    final, init = convert(run, tmp_path, "pt")
+    res = invoke("sweep", final, "--init", init, "--aux", aux_dir, *FOREIGN, "--no-strict", "--data-dir", data,
+                 "--points", "2", "--json")
+    assert res.exit_code == 0, res.output
+    assert len(json.loads(res.stdout)["points"]) == 3  # the model unchanged, then two thresholds
+
+
 def test_extra_tensors_need_no_strict_and_mismatches_are_counted(tiny_run, aux_dir, tmp_path):
     run, _ = tiny_run
     final, _ = convert(run, tmp_path, "pt")

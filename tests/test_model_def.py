@@ -124,6 +124,23 @@ def test_an_mlp_warns_that_its_first_layer_sees_negative_inputs(tmp_path, aux_di
         assert bool(report["warnings"]) == warned and ("take negative values" in res.stderr) == warned
 
 
+def test_an_mlp_and_a_sequential_defend_at_a_layer_after_a_relu_and_evaluate(tmp_path, bright):
+    aux_dir, data = bright
+    for name, layer in (("MLP", "fc2"), ("sequential_mlp", "3")):
+        run = trained(tmp_path, name)
+        spec = f"{DEFS}:{name}"
+        out = tmp_path / f"{name}.clean.safetensors"
+        res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                     "--model-def", spec, "--dataset", "fmnist", "--layer", layer, "--preset", "paper", "--rho", "0.1",
+                     "--out", out, "--json")
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.stdout)
+        assert report["layer"] == layer and report["warnings"] == [] and report["of"] == 64
+        evaluated = invoke("eval", out, "--model-def", spec, "--data-dir", data, "--json")
+        assert evaluated.exit_code == 0, evaluated.output
+    assert set(load_checkpoint(out).tensors) == {"1.weight", "1.bias", "3.weight", "3.bias"}
+
+
 @pytest.mark.parametrize(("spec", "extra", "message"), [
     ("{defs}:SkipAround", [], "after fc1 the network also reads direct, computed before it (a skip connection"),
     ("{defs}:Nope", [], "has no class or function 'Nope'"),

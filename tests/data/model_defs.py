@@ -75,3 +75,8 @@ class AuthorsFMNIST(nn.Module):
         x = self.dropout(torch.relu(self.fc2(x)))
         x = self.dropout(torch.relu(self.fc3(x)))
         return self.fc4(x)
+
+
+def sequential_mlp():
+    """An nn.Sequential: its tensors are named 0.weight, 0.bias, 2.weight..."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
