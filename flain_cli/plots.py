@@ -7,13 +7,12 @@ Readers take the files the other commands write: ``train --log`` (JSON lines) or
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 from .errors import ConfigError, FlainError
 from .files import atomic_write, read_text
+from .tables import MEANS_COLUMNS, TRACE_COLUMNS, read_csv
 
 
 def _pyplot():
@@ -35,18 +34,6 @@ def check_png(out: Path) -> Path:
 
 def _save(fig, out: Path) -> None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-
-
-def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, list[float | None]]:
-    """Columns as floats; an empty cell is None (allowed only in ``optional`` columns)."""
-    rows = list(csv.DictReader(io.StringIO(read_text(path, "CSV file"), newline="")))
-    if not rows or any(c not in rows[0] for c in columns + optional):
-        raise ConfigError(f"{path} is not a CSV with columns {', '.join(columns + optional)}")
-    try:
-        return {c: [float(r[c]) if r[c] != "" or c not in optional else None for r in rows]
-                for c in columns + optional}
-    except ValueError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 def read_train_log(path: Path) -> list[dict]:
@@ -101,7 +88,7 @@ def plot_training(runs: list[Path], out: Path, title: str | None = None, labels:
 
 
 def plot_trace(trace: Path, out: Path, title: str | None = None) -> None:
-    data = read_csv(trace, ("lambda", "selected", "aux_acc"))
+    data = read_csv(trace, TRACE_COLUMNS[:3])
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.step(data["lambda"], data["aux_acc"], where="post", color="tab:blue", label="aux accuracy")
@@ -117,7 +104,7 @@ def plot_trace(trace: Path, out: Path, title: str | None = None) -> None:
 
 
 def plot_activations(means_csv: Path, out: Path, bins: int = 60, title: str | None = None) -> None:
-    data = read_csv(means_csv, ("neuron", "mean"))
+    data = read_csv(means_csv, MEANS_COLUMNS)
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.hist(data["mean"], bins=bins, color="tab:gray")

@@ -90,3 +90,18 @@ def test_missing_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch):
     res = invoke("plot", "training", files[0], "--out", tmp_path / "t.png")
     assert res.exit_code == 1
     assert res.stderr.strip() == "Error: plotting needs matplotlib: pip install 'flain-cli[plot]'"
+
+
+def test_each_csv_writer_round_trips_through_its_reader(tmp_path):
+    from types import SimpleNamespace
+
+    from flain_cli.tables import MEANS_COLUMNS, SWEEP_COLUMNS, TRACE_COLUMNS, means_csv, read_csv, sweep_csv, trace_csv
+    (tmp_path / "t.csv").write_text(trace_csv([SimpleNamespace(lam=0.5, selected=3, acc=0.8)], acc0=0.9))
+    assert read_csv(tmp_path / "t.csv", TRACE_COLUMNS) == {"lambda": [0.5], "selected": [3.0], "aux_acc": [0.8],
+                                                           "drop": [pytest.approx(0.1)]}
+    (tmp_path / "m.csv").write_text(means_csv([0.0, 0.25]))
+    assert read_csv(tmp_path / "m.csv", MEANS_COLUMNS) == {"neuron": [0.0, 1.0], "mean": [0.0, 0.25]}
+    rows = [dict.fromkeys(SWEEP_COLUMNS, 1.0) | {"lambda": None, "asr": None}]
+    (tmp_path / "s.csv").write_text(sweep_csv(rows))
+    back = read_csv(tmp_path / "s.csv", ("changed", "aux_acc", "acc"), ("lambda", "asr", "asr_clean"))
+    assert back["lambda"] == [None] and back["asr"] == [None] and back["acc"] == [1.0]

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..files import FilePlan
 from ..modeldef import parse_model_def
 from ..repair import RepairSettings
+from ..tables import trace_csv
 from .common import (
     ArchOpt,
     AuxOpt,
@@ -146,8 +147,7 @@ def defend(
         res, record = outcome.result, outcome.meta["defense"]
         save_checkpoint(stage["--out"], outcome.state, outcome.meta)
         if trace is not None:
-            rows = "".join(f"{s.lam:.9g},{s.selected},{s.acc:.6f},{res.acc0 - s.acc:.6f}\n" for s in res.trace)
-            stage["--trace"].write_text("lambda,selected,aux_acc,drop\n" + rows)
+            stage["--trace"].write_text(trace_csv(res.trace, res.acc0))
     print_notes(outcome.notes)
     for warning in outcome.warnings:
         err.print(f"warning: {warning}", markup=False, soft_wrap=True)

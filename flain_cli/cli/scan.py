@@ -12,6 +12,7 @@ from rich.table import Table
 from ..audit import scan_checkpoint
 from ..files import FilePlan
 from ..modeldef import parse_model_def
+from ..tables import means_csv
 from .common import (
     ArchOpt,
     AuxOpt,
@@ -72,7 +73,7 @@ def scan(
         res = scan_checkpoint(model, aux, layer=layer, source=source, device=torch_device)
         means = res.means
         if csv is not None:
-            stage["--csv"].write_text("neuron,mean\n" + "".join(f"{i},{v:.9g}\n" for i, v in enumerate(means.tolist())))
+            stage["--csv"].write_text(means_csv(means))
     print_notes(res.notes)
     for warning in res.warnings:
         err.print(f"warning: {warning}", soft_wrap=True)

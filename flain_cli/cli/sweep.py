@@ -12,6 +12,7 @@ from ..defense import METHODS, PAPER_STEP
 from ..files import FilePlan
 from ..modeldef import parse_model_def
 from ..sweep import sweep_checkpoint
+from ..tables import sweep_csv
 from .common import (
     ArchOpt,
     AuxOpt,
@@ -33,8 +34,6 @@ from .common import (
     print_json,
     resolve_device,
 )
-
-COLUMNS = ("lambda", "changed", "aux_acc", "acc", "asr", "asr_clean")
 
 
 def sweep(
@@ -76,8 +75,7 @@ def sweep(
         rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
                  "asr_clean": p.asr_clean} for p in res.points]
         if csv is not None:
-            stage["--csv"].write_text(",".join(COLUMNS) + "\n" + "".join(
-                ",".join("" if r[c] is None else f"{r[c]:.9g}" for c in COLUMNS) + "\n" for r in rows))
+            stage["--csv"].write_text(sweep_csv(rows))
     if as_json:
         print_json({"model": str(model), "layer": res.layer, "method": method, "step": step, "of": res.of,
                     "attack": res.attack, "n_aux": res.n_aux, "n_test": res.n_test, "points": rows})
