@@ -68,7 +68,6 @@ def test_defend_bad_inputs(tiny_run, aux_dir, tmp_path):
     cases = [
         (["--aux", empty], "Error: aux folder"),
         (["--aux", aux_dir, "--rho", "2"], "Error: --rho must be in [0, 1], got 2.0"),
-        (["--aux", aux_dir, "--select", "best"], "Error: --select must be one of crossing, last-safe"),
         (["--aux", aux_dir, "--method", "erase"], "Error: unknown method 'erase'"),
     ]
     for extra, message in cases:
@@ -77,6 +76,9 @@ def test_defend_bad_inputs(tiny_run, aux_dir, tmp_path):
         assert res.exit_code == 1, res.output
         assert res.stderr.strip().splitlines() == [res.stderr.strip()] and res.stderr.startswith(message), res.stderr
     assert not (tmp_path / "x.safetensors").exists()
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--select", "best", "--out", tmp_path / "x.safetensors")
+    assert res.exit_code == 2 and "'best' is not one of" in " ".join(res.stderr.split())  # a fixed choice: usage error
     res = invoke("defend", run / "final.safetensors", "--aux", aux_dir, "--out", tmp_path / "x.safetensors")
     assert res.exit_code == 1 and res.stderr.startswith("Error: --init is needed for --method flain")
     assert not (tmp_path / "x.safetensors").exists()
@@ -128,6 +130,7 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     p, n = load_checkpoint(tmp_path / "p.safetensors").tensors, load_checkpoint(tmp_path / "n.safetensors").tensors
     assert all(torch.equal(p[k], n[k]) for k in p)  # --repair none on the default preset is the paper preset
     assert default["rule"] == "flain+distill" and default["preset"] == "default"
+    assert default["select"] == "crossing" and default["step"] == 0.001  # the settings used, not the raw options
     assert default["repair"]["steps"] == 20 and default["repair"]["alpha"] == 0.8
     meta = load_checkpoint(tmp_path / "d.safetensors").meta["defense"]
     assert meta["rule"] == "flain+distill" and meta["repair"]["steps"] == 20 and meta["step"] == 0.001

@@ -42,6 +42,7 @@ from .common import (
 )
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
+Select = Enum("Select", {name: name for name in SELECTS}, type=str)  # a bad value is a usage error (exit 2)
 
 
 class Repair(str, Enum):
@@ -85,7 +86,7 @@ def defend(
                                                show_default=False)] = None,
     rho: Annotated[float | None, typer.Option(help="Tolerated aux accuracy drop (preset: 0.03, the paper's largest).",
                                               show_default=False)] = None,
-    select: Annotated[str | None, typer.Option(help=f"{'|'.join(SELECTS)}: keep the model at which the drop first "
+    select: Annotated[Select | None, typer.Option(help=f"{'|'.join(SELECTS)}: keep the model at which the drop first "
                                                     "reached rho (preset, the paper), or the last one below it.",
                                                show_default=False)] = None,
     holdout: Annotated[float | None, typer.Option(
@@ -130,7 +131,8 @@ def defend(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a backdoor: flip (or prune) the weight updates of low-activation input neurons."""
-    config = build_config(preset.value, method, step, rho, select, holdout, rescale, repair and repair.value,
+    config = build_config(preset.value, method, step, rho, select and select.value, holdout, rescale,
+                          repair and repair.value,
                           {"steps": repair_steps, "lr": repair_lr, "alpha": repair_alpha,
                            "temperature": repair_temperature})
     config.check()
@@ -154,7 +156,7 @@ def defend(
     summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method,
                "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
                "aux_acc_before": res.acc0, "aux_acc_after": outcome.aux_acc_after, "steps": res.steps,
-               "out": str(target), "layer": outcome.layer, "select": select, "step": step, "rho": rho,
+               "out": str(target), "layer": outcome.layer, "select": config.select, "step": step, "rho": rho,
                "mu": res.mu, "aux_acc_kept": res.acc_kept, "all_selected": res.all_selected,
                "evaluations": res.evaluations, "n_aux": outcome.n_aux, "holdout": config.holdout,
                "seconds": round(outcome.seconds, 3), "warnings": list(outcome.warnings),
