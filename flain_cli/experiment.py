@@ -105,6 +105,11 @@ class Defense:
     method: str
     settings: DefenseSettings
 
+    @property
+    def aggregator(self) -> str:
+        """The training this column reads: RLR is a defense during training, every other one after FedAvg."""
+        return "rlr" if self.method == "rlr" else "fedavg"
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -348,8 +353,7 @@ def _aux(exp: Experiment, d: DefenseSettings, dataset: str, data_dir: Path | Non
 
 def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, datasets, listener,
               wait: bool = False) -> None:
-    aggregator = "rlr" if defense.method == "rlr" else "fedavg"
-    cfg = exp.config(cell.point, aggregator)
+    cfg = exp.config(cell.point, defense.aggregator)
     run_dir, cached = _trained(exp, cfg, device, data_dir, datasets, listener, wait)
     model = run_dir / "final.safetensors"
     cell.detail = {"method": defense.method}

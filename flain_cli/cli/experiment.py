@@ -68,7 +68,7 @@ def experiment(
     defenses = exp.defenses
     total = len(points) * len(defenses)
     if dry_run:
-        trainings = {exp.config(p, "rlr" if d.method == "rlr" else "fedavg") for p in points for d in defenses}
+        trainings = {exp.config(p, d.aggregator) for p in points for d in defenses}
         cached = sum(exp.trained(cfg) for cfg in trainings)
         plan = {"name": exp.name, "out": str(exp.out), "cache": str(exp.cache), "cells": total,
                 "trainings": len(trainings), "cached_trainings": cached,
