@@ -211,6 +211,7 @@ def _claim(name: str, path: Path) -> Iterator[None]:
         yield
         return
     lock = sibling_name(path, "lock")
+    created = [p for p in [lock.parent, *lock.parent.parents] if not p.exists()]  # ours to remove if left empty
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -239,6 +240,9 @@ def _claim(name: str, path: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
+        for folder in created:  # innermost first; a folder that now holds the output stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _commit(moves: list[tuple[Path, Path]]) -> None:

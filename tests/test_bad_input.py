@@ -192,6 +192,10 @@ def test_a_failure_writes_none_of_the_outputs(tiny_run, aux_dir, tmp_path):
     res = defend(run, aux_dir, out, "--trace", blocker / "trace.csv")  # --trace cannot be written
     one_error_line(res, "Error: --trace ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    res = defend(run, tmp_path / "no-aux", tmp_path / "new" / "deeper" / "o.safetensors")  # fails mid-command
+    assert res.exit_code == 1 and not (tmp_path / "new").exists()  # folders made for a failed output go too
+    res = defend(run, aux_dir, tmp_path / "new" / "deeper" / "o.safetensors", "--preset", "paper", "--rho", "0.05")
+    assert res.exit_code == 0 and (tmp_path / "new" / "deeper" / "o.safetensors").is_file()
 
 
 def test_long_names_and_brackets_in_paths_are_written_and_printed_as_given(tiny_run, aux_dir, tmp_path, monkeypatch):
