@@ -106,11 +106,13 @@ class RunBusy(FlainError):
 
 
 @contextlib.contextmanager
-def run_lock(out_dir: Path, *, wait: bool = False) -> Iterator[None]:
+def run_lock(out_dir: Path, *, wait: bool = False, tidy: bool = False) -> Iterator[None]:
     """Hold ``out_dir/train.lock`` while training into ``out_dir``.
 
     Raises RunBusy when another process holds it, or with ``wait`` blocks until it is free.
-    Where ``fcntl`` is missing (Windows) nothing is locked.
+    ``tidy``: when this call created ``out_dir`` and it holds nothing but the lock at the end (the
+    run failed before its first round), remove both; for a single trainer (`flain train`), not for
+    workers that wait on one another's locks. Where ``fcntl`` is missing (Windows) nothing is locked.
     """
     try:
         import fcntl
@@ -118,6 +120,7 @@ def run_lock(out_dir: Path, *, wait: bool = False) -> Iterator[None]:
         yield
         return
     out_dir = Path(out_dir)
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         f = open(out_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed by the with below
@@ -136,6 +139,11 @@ def run_lock(out_dir: Path, *, wait: bool = False) -> Iterator[None]:
             f.flush()
             yield
         finally:
+            if tidy and created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
+                (out_dir / LOCK_FILE).unlink()
+                for folder in created:
+                    with contextlib.suppress(OSError):
+                        folder.rmdir()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -422,3 +422,9 @@ def test_version_is_answered_without_importing_torch(tmp_path):
     from flain_cli import __version__
     assert res.returncode == 0, res.stderr
     assert res.stdout.split("\n")[:2] == [f"flain-cli {__version__}", "False"], res.stdout
+
+
+def test_a_training_that_fails_before_its_first_round_leaves_no_folder(tmp_path):
+    res = invoke("train", "--data-dir", tmp_path / "nowhere", "--rounds", "1", "--out", tmp_path / "runs" / "t")
+    one_error_line(res, "Error: ")
+    assert list(tmp_path.iterdir()) == []

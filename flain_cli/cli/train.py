@@ -122,7 +122,7 @@ def train(
     torch_device = resolve_device(device)
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
     _plan(data_dir, out_dir, log, force=True).check()  # clashes with inputs, before the lock creates --out
-    with run_lock(out_dir):  # held from the checks to the last checkpoint: one trainer per folder
+    with run_lock(out_dir, tidy=True):  # held from the checks to the last checkpoint: one trainer per folder
         outcome = _train_locked(cfg, data_dir, out_dir, torch_device, log, resume, force)
     summary = outcome.summary(cfg)
     result = outcome.result
