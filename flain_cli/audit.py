@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call
 
 from .auxdata import AuxSet, load_aux
-from .checkpoint import Checkpoint, ModelSource, build_from, conform, load_checkpoint
+from .checkpoint import Checkpoint, ModelSource, conform, conformed_model, load_checkpoint
 from .defense import PRESETS, DefenseConfig, SearchResult, search_fast, search_plain
 from .errors import AuxError, CheckpointError, ConfigError
 from .modeldef import get_linear, split_model
@@ -39,8 +39,8 @@ def load_model(path: Path, source: ModelSource = ModelSource(), device: torch.de
     """
     ckpt = load_checkpoint(path)
     meta = source.meta_for(ckpt)
-    ckpt = conform(ckpt, meta, strict=source.strict)
-    return LoadedModel(ckpt, meta, build_from(ckpt, meta, device))
+    ckpt, model = conformed_model(ckpt, meta, device, strict=source.strict)
+    return LoadedModel(ckpt, meta, model)
 
 
 def load_aux_for(loaded: LoadedModel, aux_path: Path) -> AuxSet:

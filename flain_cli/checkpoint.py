@@ -271,7 +271,6 @@ def _resolve(ckpt: Checkpoint, arch: str | None, dataset: str | None, num_classe
 def _model_def_meta(ckpt: Checkpoint, spec: str, dataset: str | None, num_classes: int | None) -> dict[str, Any]:
     """Metadata for the user's own model class: shapes and normalization from the dataset, the
     defended layer from the checkpoint or a probe (the first nn.Linear the forward pass reaches)."""
-    dataset = dataset or ckpt.dataset
     if dataset is None:
         raise ConfigError(f"--model-def needs --dataset for {ckpt.path}: its input size, normalization and classes")
     ds = DATASETS.get(dataset)
@@ -292,21 +291,33 @@ def build_network(meta: dict[str, Any]) -> torch.nn.Module:
     return build_model(meta["arch"], meta["num_classes"])
 
 
-def conform(ckpt: Checkpoint, meta: dict[str, Any], *, strict: bool = True) -> Checkpoint:
+def conform(ckpt: Checkpoint, meta: dict[str, Any], *, strict: bool = True,
+            expected: dict[str, torch.Tensor] | None = None) -> Checkpoint:
     """``ckpt`` with its tensors under the architecture's names (``meta``), floating ones as float32.
 
-    Raises CheckpointError with counts of missing, extra and misshapen tensors when it does not fit.
+    ``expected``: the network's state_dict when the caller has built it already. Raises
+    CheckpointError with counts of missing, extra and misshapen tensors when it does not fit.
     """
-    expected = build_network(meta).state_dict()
+    expected = expected if expected is not None else build_network(meta).state_dict()
     name = meta["model_def"]["spec"] if meta.get("model_def") else meta["arch"]
     what = f"{ckpt.path} (architecture {name}, {meta['num_classes']} classes)"
     aligned = align(ckpt.tensors, expected, what=what, ordered=ckpt.format == "npz", strict=strict)
     return dataclasses.replace(ckpt, tensors=aligned.tensors, dtype=aligned.dtype, notes=ckpt.notes + aligned.notes)
 
 
+def conformed_model(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device | str = "cpu", *,
+                    strict: bool = True) -> tuple[Checkpoint, torch.nn.Module]:
+    """``ckpt`` aligned to the network ``meta`` describes (`conform`), and that network holding its tensors.
+
+    The network is built once, for both.
+    """
+    model = build_network(meta)
+    ckpt = conform(ckpt, meta, strict=strict, expected=model.state_dict())
+    model.load_state_dict(ckpt.tensors)
+    return ckpt, model.to(device).eval()
+
+
 def build_from(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device | str = "cpu", *,
                strict: bool = True) -> torch.nn.Module:
     """Build the architecture named in ``meta`` and load the checkpoint's tensors into it (see `conform`)."""
-    model = build_network(meta)
-    model.load_state_dict(conform(ckpt, meta, strict=strict).tensors)
-    return model.to(device).eval()
+    return conformed_model(ckpt, meta, device, strict=strict)[1]

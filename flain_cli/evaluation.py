@@ -10,7 +10,7 @@ import torch
 
 from .attack import AttackTask
 from .auxdata import load_aux
-from .checkpoint import Checkpoint, ModelSource, build_from, conform, dataset_spec, load_checkpoint
+from .checkpoint import Checkpoint, ModelSource, conformed_model, dataset_spec, load_checkpoint
 from .datasets import DATASETS, Split, load_dataset
 from .errors import ConfigError
 from .metrics import EvalResult, evaluate
@@ -69,8 +69,7 @@ def evaluate_checkpoint(path: Path, *, source: ModelSource = ModelSource(), data
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
                           f"({', '.join(DATASETS.names())})")
     spec = dataset_spec(meta)
-    ckpt = conform(ckpt, meta, strict=source.strict)
-    model = build_from(ckpt, meta, device)
+    ckpt, model = conformed_model(ckpt, meta, device, strict=source.strict)
     spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, str(trigger_image) if trigger_image else trigger)
     if test is None:
         test = load_test_file(test_file, meta) if test_file else load_dataset(meta["dataset"], data_dir).test

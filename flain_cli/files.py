@@ -88,6 +88,19 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, innermost first: what a ``mkdir(parents=True)``
+    is about to create, so that `remove_empty` can take it back."""
+    return [p for p in [folder, *folder.parents] if not p.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove the folders that are empty, innermost first; one that holds anything stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Call ``write(tmp_path)``, then rename the temporary file over ``path``; on failure remove it."""
     path = Path(path)
@@ -211,7 +224,7 @@ def _claim(name: str, path: Path) -> Iterator[None]:
         yield
         return
     lock = sibling_name(path, "lock")
-    created = [p for p in [lock.parent, *lock.parent.parents] if not p.exists()]  # ours to remove if left empty
+    created = missing_folders(lock.parent)  # ours to remove if left empty
     try:
         lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -240,9 +253,7 @@ def _claim(name: str, path: Path) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock)
         os.close(fd)
-        for folder in created:  # innermost first; a folder that now holds the output stays
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_empty(created)  # a folder that now holds the output stays
 
 
 def _commit(moves: list[tuple[Path, Path]]) -> None:

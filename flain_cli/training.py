@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
 from .datasets import Dataset
 from .errors import CheckpointError, FlainError
-from .files import atomic_write
+from .files import atomic_write, missing_folders, remove_empty
 from .simulation import Listener, RoundLog, SimulationResult, Snapshot, TrainConfig, simulate
 
 RESUME_FILE = "resume.safetensors"
@@ -120,7 +120,7 @@ def run_lock(out_dir: Path, *, wait: bool = False, tidy: bool = False) -> Iterat
         yield
         return
     out_dir = Path(out_dir)
-    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]
+    created = missing_folders(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         f = open(out_dir / LOCK_FILE, "a+")  # noqa: SIM115 - closed by the with below
@@ -141,9 +141,7 @@ def run_lock(out_dir: Path, *, wait: bool = False, tidy: bool = False) -> Iterat
         finally:
             if tidy and created and [p.name for p in out_dir.iterdir()] == [LOCK_FILE]:
                 (out_dir / LOCK_FILE).unlink()
-                for folder in created:
-                    with contextlib.suppress(OSError):
-                        folder.rmdir()
+                remove_empty(created)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
