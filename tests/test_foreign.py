@@ -236,3 +236,7 @@ def test_class_names_from_a_file_name_the_aux_folders_of_a_foreign_label_set(tin
     (tmp_path / "short.txt").write_text("a\nb\n")
     res = invoke("scan", run / "final.safetensors", "--aux", aux, "--class-names", tmp_path / "short.txt")
     assert res.exit_code == 1 and "--class-names gives 2 names (2 distinct) for a model of 10 classes" in res.stderr
+    res = invoke("scan", run / "final.safetensors", "--aux", aux, "--class-names", tmp_path / "names.txt",
+                 "--csv", tmp_path / "names.txt", "--force")
+    assert res.exit_code == 1 and "is also the input --class-names" in res.stderr
+    assert (tmp_path / "names.txt").read_text() == "\n".join(names) + "\n"

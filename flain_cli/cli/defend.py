@@ -139,7 +139,8 @@ def defend(
     method, step, rho = config.method, config.step, config.rho
     target = out_path or default_out(model, method)
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux,
-                     "--model-def": model_def and parse_model_def(model_def)[0]},
+                     "--model-def": model_def and parse_model_def(model_def)[0],
+                     "--class-names": class_names},
                     {"--out": target, "--trace": trace}, force=force)
     torch_device = resolve_device(device)
     source = model_source(arch, dataset, model_def, strict, mean, std, class_names)

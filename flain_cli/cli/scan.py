@@ -68,7 +68,8 @@ def scan(
     """Print the mean activation of each input neuron of a Linear layer over the aux set."""
     torch_device = resolve_device(device)
     source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
-    inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def and parse_model_def(model_def)[0]}
+    inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def and parse_model_def(model_def)[0],
+              "--class-names": class_names}
     with FilePlan(inputs, {"--csv": csv}, force=force).writing() as stage:
         res = scan_checkpoint(model, aux, layer=layer, source=source, device=torch_device)
         means = res.means

@@ -67,7 +67,8 @@ def sweep(
     torch_device = resolve_device(device)
     source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux, "--test": test, "--data-dir": data_dir,
-                     "--model-def": model_def and parse_model_def(model_def)[0]},
+                     "--model-def": model_def and parse_model_def(model_def)[0],
+                     "--class-names": class_names},
                     {"--csv": csv}, force=force)
     with plan.writing() as stage:
         res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
