@@ -1,4 +1,4 @@
-"""Whole-process start-up of the `flain` command: --version, --help, a usage error, side by side.
+"""Whole-process start-up of the `flain` command: --version, help, usage errors, side by side.
 
     .venv/bin/python benchmarks/startup.py [--repeat 5]
 
@@ -14,19 +14,23 @@ import time
 from pathlib import Path
 
 FLAIN = Path(sys.executable).parent / "flain"
-COMMANDS = {"flain --version": ["--version"], "flain --help": ["--help"],
-            "flain eval (usage error: no MODEL)": ["eval"]}
+COMMANDS = {"flain --version": ["--version"], "flain --help": ["--help"], "flain defend --help": ["defend", "--help"],
+            "flain eval (usage error: no MODEL)": ["eval"],
+            "flain defend m --aux a --select x (usage error: bad choice)":
+                ["defend", "m", "--aux", "a", "--select", "x"]}
+REFERENCE = {"python -c 'import torch' (for comparison)": [sys.executable, "-c", "import torch"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
-    times: dict[str, list[float]] = {name: [] for name in COMMANDS}
+    commands = {name: [str(FLAIN), *argv] for name, argv in COMMANDS.items()} | REFERENCE
+    times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(args.repeat):  # interleaved, so drift on a shared machine hits every command alike
-        for name, argv in COMMANDS.items():
+        for name, argv in commands.items():
             started = time.perf_counter()
-            subprocess.run([str(FLAIN), *argv], capture_output=True)
+            subprocess.run(argv, capture_output=True)
             times[name].append(time.perf_counter() - started)
     print("| command | median s | fastest s |\n|---|---|---|")
     for name, values in times.items():

@@ -7,13 +7,13 @@ the global model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 
+from .catalog import AGGREGATORS
 from .errors import ConfigError
-from .registry import Registry
 
 Update = dict[str, torch.Tensor]
 
@@ -23,9 +23,6 @@ class AggregatorSettings:
     server_lr: float = 1.0
     rlr_threshold: int | None = None  # None: floor(m / 2) + 1 for m sampled clients
     buffers: Collection[str] = ()  # names voted on by no rule (BatchNorm statistics)
-
-
-AGGREGATORS: Registry[Callable[[list[Update], list[float], AggregatorSettings], Update]] = Registry("aggregator")
 
 
 def weighted_mean(updates: list[Update], weights: list[float]) -> Update:

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .catalog import DATASETS
 from .errors import DataError
-from .registry import Registry
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -83,7 +83,6 @@ class Dataset:
     test: Split
 
 
-DATASETS: Registry[DatasetSpec] = Registry("dataset")
 
 
 def load_dataset(name: str, data_dir: Path | None = None) -> Dataset:

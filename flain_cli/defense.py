@@ -22,73 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .catalog import METHODS
 from .errors import ConfigError
-from .registry import Registry
-from .repair import RepairSettings
+from .settings import PAPER_RHO, PAPER_STEP, PRESETS, SELECTS, DefenseConfig  # noqa: F401 - re-exported
 
 # (weight of the defended layer, changed) -> aux accuracy. ``changed``, when not None, holds the
 # only columns in which ``weight`` can differ from the weight of the previous call (a hint that
 # lets an evaluator update instead of recompute); the callee must not keep ``weight`` itself.
 Evaluate = Callable[[torch.Tensor, torch.Tensor | None], float]
-# A method maps (W, W0) to the values its selected columns take; the search applies it per mask.
-METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("method")
-SELECTS = ("crossing", "last-safe")
 MAX_THRESHOLDS = 10_000_000  # thresholds lambda_k a search may need to cover the activations
-
-
-PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
-
-
-@dataclass(frozen=True)
-class DefenseConfig:
-    """Every setting of a post-training defense: the search (Algorithm 1) and the optional repair.
-
-    ``holdout`` > 0 (ours): the mean activations come from a share 1-holdout of the aux set and the
-    stopping rule's accuracies from the held-out rest. ``repair`` (ours, :mod:`flain_cli.repair`):
-    after the search, distil the original model into the defended one on the aux set; None turns
-    it off, which is Algorithm 1 exactly.
-    """
-
-    method: str = "flain"
-    step: float = PAPER_STEP
-    rho: float = PAPER_RHO
-    select: str = "crossing"
-    holdout: float = 0.0
-    rescale: bool = True  # lines 18-20 of Algorithm 1 (flain only); False is an ablation
-    repair: RepairSettings | None = RepairSettings()
-
-    @property
-    def rule(self) -> str:
-        """A short name: the method, plus '+distill' when the repair runs."""
-        return self.method + ("+distill" if self.repair is not None else "")
-
-    def check(self) -> None:
-        """Refuse settings out of range before any work (those that need the activations are checked later)."""
-        METHODS.get(self.method)
-        for name, value in (("step", self.step), ("rho", self.rho), ("holdout", self.holdout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"--{name} must be a finite number, got {value!r}")
-        if not self.step > 0:
-            raise ConfigError(f"--step must be > 0, got {self.step}")
-        if not 0 <= self.rho <= 1:
-            raise ConfigError(f"--rho must be in [0, 1], got {self.rho}")
-        if not 0 <= self.holdout < 1:
-            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
-        if self.select not in SELECTS:
-            raise ConfigError(f"--select must be one of {', '.join(SELECTS)}, got {self.select!r}")
-        if self.repair is not None:
-            self.repair.check()
-
-    def record(self) -> dict:
-        return {"rule": self.rule, "method": self.method, "step": self.step, "rho": self.rho, "select": self.select,
-                "holdout": self.holdout, "rescale": self.rescale,
-                "repair": None if self.repair is None else self.repair.record()}
-
-
-# Named settings. "paper": Algorithm 1 as written (step 0.001, rho 0.03, the crossing model,
-# rescale, no repair). "default": the same search followed by the distillation repair, the rule
-# fixed on the tuning trainings (docs/results.md, "FLAIN that keeps accuracy").
-PRESETS: dict[str, DefenseConfig] = {"default": DefenseConfig(), "paper": DefenseConfig(repair=None)}
 
 
 @METHODS.register("flain")

@@ -42,11 +42,12 @@ from .audit import defend_checkpoint
 from .auxdata import export_aux
 from .checkpoint import save_checkpoint
 from .datasets import DATASETS, Dataset, load_dataset
-from .defense import PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
 from .errors import ConfigError, FlainError
 from .evaluation import evaluate_checkpoint
+from .events import ExperimentListener
 from .files import atomic_write, read_text
-from .simulation import Listener, TrainConfig
+from .settings import MAX_POINTS, PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
+from .simulation import TrainConfig
 from .training import RunBusy, run_lock, train_to_dir
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -55,7 +56,6 @@ DEFENSES = ("none", "prune", "flain", "rlr")
 VARIED = ("step", "rho", "holdout", "aux_per_class", "repair")  # [defense] keys that may list several values
 REPAIRS = ("distill", "none")
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}
-MAX_POINTS = 100  # grid points before --max-points must confirm a larger grid
 
 
 @dataclass(frozen=True)
@@ -243,15 +243,6 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 def _write(path: Path, record: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))
-
-
-class ExperimentListener(Listener):
-    """Progress of the grid; the CLI draws it."""
-
-    def cell(self, label: str, status: str) -> None: ...
-
-    def waiting(self, label: str, reason: str) -> None:
-        """A cell's training is under way in another process; it is done at the end, after that one."""
 
 
 @dataclass

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .catalog import ARCHITECTURES
 from .errors import ConfigError
-from .registry import Registry
 
 
 class LayerStack(nn.Sequential):
@@ -57,7 +57,6 @@ class Architecture:
     description: str
 
 
-ARCHITECTURES: Registry[Architecture] = Registry("architecture")
 
 
 def _register(name: str, input_shape: tuple[int, int, int], description: str):

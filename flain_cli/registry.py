@@ -1,7 +1,14 @@
-"""Registries by name, filled by a small decorator (the CLI's choices come from them)."""
+"""Registries by name, filled by a small decorator (the CLI's choices come from them).
+
+A registry is declared with its names and the module that fills it (:mod:`flain_cli.catalog`),
+so the names can be listed without importing that module (and torch): ``flain --help`` and
+usage errors need the names, not the implementations. The module is imported on the first
+:meth:`Registry.get`; registering a name that was not declared fails at once.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -13,11 +20,16 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A named collection of entries, e.g. model builders or trigger factories."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, names: tuple[str, ...], module: str) -> None:
         self.kind = kind
+        self._names = names
+        self._module = module
         self._entries: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        if name not in self._names:
+            raise ValueError(f"{self.kind} {name!r} is not declared: add it to flain_cli/catalog.py")
+
         def add(entry: T) -> T:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
@@ -26,19 +38,24 @@ class Registry(Generic[T]):
 
         return add
 
+    def check(self, name: str) -> None:
+        """Refuse a name that is not declared (without importing the implementations)."""
+        if name not in self._names:
+            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self._names)}")
+
     def get(self, name: str) -> T:
-        try:
-            return self._entries[name]
-        except KeyError:
-            raise ConfigError(
-                f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}"
-            ) from None
+        self.check(name)
+        if name not in self._entries:
+            importlib.import_module(self._module)
+        if name not in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is declared but {self._module} does not register it")
+        return self._entries[name]
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        return list(self._names)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._entries
+        return name in self._names
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self._names)

@@ -19,37 +19,14 @@ Everything runs on the defended layer's inputs, computed once; nothing here read
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
-
-
-@dataclass(frozen=True)
-class RepairSettings:
-    """How the repair trains (the defaults are the setting fixed on the tuning trainings)."""
-
-    steps: int = 100
-    lr: float = 1e-3
-    alpha: float = 0.8  # weight of the distillation term; 1 - alpha goes to the labels
-    temperature: float = 4.0
-
-    def check(self) -> None:
-        if not (isinstance(self.steps, int) and 1 <= self.steps <= 100_000):
-            raise ConfigError(f"repair steps must be an integer from 1 to 100000, got {self.steps}")
-        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
-            raise ConfigError(f"repair lr must be in (0, 1], got {self.lr}")
-        if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"repair alpha must be in [0, 1], got {self.alpha}")
-        if not (math.isfinite(self.temperature) and 0 < self.temperature <= 100):
-            raise ConfigError(f"repair temperature must be in (0, 100], got {self.temperature}")
-
-    def record(self) -> dict[str, float | int]:
-        return asdict(self)
+from .settings import RepairSettings  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .aggregation import AGGREGATORS, AggregatorSettings, Update, apply_update
 from .attack import AttackTask, choose_poisoned
 from .datasets import Dataset
 from .errors import ConfigError
+from .events import Listener, RoundLog
 from .metrics import evaluate
 from .models import ARCHITECTURES, build_model
 from .splits import SPLITS, balanced_subset
@@ -124,16 +125,6 @@ class ClientData:
         return 0 if self.poisoned is None else int(self.poisoned.sum())
 
 
-@dataclass(frozen=True)
-class RoundLog:
-    round: int
-    acc: float | None
-    asr: float | None
-    seconds: float
-    train_seconds: float
-    samples: int
-
-
 @dataclass
 class SimulationResult:
     init_state: dict[str, torch.Tensor]
@@ -154,15 +145,6 @@ class Snapshot:
     torch_gen: torch.Tensor  # batch order
     torch_rng: torch.Tensor  # the CPU default generator: dropout
     cuda_rng: torch.Tensor | None = None  # dropout on a CUDA device
-
-
-class Listener:
-    """Receives progress events; the CLI draws them, the library ignores them."""
-
-    def resumed(self, history: list[RoundLog]) -> None: ...
-    def round_start(self, rnd: int, sampled: list[int]) -> None: ...
-    def client_done(self, rnd: int, client: int) -> None: ...
-    def round_end(self, log: RoundLog) -> None: ...
 
 
 def make_clients(cfg: TrainConfig, dataset: Dataset, rng: np.random.Generator) -> list[ClientData]:

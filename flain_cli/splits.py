@@ -5,10 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .catalog import SPLITS
 from .errors import ConfigError
-from .registry import Registry
-
-SPLITS: Registry = Registry("split")
 
 
 @SPLITS.register("iid")

@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .catalog import LOCK_FILE, RESUME_FILE
 from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
 from .datasets import Dataset
 from .errors import CheckpointError, FlainError
+from .events import Listener, RoundLog
 from .files import atomic_write, missing_folders, remove_empty
-from .simulation import Listener, RoundLog, SimulationResult, Snapshot, TrainConfig, simulate
+from .simulation import SimulationResult, Snapshot, TrainConfig, simulate
 
-RESUME_FILE = "resume.safetensors"
 RESUME_FORMAT = "flain-cli/resume-1"
-LOCK_FILE = "train.lock"
 _RNG = {"torch_gen": "rng/batch_order", "torch_rng": "rng/cpu", "cuda_rng": "rng/cuda"}
 
 

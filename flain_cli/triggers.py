@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .catalog import TRIGGERS
 from .errors import ConfigError
-from .registry import Registry
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,6 @@ class Trigger:
         return out
 
 
-TRIGGERS: Registry[Callable[[int, int], Trigger]] = Registry("trigger")
 
 
 def make_trigger(name: str, height: int, width: int) -> Trigger:

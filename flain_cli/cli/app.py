@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import torch
 import typer
 
 from .. import __version__
@@ -37,6 +36,8 @@ def root(
 ) -> None:
     Settings.debug = debug
     if threads is not None:
+        import torch
+
         torch.set_num_threads(threads)
 
 

@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from ..auxdata import export_aux, export_path, exported_indices
-from ..datasets import DATASETS
+from ..catalog import DATASETS
 from ..errors import ConfigError
 from ..files import FilePlan
 from .common import DataDirOpt, ForceOpt, JsonOpt, SeedOpt, out, print_json
@@ -42,6 +41,8 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a class-balanced, seeded aux folder (PNG) drawn from a dataset split."""
+    from ..auxdata import export_aux, export_path, exported_indices
+
     out_dir = export_path(out_dir, fmt.value)
     plan = FilePlan({"--data-dir": data_dir, "--exclude": exclude}, {"--out": out_dir}, force=force,
                     folders=("--out",) if fmt is ExportFormat.folder else ())

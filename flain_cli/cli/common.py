@@ -1,4 +1,7 @@
-"""What every command shares: consoles, option aliases, device choice and error handling."""
+"""What every command shares: consoles, option aliases, device choice and error handling.
+
+The command modules import torch and the library inside their functions, never at the top: `flain --help`
+and usage errors are answered without them (tests/test_startup.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +12,18 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 
-from ..checkpoint import ModelSource
 from ..errors import ConfigError, FlainError
 from ..files import read_text
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..checkpoint import ModelSource
 
 # markup off: paths and labels are printed as given (`runs[/x].safetensors` is a valid file name)
 out = Console(highlight=False, markup=False)  # data: tables (stdout)
@@ -62,6 +68,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outp
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -83,6 +91,8 @@ def resolve_device(name: str) -> torch.device:
 def model_source(arch: str | None, dataset: str | None, model_def: str | None, strict: bool, mean: str | None,
                  std: str | None, class_names: Path | None) -> ModelSource:
     """The model options every command that loads a checkpoint shares, as one library object."""
+    from ..checkpoint import ModelSource
+
     names = None
     if class_names is not None:
         names = [line.strip() for line in read_text(class_names, "--class-names", max_bytes=1 << 20).splitlines()

@@ -10,13 +10,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..audit import defend_checkpoint
-from ..checkpoint import save_checkpoint
-from ..defense import METHODS, PRESETS, SELECTS, DefenseConfig
+from ..catalog import METHODS
 from ..errors import ConfigError
 from ..files import FilePlan
-from ..modeldef import parse_model_def
-from ..repair import RepairSettings
+from ..settings import PRESETS, SELECTS, DefenseConfig, RepairSettings
 from ..tables import trace_csv
 from .common import (
     ArchOpt,
@@ -131,6 +128,10 @@ def defend(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove a backdoor: flip (or prune) the weight updates of low-activation input neurons."""
+    from ..audit import defend_checkpoint
+    from ..checkpoint import save_checkpoint
+    from ..modeldef import parse_model_def
+
     config = build_config(preset.value, method, step, rho, select and select.value, holdout, rescale,
                           repair and repair.value,
                           {"steps": repair_steps, "lr": repair_lr, "alpha": repair_alpha,

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..demo import paper_path, run_demo
 from ..files import FilePlan
 from .common import DeviceOpt, ForceOpt, JsonOpt, fmt, out, print_json, resolve_device
 
@@ -25,6 +24,8 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove the backdoor of a shipped sample model and show ACC and ASR before and after."""
+    from ..demo import paper_path, run_demo
+
     target = out_dir / f"{sample}.flain.safetensors"
     torch_device = resolve_device(device)
     plan = FilePlan({"--samples-dir": samples_dir}, {"--out": target, "--out (paper preset)": paper_path(target)},

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..evaluation import evaluate_checkpoint
 from .common import (
     ClassNamesOpt,
     DataDirOpt,
@@ -57,6 +56,8 @@ def evaluate_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
+    from ..evaluation import evaluate_checkpoint
+
     report = evaluate_checkpoint(model, source=model_source(arch, dataset, model_def, strict, mean, std, class_names),
                                  data_dir=data_dir, attack=attack, trigger=trigger, device=resolve_device(device),
                                  test_file=test, trigger_image=trigger_image, trigger_mask=trigger_mask)

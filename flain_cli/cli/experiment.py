@@ -9,9 +9,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..errors import FlainError
-from ..experiment import MAX_POINTS, ExperimentListener, load_experiment, markdown_table, result_paths, run_experiment
+from ..events import ExperimentListener, RoundLog
 from ..files import FilePlan
-from ..simulation import RoundLog
+from ..settings import MAX_POINTS
 from .common import DataDirOpt, DeviceOpt, JsonOpt, err, interrupt_code, interrupt_name, out, print_json, resolve_device
 
 
@@ -59,6 +59,8 @@ def experiment(
     as_json: JsonOpt = False,
 ) -> None:
     """Train each configuration of a grid once, apply every defense, and tabulate ACC and ASR."""
+    from ..experiment import load_experiment, markdown_table, result_paths, run_experiment
+
     exp = load_experiment(config, out_dir, cache, max_points=max_points)
     # both folders are added to as the grid runs (and resumed), so they may exist: no --force here
     FilePlan({"CONFIG.toml": config, "--data-dir": data_dir},

@@ -8,8 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..inspection import inspect_checkpoint
-from ..models import ARCHITECTURES
+from ..catalog import ARCHITECTURES
 from .common import JsonOpt, out, print_json, print_notes
 
 MAX_ROWS = 40
@@ -22,6 +21,8 @@ def inspect(
     as_json: JsonOpt = False,
 ) -> None:
     """Describe a checkpoint: format, tensors, metadata, the built-in architectures it fits, candidate layers."""
+    from ..inspection import inspect_checkpoint
+
     found = inspect_checkpoint(file)
     if as_json:
         print_json(found.record())

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 from rich.table import Table
 
-from ..audit import scan_checkpoint
 from ..files import FilePlan
-from ..modeldef import parse_model_def
 from ..tables import means_csv
 from .common import (
     ArchOpt,
@@ -35,9 +32,14 @@ from .common import (
     resolve_device,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 
 def histogram_rows(values: torch.Tensor, bins: int = 12, width: int = 40) -> list[tuple[str, int, str]]:
     """(range label, count, bar) for a terminal histogram."""
+    import torch
+
     lo, hi = float(values.min()), float(values.max())
     if hi == lo:
         return [(f"{lo:.4f}", len(values), "#" * width)]
@@ -66,6 +68,11 @@ def scan(
     as_json: JsonOpt = False,
 ) -> None:
     """Print the mean activation of each input neuron of a Linear layer over the aux set."""
+    import torch
+
+    from ..audit import scan_checkpoint
+    from ..modeldef import parse_model_def
+
     torch_device = resolve_device(device)
     source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
     inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def and parse_model_def(model_def)[0],

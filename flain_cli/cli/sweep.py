@@ -8,10 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..defense import METHODS, PAPER_STEP
+from ..catalog import METHODS
 from ..files import FilePlan
-from ..modeldef import parse_model_def
-from ..sweep import sweep_checkpoint
+from ..settings import PAPER_STEP
 from ..tables import sweep_csv
 from .common import (
     ArchOpt,
@@ -64,6 +63,9 @@ def sweep(
     """Score the model that `defend` would write at each threshold: aux accuracy, test ACC, ASR, and the ASR
     without trigger. A diagnostic for whoever holds labelled test data: it shows whether any threshold
     removes the backdoor and what it costs, and where the paper's stopping rule lands."""
+    from ..modeldef import parse_model_def
+    from ..sweep import sweep_checkpoint
+
     torch_device = resolve_device(device)
     source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux, "--test": test, "--data-dir": data_dir,

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..aggregation import AGGREGATORS
-from ..datasets import DATASETS, load_dataset
+from ..catalog import AGGREGATORS, DATASETS, RESUME_FILE, SPLITS, TRIGGERS
 from ..errors import ConfigError
+from ..events import Listener, RoundLog
 from ..files import FilePlan
-from ..simulation import Listener, RoundLog, TrainConfig
-from ..splits import SPLITS
-from ..training import RESUME_FILE, TrainOutcome, load_snapshot, run_lock, train_to_dir
-from ..triggers import TRIGGERS
 from .common import (
     DataDirOpt,
     DeviceOpt,
@@ -32,6 +28,10 @@ from .common import (
     print_json,
     resolve_device,
 )
+
+if TYPE_CHECKING:
+    from ..simulation import TrainConfig
+    from ..training import TrainOutcome
 
 
 def _choice(registry) -> str:
@@ -112,6 +112,9 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate federated learning with backdoor attackers and write the initial and final global models."""
+    from ..simulation import TrainConfig
+    from ..training import run_lock
+
     spec = DATASETS.get(dataset)
     cfg = TrainConfig(dataset=dataset, arch=arch or spec.default_arch, clients=clients, mcr=mcr, pdr=pdr,
                       attack=None if attack.lower() == "none" else attack, trigger=trigger, split=split,
@@ -155,6 +158,9 @@ def _plan(data_dir: Path | None, out_dir: Path, log: Path | None, *, force: bool
 def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device, log: Path | None,
                   resume: bool, force: bool) -> TrainOutcome:
     """Everything between taking and releasing the folder's lock: the checks, the data, the run."""
+    from ..datasets import load_dataset
+    from ..training import load_snapshot, train_to_dir
+
     resume_path = out_dir / RESUME_FILE
     resuming = resume and resume_path.is_file()
     if resume_path.is_file() and not (resume or force):

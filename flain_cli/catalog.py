@@ -1,0 +1,31 @@
+"""What flain-cli offers by name, known without importing torch.
+
+The registries of built-in datasets, architectures, triggers, splits, aggregators and defense
+methods, each with its names and the module that registers the implementations (imported on
+first use, :class:`flain_cli.registry.Registry`). The CLI builds its help and choices from these,
+so ``flain --help`` and every usage error answer in a fraction of a second. To add a trigger
+(or any other entry): declare its name here and register it in the module named beside it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .registry import Registry
+
+if TYPE_CHECKING:  # the implementations' types; importing them here would import torch
+    from .datasets import DatasetSpec
+    from .models import Architecture
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset", ("fmnist", "mnist", "emnist", "cifar10"), "flain_cli.datasets")
+ARCHITECTURES: Registry[Architecture] = Registry(
+    "architecture", ("cnn-mnist", "cnn-fmnist", "cnn-fmnist-ref", "cnn-cifar"), "flain_cli.models")
+TRIGGERS: Registry[Any] = Registry("trigger", ("cba", "dba", "pix3", "pix5", "pix7", "pix9"), "flain_cli.triggers")
+SPLITS: Registry[Any] = Registry("split", ("iid", "dirichlet"), "flain_cli.splits")
+AGGREGATORS: Registry[Any] = Registry("aggregator", ("fedavg", "rlr"), "flain_cli.aggregation")
+# a method maps (W, W0) to the values its selected columns take; the search applies it per mask
+METHODS: Registry[Any] = Registry("method", ("flain", "prune"), "flain_cli.defense")
+
+# file names of a `flain train` run folder
+RESUME_FILE = "resume.safetensors"
+LOCK_FILE = "train.lock"

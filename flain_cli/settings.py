@@ -1,0 +1,94 @@
+"""Settings and their defaults, written once: the post-training defense's, and the size of a grid.
+
+Plain data, no torch: the CLI builds its options and presets from these without importing the
+library. The search that uses them is :mod:`flain_cli.defense`, the repair :mod:`flain_cli.repair`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from .catalog import METHODS
+from .errors import ConfigError
+
+SELECTS = ("crossing", "last-safe")
+MAX_POINTS = 100  # grid points of `flain experiment` before --max-points must confirm a larger grid
+
+
+@dataclass(frozen=True)
+class RepairSettings:
+    """How the repair trains (the defaults are the setting fixed on the tuning trainings)."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    alpha: float = 0.8  # weight of the distillation term; 1 - alpha goes to the labels
+    temperature: float = 4.0
+
+    def check(self) -> None:
+        if not (isinstance(self.steps, int) and 1 <= self.steps <= 100_000):
+            raise ConfigError(f"repair steps must be an integer from 1 to 100000, got {self.steps}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ConfigError(f"repair lr must be in (0, 1], got {self.lr}")
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError(f"repair alpha must be in [0, 1], got {self.alpha}")
+        if not (math.isfinite(self.temperature) and 0 < self.temperature <= 100):
+            raise ConfigError(f"repair temperature must be in (0, 100], got {self.temperature}")
+
+    def record(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """Every setting of a post-training defense: the search (Algorithm 1) and the optional repair.
+
+    ``holdout`` > 0 (ours): the mean activations come from a share 1-holdout of the aux set and the
+    stopping rule's accuracies from the held-out rest. ``repair`` (ours, :mod:`flain_cli.repair`):
+    after the search, distil the original model into the defended one on the aux set; None turns
+    it off, which is Algorithm 1 exactly.
+    """
+
+    method: str = "flain"
+    step: float = PAPER_STEP
+    rho: float = PAPER_RHO
+    select: str = "crossing"
+    holdout: float = 0.0
+    rescale: bool = True  # lines 18-20 of Algorithm 1 (flain only); False is an ablation
+    repair: RepairSettings | None = RepairSettings()
+
+    @property
+    def rule(self) -> str:
+        """A short name: the method, plus '+distill' when the repair runs."""
+        return self.method + ("+distill" if self.repair is not None else "")
+
+    def check(self) -> None:
+        """Refuse settings out of range before any work (those that need the activations are checked later)."""
+        METHODS.check(self.method)
+        for name, value in (("step", self.step), ("rho", self.rho), ("holdout", self.holdout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"--{name} must be a finite number, got {value!r}")
+        if not self.step > 0:
+            raise ConfigError(f"--step must be > 0, got {self.step}")
+        if not 0 <= self.rho <= 1:
+            raise ConfigError(f"--rho must be in [0, 1], got {self.rho}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
+        if self.select not in SELECTS:
+            raise ConfigError(f"--select must be one of {', '.join(SELECTS)}, got {self.select!r}")
+        if self.repair is not None:
+            self.repair.check()
+
+    def record(self) -> dict:
+        return {"rule": self.rule, "method": self.method, "step": self.step, "rho": self.rho, "select": self.select,
+                "holdout": self.holdout, "rescale": self.rescale,
+                "repair": None if self.repair is None else self.repair.record()}
+
+
+# Named settings. "paper": Algorithm 1 as written (step 0.001, rho 0.03, the crossing model,
+# rescale, no repair). "default": the same search followed by the distillation repair, the rule
+# fixed on the tuning trainings (docs/results.md, "FLAIN that keeps accuracy").
+PRESETS: dict[str, DefenseConfig] = {"default": DefenseConfig(), "paper": DefenseConfig(repair=None)}
