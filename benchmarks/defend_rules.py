@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from flain_cli.audit import defend_checkpoint
-from flain_cli.defense import PRESETS
+from flain_cli.settings import PRESETS
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ from flain_cli.audit import defend_checkpoint
 from flain_cli.auxdata import export_aux
 from flain_cli.checkpoint import build_from, load_checkpoint, resolve_model_meta, save_checkpoint
 from flain_cli.datasets import Split, load_dataset
-from flain_cli.defense import PRESETS
 from flain_cli.evaluation import resolve_attack
 from flain_cli.metrics import evaluate
+from flain_cli.settings import PRESETS
 from flain_cli.triggers import make_trigger
 
 PAPER, DEFAULT = PRESETS["paper"], PRESETS["default"]

@@ -29,10 +29,9 @@ from flain_cli.audit import defend_checkpoint
 from flain_cli.auxdata import export_aux
 from flain_cli.checkpoint import build_from, load_checkpoint, resolve_model_meta
 from flain_cli.datasets import Split, load_dataset
-from flain_cli.defense import PRESETS, DefenseConfig
 from flain_cli.evaluation import resolve_attack
 from flain_cli.metrics import evaluate
-from flain_cli.repair import RepairSettings
+from flain_cli.settings import PRESETS, DefenseConfig, RepairSettings
 from flain_cli.triggers import make_trigger
 
 

@@ -18,10 +18,11 @@ from torch.func import functional_call
 
 from .auxdata import AuxSet, load_aux
 from .checkpoint import Checkpoint, ModelSource, conform, conformed_model, load_checkpoint
-from .defense import PRESETS, DefenseConfig, SearchResult, search_fast, search_plain
+from .defense import SearchResult, search_fast, search_plain
 from .errors import AuxError, CheckpointError, ConfigError
 from .modeldef import get_linear, split_model
-from .repair import RepairSettings, distill_repair
+from .repair import distill_repair
+from .settings import PRESETS, DefenseConfig, RepairSettings
 
 
 @dataclass(frozen=True)

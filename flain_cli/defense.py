@@ -24,7 +24,7 @@ import torch
 
 from .catalog import METHODS
 from .errors import ConfigError
-from .settings import PAPER_RHO, PAPER_STEP, PRESETS, SELECTS, DefenseConfig  # noqa: F401 - re-exported
+from .settings import PAPER_RHO, PAPER_STEP, PRESETS, SELECTS, DefenseConfig  # noqa: F401 - PRESETS, DefenseConfig: their import path before settings.py
 
 # (weight of the defended layer, changed) -> aux accuracy. ``changed``, when not None, holds the
 # only columns in which ``weight`` can differ from the weight of the previous call (a hint that

@@ -17,9 +17,9 @@ import torch
 from .audit import defend_checkpoint, scan_checkpoint
 from .checkpoint import load_checkpoint, save_checkpoint
 from .datasets import Split, load_dataset
-from .defense import PRESETS
 from .errors import DataError, FlainError
 from .evaluation import evaluate_checkpoint, load_test_file
+from .settings import PRESETS
 
 TEST_SUBSET = "fmnist-test-2000.npz"
 

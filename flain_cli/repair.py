@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
-from .settings import RepairSettings  # noqa: F401 - re-exported
+from .settings import RepairSettings
 
 
 @dataclass(frozen=True)

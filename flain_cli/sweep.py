@@ -18,11 +18,13 @@ import torch
 
 from .audit import AuxFeatures, check_finite, load_aux_for, load_init, load_model
 from .auxdata import AuxSet
+from .catalog import METHODS
 from .checkpoint import ModelSource
 from .datasets import DATASETS, load_dataset
-from .defense import METHODS, PAPER_STEP, apply_mask, rescale_factor
+from .defense import apply_mask, rescale_factor
 from .errors import ConfigError
 from .evaluation import load_test_file, resolve_attack
+from .settings import PAPER_STEP
 from .triggers import make_trigger
 
 

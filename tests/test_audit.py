@@ -5,9 +5,9 @@ import torch
 
 from flain_cli.audit import defend_checkpoint, load_model, scan_checkpoint
 from flain_cli.checkpoint import load_checkpoint, model_meta, save_checkpoint
-from flain_cli.defense import PRESETS, DefenseConfig
 from flain_cli.errors import CheckpointError, ConfigError
 from flain_cli.models import build_model
+from flain_cli.settings import PRESETS, DefenseConfig
 
 from .conftest import write_aux_folder
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from flain_cli.errors import ConfigError
-from flain_cli.repair import RepairSettings, distill_repair, repair_loss
+from flain_cli.repair import distill_repair, repair_loss
+from flain_cli.settings import RepairSettings
 
 
 def problem(seed=0, n=48, d=12, h=6, k=4):
