@@ -9,22 +9,31 @@ so ``flain --help`` and every usage error answer in a fraction of a second. To a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .registry import Registry
 
-if TYPE_CHECKING:  # the implementations' types; importing them here would import torch
+if TYPE_CHECKING:  # the implementations' types (annotations only: importing them at run time would import torch)
+    from collections.abc import Callable
+
+    import torch
+
+    from .aggregation import AggregatorSettings, Update
     from .datasets import DatasetSpec
     from .models import Architecture
+    from .triggers import Trigger
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset", ("fmnist", "mnist", "emnist", "cifar10"), "flain_cli.datasets")
 ARCHITECTURES: Registry[Architecture] = Registry(
     "architecture", ("cnn-mnist", "cnn-fmnist", "cnn-fmnist-ref", "cnn-cifar"), "flain_cli.models")
-TRIGGERS: Registry[Any] = Registry("trigger", ("cba", "dba", "pix3", "pix5", "pix7", "pix9"), "flain_cli.triggers")
-SPLITS: Registry[Any] = Registry("split", ("iid", "dirichlet"), "flain_cli.splits")
-AGGREGATORS: Registry[Any] = Registry("aggregator", ("fedavg", "rlr"), "flain_cli.aggregation")
+TRIGGERS: Registry[Callable[[int, int], Trigger]] = Registry(
+    "trigger", ("cba", "dba", "pix3", "pix5", "pix7", "pix9"), "flain_cli.triggers")
+SPLITS: Registry[Callable[..., list[torch.Tensor]]] = Registry("split", ("iid", "dirichlet"), "flain_cli.splits")
+AGGREGATORS: Registry[Callable[[list[Update], list[float], AggregatorSettings], Update]] = Registry(
+    "aggregator", ("fedavg", "rlr"), "flain_cli.aggregation")
 # a method maps (W, W0) to the values its selected columns take; the search applies it per mask
-METHODS: Registry[Any] = Registry("method", ("flain", "prune"), "flain_cli.defense")
+METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry(
+    "method", ("flain", "prune"), "flain_cli.defense")
 
 # file names of a `flain train` run folder
 RESUME_FILE = "resume.safetensors"
