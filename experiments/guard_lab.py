@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn import functional as F
+
+from flain_cli.repair import repair_loss
+from flain_cli.settings import RepairSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
 from rules_lab import Lab, fmt, paper_mask  # noqa: E402
@@ -45,16 +47,13 @@ def guarded(lab, W, b, mask, *, ratio=2.0, p=0.1, beta=1.0, scale="median-max", 
     bb = b.clone().requires_grad_(True)
     opt = torch.optim.Adam([w, bb, *rest.parameters()], lr=lr)
     keep = (~mask).double().view(1, -1)
-
-    def kl(out, tgt):
-        return temp * temp * F.kl_div(torch.log_softmax(out / temp, 1), torch.log_softmax(tgt / temp, 1),
-                                      log_target=True, reduction="batchmean")
+    repair = RepairSettings(alpha=alpha, temperature=temp)  # the shipped repair's loss
+    guard = RepairSettings(alpha=1.0, temperature=temp)  # its distillation term alone: T^2 KL
     for _ in range(steps):
         opt.zero_grad()
-        out = rest(torch.addmm(bb, feats, w.T))
-        loss = alpha * kl(out, teacher) + (1 - alpha) * F.cross_entropy(out, labels)
+        loss = repair_loss(rest(torch.addmm(bb, feats, w.T)), teacher, labels, repair)
         if beta:
-            loss = loss + beta * kl(rest(torch.addmm(bb, pert, w.T)), tpert)
+            loss = loss + beta * repair_loss(rest(torch.addmm(bb, pert, w.T)), tpert, labels.repeat(copies), guard)
         loss.backward()
         w.grad.mul_(keep)
         opt.step()
