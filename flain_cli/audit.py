@@ -76,6 +76,8 @@ class AuxFeatures:
             self.features64 = self.prefix(self.inputs).double()
         self._weight: torch.Tensor | None = None  # the weight behind self._pre
         self._pre: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None  # the outputs last scored (for divergence)
+        self._teacher_logp: torch.Tensor | None = None
         self.evaluations = 0
 
     def premise_warnings(self) -> list[str]:
@@ -94,7 +96,19 @@ class AuxFeatures:
     @torch.no_grad()
     def _score(self, pre: torch.Tensor) -> float:
         self.evaluations += 1
-        return float((self.rest(pre).argmax(dim=1) == self.labels).double().mean())
+        self._logits = self.rest(pre)
+        return float((self._logits.argmax(dim=1) == self.labels).double().mean())
+
+    @torch.no_grad()
+    def divergence(self) -> float:
+        """Mean KL(original || last scored) of the output distributions over the aux set (the kl stop)."""
+        if self._teacher_logp is None:
+            original = self.linear.weight.detach().double().to(self.features64.device)
+            self._teacher_logp = torch.log_softmax(self.rest(torch.addmm(self.bias, self.features64, original.T)), 1)
+        if self._logits is None:
+            raise RuntimeError("divergence() before any accuracy(): nothing scored yet")
+        return float(torch.nn.functional.kl_div(torch.log_softmax(self._logits, 1), self._teacher_logp,
+                                                log_target=True, reduction="batchmean"))
 
     @torch.no_grad()
     def accuracy(self, weight: torch.Tensor, changed: torch.Tensor | None = None, scale: float = 1.0) -> float:
@@ -314,11 +328,13 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     search = search_plain if plain else search_fast  # plain: Algorithm 1 as written (slow; for verification)
     evaluate = feats.accuracy_full if plain else feats.accuracy
     result = search(weight, init_weight, x, evaluate, step=config.step, rho=config.rho, method=config.method,
-                    select=config.select, rescale_layer=config.rescale)
+                    select=config.select, rescale_layer=config.rescale, stop=config.stop, kl=config.kl,
+                    divergence=feats.divergence)
     if result.all_selected:
-        warnings.append(f"all {result.mask.numel()} inputs of {layer} were selected before the aux accuracy dropped "
-                        f"by rho={config.rho}; the whole layer was "
-                        f"{'flipped' if config.method == 'flain' else 'pruned'}")
+        budget = f"the aux accuracy dropped by rho={config.rho}" if config.stop == "accuracy" else \
+            f"the outputs' divergence reached kl={config.kl}"
+        warnings.append(f"all {result.mask.numel()} inputs of {layer} were selected before {budget}; the whole "
+                        f"layer was {'flipped' if config.method == 'flain' else 'pruned'}")
     elif result.acc0 - result.acc_kept > config.rho + 0.1:
         warnings.append(f"the kept threshold cost {100 * (result.acc0 - result.acc_kept):.1f} points of aux accuracy "
                         f"(rho {config.rho}): the search jumped far past rho at one step; try a smaller --step "
@@ -348,6 +364,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
             "layer": layer, "lambda": result.lam, "mu": result.mu, "flipped": result.changed,
             "of": int(x.numel()), "neurons": torch.nonzero(result.mask).flatten().tolist(),
             "all_selected": result.all_selected, "aux_acc_before": result.acc0, "aux_acc_kept": result.acc_kept,
+            "kl_kept": result.kl_kept,
             "aux_acc_after": aux_acc_after, "steps": result.steps, "evaluations": result.evaluations,
             "seed": seed, "repair": repair_record, "warnings": warnings,
             "aux": {"source": aux.source, "n": len(aux), "scored_on": int(feats.labels.numel()),

@@ -8,6 +8,12 @@ so the paper's column ``w^[i]`` of neuron ``i`` is ``W[:, i]``.
 Thresholds are ``lambda_k = mu + k * step`` for k = 1, 2, ... (line 4 and line 23 of Algorithm 1),
 computed by multiplication rather than repeated addition so that no rounding drift accumulates.
 
+Stopping (line 17): the paper stops at the first lambda whose aux accuracy drop reaches ``rho``
+(``stop="accuracy"``). Ours, ``stop="kl"``: at the first lambda whose mean KL divergence of the
+outputs from the original model's on the aux set, KL(original || candidate), reaches ``kl``: a
+continuous measure of the damage that 200 images resolve far better than their accuracy (one
+image is 0.5 points), measured by the caller's ``divergence`` for the weight last evaluated.
+
 Two search loops return identical results:
 - :func:`search_plain` follows Algorithm 1 step by step and evaluates at every lambda;
 - :func:`search_fast` evaluates only where the set {i : x_i <= lambda_k} changes, since every
@@ -24,12 +30,13 @@ import torch
 
 from .catalog import METHODS
 from .errors import ConfigError
-from .settings import PAPER_RHO, PAPER_STEP, PRESETS, SELECTS, DefenseConfig  # noqa: F401 - PRESETS, DefenseConfig: their import path before settings.py
+from .settings import PAPER_RHO, PAPER_STEP, PRESETS, SELECTS, STOPS, DefenseConfig  # noqa: F401 - PRESETS, DefenseConfig: their import path before settings.py
 
 # (weight of the defended layer, changed) -> aux accuracy. ``changed``, when not None, holds the
 # only columns in which ``weight`` can differ from the weight of the previous call (a hint that
 # lets an evaluator update instead of recompute); the callee must not keep ``weight`` itself.
 Evaluate = Callable[[torch.Tensor, torch.Tensor | None], float]
+Divergence = Callable[[], float]  # KL(original || the weight last given to Evaluate) on the aux set
 MAX_THRESHOLDS = 10_000_000  # thresholds lambda_k a search may need to cover the activations
 
 
@@ -77,6 +84,7 @@ class SearchStep:
     lam: float
     selected: int
     acc: float
+    kl: float | None = None  # measured when the search stops on the divergence
 
 
 @dataclass(frozen=True)
@@ -91,9 +99,12 @@ class SearchResult:
     mask: torch.Tensor  # bool [in_features]: the neurons changed
     weight: torch.Tensor  # the new weight (rescaled for flain)
     acc_kept: float  # aux accuracy of the kept model before the rescale
-    all_selected: bool  # every neuron was selected before the drop reached rho
+    all_selected: bool  # every neuron was selected before the stop rule fired
     evaluations: int  # network evaluations, acc0 included
     trace: list[SearchStep] = field(default_factory=list)
+    stop: str = "accuracy"
+    kl: float | None = None  # the divergence budget (stop="kl")
+    kl_kept: float | None = None  # the kept model's divergence (stop="kl"; None when it is the original)
 
     @property
     def changed(self) -> int:
@@ -106,8 +117,13 @@ class SearchResult:
 
 
 def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, step: float, rho: float,
-           method: str, select: str) -> None:
+           method: str, select: str, stop: str = "accuracy", kl: float | None = None,
+           divergence: Divergence | None = None) -> None:
     METHODS.get(method)
+    if stop not in STOPS:
+        raise ConfigError(f"--stop must be one of {', '.join(STOPS)}, got {stop!r}")
+    if stop == "kl" and (divergence is None or kl is None or not (math.isfinite(kl) and kl > 0)):
+        raise ConfigError(f"the kl stop needs a divergence measure and a budget --kl > 0, got {kl!r}")
     if weight.shape != init.shape or weight.dim() != 2:
         raise ConfigError(f"the defended weight {tuple(weight.shape)} and the initial weight "
                           f"{tuple(init.shape)} must be the same 2-D shape")
@@ -136,8 +152,19 @@ def _lam(mu: float, k: int, step: float) -> float:
     return mu + k * step
 
 
+def _crossed(acc0: float, step: SearchStep, rho: float, kl: float | None) -> bool:
+    """Line 17 (``kl`` None), or ours: the divergence reached its budget."""
+    if kl is None:
+        return rho <= acc0 - step.acc
+    return step.kl is not None and kl <= step.kl
+
+
+def _step(lam: float, count: int, acc: float, divergence: Divergence | None, stop: str) -> SearchStep:
+    return SearchStep(lam, count, acc, divergence() if stop == "kl" and divergence is not None else None)
+
+
 def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, step, rho, mu, evaluations,
-            rescale_layer=True):
+            rescale_layer=True, stop="accuracy", kl=None):
     """Pick the kept model, rebuild it and rescale it (flain only).
 
     ``crossing`` keeps the model at ``lambda_{k_last}``; ``last-safe`` (when rho was crossed) the
@@ -145,25 +172,30 @@ def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, st
     """
     if crossed and select == "last-safe":
         if k_last == 1:  # the very first threshold already cost rho: keep the model as it was
-            lam, acc_kept, mask = mu, acc0, torch.zeros_like(x, dtype=torch.bool)
+            lam, acc_kept, kl_kept, mask = mu, acc0, None, torch.zeros_like(x, dtype=torch.bool)
         else:
-            lam, acc_kept = _lam(mu, k_last - 1, step), trace[-2].acc
+            lam, acc_kept, kl_kept = _lam(mu, k_last - 1, step), trace[-2].acc, trace[-2].kl
             mask = x.double() <= lam
     else:
-        lam, acc_kept = trace[-1].lam, trace[-1].acc
+        lam, acc_kept, kl_kept = trace[-1].lam, trace[-1].acc, trace[-1].kl
         mask = x.double() <= lam
     new = apply_mask(weight, METHODS.get(method)(weight, init), mask)
     if method == "flain" and rescale_layer and bool(mask.any()):
         new = rescale(new, float(torch.linalg.matrix_norm(weight.double())))
     return SearchResult(method, select, step, rho, mu, acc0, lam, mask, new, acc_kept,
-                        not crossed, evaluations, trace)
+                        not crossed, evaluations, trace, stop, kl if stop == "kl" else None, kl_kept)
 
 
 def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
                  step: float = PAPER_STEP, rho: float = PAPER_RHO, method: str = "flain", select: str = "crossing",
-                 max_steps: int = 10_000_000, rescale_layer: bool = True) -> SearchResult:
-    """Algorithm 1, one lambda at a time (the reference for :func:`search_fast`)."""
-    _check(weight, init, x, step, rho, method, select)
+                 max_steps: int = 10_000_000, rescale_layer: bool = True, stop: str = "accuracy",
+                 kl: float | None = None, divergence: Divergence | None = None) -> SearchResult:
+    """Algorithm 1, one lambda at a time (the reference for :func:`search_fast`).
+
+    ``stop="kl"`` (ours) replaces line 17's accuracy test by ``divergence() >= kl``.
+    """
+    _check(weight, init, x, step, rho, method, select, stop, kl, divergence)
+    budget = kl if stop == "kl" else None
     replacement = METHODS.get(method)(weight, init)
     xd = x.double()
     mu = float(xd.min())
@@ -174,14 +206,14 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
         mask = xd <= lam  # lines 7-13
         acc1 = evaluate(apply_mask(weight, replacement, mask), None)  # lines 15-16
         evaluations += 1
-        trace.append(SearchStep(lam, int(mask.sum()), acc1))
-        if rho <= acc0 - acc1:  # line 17
+        trace.append(_step(lam, int(mask.sum()), acc1, divergence, stop))
+        if _crossed(acc0, trace[-1], rho, budget):  # line 17
             crossed = True
             break
         if bool(mask.all()):  # every neuron selected and rho never reached: stop
             break
     return _finish(weight, init, x, trace, acc0, crossed, k, method=method, select=select, step=step,
-                   rho=rho, mu=mu, evaluations=evaluations, rescale_layer=rescale_layer)
+                   rho=rho, mu=mu, evaluations=evaluations, rescale_layer=rescale_layer, stop=stop, kl=kl)
 
 
 def first_k_covering(mu: float, value: float, step: float) -> int:
@@ -196,9 +228,11 @@ def first_k_covering(mu: float, value: float, step: float) -> int:
 
 def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
                 step: float = PAPER_STEP, rho: float = PAPER_RHO, method: str = "flain", select: str = "crossing",
-                rescale_layer: bool = True) -> SearchResult:
-    """Algorithm 1, evaluating only the thresholds at which the selected set grows."""
-    _check(weight, init, x, step, rho, method, select)
+                rescale_layer: bool = True, stop: str = "accuracy", kl: float | None = None,
+                divergence: Divergence | None = None) -> SearchResult:
+    """Algorithm 1, evaluating only the thresholds at which the selected set grows (``stop`` as in search_plain)."""
+    _check(weight, init, x, step, rho, method, select, stop, kl, divergence)
+    budget = kl if stop == "kl" else None
     replacement = METHODS.get(method)(weight, init)
     xd = x.double()
     values = torch.sort(xd).values.tolist()
@@ -216,12 +250,12 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
         previous = mask
         acc1 = evaluate(current, new)
         evaluations += 1
-        trace.append(SearchStep(lam, count, acc1))
-        if rho <= acc0 - acc1:
+        trace.append(_step(lam, count, acc1, divergence, stop))
+        if _crossed(acc0, trace[-1], rho, budget):
             crossed = True
             break
         if count == z:
             break
         k = first_k_covering(mu, values[count], step)  # the next lambda that takes in a new neuron
     return _finish(weight, init, x, trace, acc0, crossed, k, method=method, select=select, step=step,
-                   rho=rho, mu=mu, evaluations=evaluations, rescale_layer=rescale_layer)
+                   rho=rho, mu=mu, evaluations=evaluations, rescale_layer=rescale_layer, stop=stop, kl=kl)

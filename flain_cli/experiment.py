@@ -13,7 +13,9 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     aux_per_class = 20
     rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class, repair may be lists;
                        # prune and flain run once per combination
-    repair = ["none", "distill"]  # the paper's rule, and `flain defend`'s default (the default here too)
+    repair = ["none", "distill"]  # without and with the repair (the default: distill)
+    stop = ["accuracy", "kl"]     # the paper's stop (the default here) and ours; stop = "kl" with
+                                  # repair = "distill" is `flain defend`'s default rule
 
 Every distinct training configuration is trained once into ``CACHE/train-<hash>/`` (CACHE: the
 file's ``cache``, by default its results folder ``out``; several grid files may share one); the
@@ -46,14 +48,14 @@ from .errors import ConfigError, FlainError
 from .evaluation import evaluate_checkpoint
 from .events import ExperimentListener
 from .files import atomic_write, read_text
-from .settings import MAX_POINTS, PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
+from .settings import KL_BUDGET, MAX_POINTS, PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
 from .simulation import TrainConfig
 from .training import RunBusy, run_lock, train_to_dir
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
-VARIED = ("step", "rho", "holdout", "aux_per_class", "repair")  # [defense] keys that may list several values
+VARIED = ("step", "rho", "stop", "kl", "holdout", "aux_per_class", "repair")  # [defense] keys that may list values
 REPAIRS = ("distill", "none")
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}
 
@@ -66,17 +68,20 @@ class DefenseSettings:
     step: float = PAPER_STEP
     rho: float = PAPER_RHO
     select: str = "crossing"
+    stop: str = "accuracy"  # the paper's; "kl" is `flain defend`'s default (a grid's own default is kept, so
+    kl: float = KL_BUDGET   # its cached results keep their meaning)
     holdout: float = 0.0
     repair: str = "distill"  # as `flain defend`: the distillation repair after the search, or none (the paper)
 
     def tag(self, method: str) -> str:
         """File stem of a defended checkpoint: every setting that changes it, aux set included.
 
-        Without the repair the stem is what it was before the repair existed, so cached defenses stay valid.
+        Without the repair and the kl stop the stem is what it was before they existed, so cached defenses stay valid.
         """
         held = f"-holdout{self.holdout:g}" if self.holdout else ""
         repaired = f"-{self.repair}" if self.repair != "none" else ""
-        return (f"{method}-step{self.step:g}-rho{self.rho:g}-{self.select}{held}{repaired}"
+        budget = f"kl{self.kl:g}" if self.stop == "kl" else f"rho{self.rho:g}"
+        return (f"{method}-step{self.step:g}-{budget}-{self.select}{held}{repaired}"
                 f"-aux{self.aux_per_class}x-seed{self.aux_seed}")
 
     def check(self) -> None:
@@ -94,7 +99,8 @@ class DefenseSettings:
                     raise ConfigError(f"[defense] {str(exc).removeprefix('--')}") from None
 
     def config(self, method: str) -> DefenseConfig:
-        return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, holdout=self.holdout,
+        return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, stop=self.stop,
+                             kl=self.kl, holdout=self.holdout,
                              repair=PRESETS["default"].repair if self.repair == "distill" else None)
 
 
@@ -362,8 +368,8 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, d
             record = {k: outcome.meta["defense"][k] for k in ("lambda", "flipped", "of", "aux_acc_before",
                                                               "aux_acc_after", "all_selected")}
             _write(run_dir / f"{tag}.json", record)
-        cell.detail |= {"step": d.step, "rho": d.rho, "holdout": d.holdout, "aux_per_class": d.aux_per_class,
-                        "repair": d.repair} | record
+        cell.detail |= {"step": d.step, "rho": d.rho, "stop": d.stop, "kl": d.kl if d.stop == "kl" else None,
+                        "holdout": d.holdout, "aux_per_class": d.aux_per_class, "repair": d.repair} | record
     eval_path = model.with_suffix(".eval.json")
     report = _read(eval_path)
     if report is None or "asr_clean" not in report:  # (records from before asr_clean are redone)

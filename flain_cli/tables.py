@@ -13,14 +13,16 @@ from .errors import ConfigError
 from .files import read_text
 
 TRACE_COLUMNS = ("lambda", "selected", "aux_acc", "drop")
+TRACE_OPTIONAL = ("kl",)  # empty unless the search stopped on the divergence
 MEANS_COLUMNS = ("neuron", "mean")
 SWEEP_COLUMNS = ("lambda", "changed", "aux_acc", "acc", "asr", "asr_clean")
 
 
 def trace_csv(trace: Iterable[Any], acc0: float) -> str:
     """The search curve (`SearchResult.trace`): one row per threshold at which the selection changed."""
-    rows = "".join(f"{s.lam:.9g},{s.selected},{s.acc:.6f},{acc0 - s.acc:.6f}\n" for s in trace)
-    return ",".join(TRACE_COLUMNS) + "\n" + rows
+    rows = "".join(f"{s.lam:.9g},{s.selected},{s.acc:.6f},{acc0 - s.acc:.6f},{'' if s.kl is None else f'{s.kl:.6g}'}\n"
+                   for s in trace)
+    return ",".join(TRACE_COLUMNS + TRACE_OPTIONAL) + "\n" + rows
 
 
 def means_csv(means: Any) -> str:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from flain_cli.audit import defend_checkpoint, load_model, scan_checkpoint
+from flain_cli.audit import AuxFeatures, defend_checkpoint, load_aux_for, load_model, scan_checkpoint
 from flain_cli.checkpoint import load_checkpoint, model_meta, save_checkpoint
 from flain_cli.errors import CheckpointError, ConfigError
 from flain_cli.models import build_model
@@ -25,7 +25,7 @@ PAPER = PRESETS["paper"]
                                                        ("flain", 0.05, "default")])
 def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, method, rho, preset):
     out, _ = tiny_run
-    config = DefenseConfig(method=method, step=0.01, rho=rho, repair=PRESETS[preset].repair)
+    config = DefenseConfig(method=method, step=0.01, rho=rho, stop="accuracy", repair=PRESETS[preset].repair)
     fast = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config, plain=True)
     assert fast.result.lam == plain.result.lam
@@ -35,10 +35,30 @@ def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, meth
     assert fast.result.changed > 0
 
 
+@pytest.mark.parametrize("kl", [0.002, 0.05])
+def test_the_kl_stop_on_a_trained_model(tiny_run, aux_dir, kl):
+    """Both loops agree; the kept model is the first whose outputs diverge by kl; the original diverges by 0."""
+    out, _ = tiny_run
+    config = DefenseConfig(step=0.01, stop="kl", kl=kl, repair=None)
+    fast = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
+    plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config, plain=True)
+    assert fast.result.lam == plain.result.lam and torch.equal(fast.result.mask, plain.result.mask)
+    assert all(torch.equal(fast.state[k], plain.state[k]) for k in plain.state)
+    trace = fast.result.trace
+    assert not fast.result.all_selected and trace[-1].kl >= kl and all(0 <= s.kl < kl for s in trace[:-1])
+    assert fast.result.changed > 0
+    d = fast.meta["defense"]
+    assert d["stop"] == "kl" and d["kl"] == kl and d["kl_kept"] == trace[-1].kl and d["rule"] == "flain+kl"
+    loaded = load_model(out / "final.safetensors")
+    feats = AuxFeatures(loaded.model, "fc1", load_aux_for(loaded, aux_dir), loaded.meta)
+    feats.accuracy(loaded.ckpt.tensors["fc1.weight"])
+    assert feats.divergence() == pytest.approx(0.0, abs=1e-12)
+
+
 def test_only_the_defended_weight_changes(tiny_run, aux_dir):
     out, _ = tiny_run
     outcome = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
-                                DefenseConfig(rho=0.05, repair=None))
+                                DefenseConfig(stop="accuracy", rho=0.05, repair=None))
     original = load_checkpoint(out / "final.safetensors")
     changed = [k for k in original.tensors if not torch.equal(original.tensors[k], outcome.state[k])]
     assert changed == ["fc1.weight"]
@@ -98,9 +118,9 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
 def test_holdout_scores_on_the_held_out_images(tiny_run, aux_dir):
     out, _ = tiny_run
     plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
-                              DefenseConfig(rho=0.05, repair=None))
+                              DefenseConfig(stop="accuracy", rho=0.05, repair=None))
     held = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
-                             DefenseConfig(rho=0.05, holdout=0.5, repair=None))
+                             DefenseConfig(stop="accuracy", rho=0.05, holdout=0.5, repair=None))
     assert plain.meta["defense"]["aux"]["scored_on"] == 80 and plain.meta["defense"]["holdout"] == 0.0
     assert held.meta["defense"]["aux"]["scored_on"] == 40 and held.meta["defense"]["holdout"] == 0.5
     assert not torch.equal(plain.result.mask, held.result.mask) or plain.result.acc0 != held.result.acc0
@@ -108,9 +128,9 @@ def test_holdout_scores_on_the_held_out_images(tiny_run, aux_dir):
 
 def test_the_repair_keeps_the_flip_and_touches_only_fc1_and_after(tiny_run, aux_dir):
     out, _ = tiny_run
-    config = DefenseConfig(rho=0.05)  # the default rule: the search, then the repair
+    config = DefenseConfig(stop="accuracy", rho=0.05)  # the search, then the repair
     paper = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
-                              DefenseConfig(rho=0.05, repair=None))
+                              DefenseConfig(stop="accuracy", rho=0.05, repair=None))
     repaired = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     again = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     original = load_checkpoint(out / "final.safetensors").tensors

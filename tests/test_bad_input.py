@@ -58,6 +58,9 @@ def test_non_finite_weights_are_refused(tiny_run, aux_dir, tmp_path, which, tens
     (["--step", "1e300"], "Error: --step 1e+300 selects all 3136 inputs at the first threshold"),
     (["--step", "nan"], "Error: --step must be a finite number, got nan"),
     (["--rho", "-0.1"], "Error: --rho must be in [0, 1], got -0.1"),
+    (["--stop", "kl", "--kl", "-1"], "Error: --kl must be in (0, 10], got -1.0"),
+    (["--stop", "kl", "--rho", "0.02"], "Error: --rho is the accuracy stop's budget and has no effect with --stop kl"),
+    (["--kl", "0.1"], "Error: --kl is the kl stop's budget and has no effect with --stop accuracy"),
 ])
 def test_search_settings_out_of_range(tiny_run, aux_dir, tmp_path, options, start):
     run, _ = tiny_run

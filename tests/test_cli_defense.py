@@ -24,12 +24,28 @@ def test_defend_json_contract_trace_and_checkpoint(tiny_run, aux_dir, tmp_path):
     assert ckpt.meta["role"] == "defended" and ckpt.meta["defense"]["flipped"] == report["flipped"]
     assert ckpt.meta["defense"]["lambda"] == report["lambda"] and ckpt.meta["attack"]["task"] == "0:5"
     rows = list(csv.DictReader(trace.open()))
-    assert list(rows[0]) == ["lambda", "selected", "aux_acc", "drop"]
+    assert list(rows[0]) == ["lambda", "selected", "aux_acc", "drop", "kl"] and rows[-1]["kl"] == ""
     assert float(rows[-1]["lambda"]) == pytest.approx(report["lambda"])
     assert float(rows[-1]["drop"]) >= 0.05 or report["all_selected"]
+    assert report["stop"] == "accuracy" and report["kl"] is None and report["rule"] == "flain+distill"
     # the defended checkpoint evaluates like any other
     ev = invoke("eval", out, "--data-dir", tiny_run[1], "--json")
     assert ev.exit_code == 0 and json.loads(ev.stdout)["n_triggered"] == 20
+
+
+def test_defend_stop_kl_records_and_traces_the_divergence(tiny_run, aux_dir, tmp_path):
+    run, _ = tiny_run
+    out, trace = tmp_path / "kl.safetensors", tmp_path / "trace.csv"
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--stop", "kl", "--kl", "0.01", "--repair", "none", "--out", out, "--trace", trace, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["stop"] == "kl" and report["kl"] == 0.01 and report["rho"] is None and report["rule"] == "flain+kl"
+    rows = list(csv.DictReader(trace.open()))
+    assert float(rows[-1]["kl"]) == pytest.approx(report["kl_kept"], rel=1e-5) and report["kl_kept"] >= 0.01
+    assert all(float(r["kl"]) < 0.01 for r in rows[:-1])
+    meta = load_checkpoint(out).meta["defense"]
+    assert meta["stop"] == "kl" and meta["kl"] == 0.01 and meta["kl_kept"] == report["kl_kept"]
 
 
 def test_defend_prune_and_default_output_name(tiny_run, aux_dir, tmp_path):

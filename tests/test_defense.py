@@ -49,6 +49,28 @@ def test_the_fast_search_evaluates_only_where_the_selection_changes():
 
 
 @pytest.mark.parametrize("search", [search_plain, search_fast])
+def test_the_kl_stop_fires_at_the_first_divergence_over_its_budget(search):
+    evaluate = losing(per_column=0.0)  # the aux accuracy never moves: the paper's stop would flip everything
+
+    def divergence():  # of the weight last evaluated: 0.3 per changed column
+        return 0.3 * int((evaluate.calls[-1] != W).any(dim=0).sum())
+
+    res = search(W, W0, X, evaluate, step=0.1, rho=0.03, stop="kl", kl=0.5, divergence=divergence)
+    # lambda 0.1 flips column 0 (0.3 < 0.5); lambda 0.5 adds column 1 (0.6 >= 0.5): stop there
+    assert res.lam == pytest.approx(0.5) and res.mask.tolist() == [True, True, False] and not res.all_selected
+    assert res.kl_kept == pytest.approx(0.6) and res.stop == "kl" and res.kl == 0.5
+    assert [s.kl for s in res.trace][-1] == pytest.approx(0.6) and all(s.kl < 0.5 for s in res.trace[:-1])
+    assert search(W, W0, X, losing(per_column=0.0), step=0.1, rho=0.03).all_selected
+    last_safe = search(W, W0, X, evaluate, step=0.1, rho=0.03, stop="kl", kl=0.5, divergence=divergence,
+                       select="last-safe")
+    assert last_safe.mask.tolist() == [True, False, False] and last_safe.kl_kept == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="kl stop needs"):
+        search(W, W0, X, evaluate, step=0.1, stop="kl", kl=0.5)  # no divergence measure
+    with pytest.raises(ConfigError, match="--stop must be one of"):
+        search(W, W0, X, evaluate, step=0.1, stop="loss")
+
+
+@pytest.mark.parametrize("search", [search_plain, search_fast])
 def test_last_safe_keeps_the_model_before_the_crossing(search):
     res = search(W, W0, X, losing(), step=0.1, rho=0.03, select="last-safe")
     assert res.lam == pytest.approx(0.4) and res.mask.tolist() == [True, False, False]

@@ -93,12 +93,21 @@ def test_missing_matplotlib_is_a_clear_error(files, tmp_path, monkeypatch):
 
 
 def test_each_csv_writer_round_trips_through_its_reader(tmp_path):
-    from types import SimpleNamespace
-
-    from flain_cli.tables import MEANS_COLUMNS, SWEEP_COLUMNS, TRACE_COLUMNS, means_csv, read_csv, sweep_csv, trace_csv
-    (tmp_path / "t.csv").write_text(trace_csv([SimpleNamespace(lam=0.5, selected=3, acc=0.8)], acc0=0.9))
-    assert read_csv(tmp_path / "t.csv", TRACE_COLUMNS) == {"lambda": [0.5], "selected": [3.0], "aux_acc": [0.8],
-                                                           "drop": [pytest.approx(0.1)]}
+    from flain_cli.defense import SearchStep
+    from flain_cli.tables import (
+        MEANS_COLUMNS,
+        SWEEP_COLUMNS,
+        TRACE_COLUMNS,
+        TRACE_OPTIONAL,
+        means_csv,
+        read_csv,
+        sweep_csv,
+        trace_csv,
+    )
+    (tmp_path / "t.csv").write_text(trace_csv([SearchStep(0.5, 3, 0.8), SearchStep(0.75, 5, 0.7, 0.0625)], acc0=0.9))
+    assert read_csv(tmp_path / "t.csv", TRACE_COLUMNS, TRACE_OPTIONAL) == {
+        "lambda": [0.5, 0.75], "selected": [3.0, 5.0], "aux_acc": [0.8, 0.7],
+        "drop": [pytest.approx(0.1), pytest.approx(0.2)], "kl": [None, 0.0625]}
     (tmp_path / "m.csv").write_text(means_csv([0.0, 0.25]))
     assert read_csv(tmp_path / "m.csv", MEANS_COLUMNS) == {"neuron": [0.0, 1.0], "mean": [0.0, 0.25]}
     rows = [dict.fromkeys(SWEEP_COLUMNS, 1.0) | {"lambda": None, "asr": None}]

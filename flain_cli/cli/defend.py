@@ -13,7 +13,7 @@ from rich.table import Table
 from ..catalog import METHODS
 from ..errors import ConfigError
 from ..files import FilePlan
-from ..settings import PRESETS, SELECTS, DefenseConfig, RepairSettings
+from ..settings import KL_BUDGET, PAPER_RHO, PRESETS, SELECTS, STOPS, DefenseConfig, RepairSettings
 from ..tables import trace_csv
 from .common import (
     ArchOpt,
@@ -40,6 +40,7 @@ from .common import (
 
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
 Select = Enum("Select", {name: name for name in SELECTS}, type=str)  # a bad value is a usage error (exit 2)
+Stop = Enum("Stop", {name: name for name in STOPS}, type=str)
 
 
 class Repair(str, Enum):
@@ -49,7 +50,8 @@ class Repair(str, Enum):
 
 def build_config(preset: str, method: str | None, step: float | None, rho: float | None, select: str | None,
                  holdout: float | None, rescale: bool | None, repair: str | None,
-                 repair_settings: dict[str, float | int | None]) -> DefenseConfig:
+                 repair_settings: dict[str, float | int | None], stop: str | None = None,
+                 kl: float | None = None) -> DefenseConfig:
     """The preset, with every option the user gave in its place."""
     base = PRESETS[preset]
     given = {k: v for k, v in repair_settings.items() if v is not None}
@@ -58,8 +60,16 @@ def build_config(preset: str, method: str | None, step: float | None, rho: float
         raise ConfigError(f"--repair-{next(iter(given))} has no effect without the repair; "
                           "drop it or pass --repair distill")
     settings = dataclasses.replace(base.repair or RepairSettings(), **given) if repair_on else None
-    chosen = {"method": method, "step": step, "rho": rho, "select": select, "holdout": holdout, "rescale": rescale}
-    return dataclasses.replace(base, repair=settings, **{k: v for k, v in chosen.items() if v is not None})
+    chosen = {"method": method, "step": step, "rho": rho, "select": select, "holdout": holdout, "rescale": rescale,
+              "stop": stop, "kl": kl}
+    config = dataclasses.replace(base, repair=settings, **{k: v for k, v in chosen.items() if v is not None})
+    if config.stop == "kl" and rho is not None:
+        raise ConfigError("--rho is the accuracy stop's budget and has no effect with --stop kl; "
+                          "drop it or pass --stop accuracy")
+    if config.stop == "accuracy" and kl is not None:
+        raise ConfigError("--kl is the kl stop's budget and has no effect with --stop accuracy; "
+                          "drop it or pass --stop kl")
+    return config
 
 
 def default_out(model: Path, method: str) -> Path:
@@ -81,10 +91,18 @@ def defend(
                                                show_default=False)] = None,
     step: Annotated[float | None, typer.Option(help="Threshold step (preset: 0.001, the paper's).",
                                                show_default=False)] = None,
-    rho: Annotated[float | None, typer.Option(help="Tolerated aux accuracy drop (preset: 0.03, the paper's largest).",
-                                              show_default=False)] = None,
-    select: Annotated[Select | None, typer.Option(help=f"{'|'.join(SELECTS)}: keep the model at which the drop first "
-                                                    "reached rho (preset, the paper), or the last one below it.",
+    stop: Annotated[Stop | None, typer.Option(
+        help="accuracy: stop where the aux accuracy dropped by --rho (line 17 of Algorithm 1; both presets). "
+             "kl (not in the paper): stop where the mean KL divergence of the outputs from the original model's on "
+             "the aux set reaches --kl.", show_default=False)] = None,
+    rho: Annotated[float | None, typer.Option(
+        help=f"Tolerated aux accuracy drop, for --stop accuracy ({PAPER_RHO}, the paper's largest).",
+        show_default=False)] = None,
+    kl: Annotated[float | None, typer.Option(
+        help=f"Tolerated mean KL divergence from the original outputs, for --stop kl ({KL_BUDGET}, chosen on our "
+             "tuning trainings).", show_default=False)] = None,
+    select: Annotated[Select | None, typer.Option(help=f"{'|'.join(SELECTS)}: keep the model at which the stop rule "
+                                                    "first fired (preset, the paper), or the last one before it.",
                                                show_default=False)] = None,
     holdout: Annotated[float | None, typer.Option(
         help="Not in the paper: take the mean activations from a share 1-F of the aux set and the stopping "
@@ -111,7 +129,7 @@ def defend(
         "--out", help="Cleaned checkpoint (default: MODEL's name with .METHOD.safetensors).",
         show_default=False)] = None,
     trace: Annotated[Path | None, typer.Option(
-        help="Write the search curve as CSV (lambda, selected, aux_acc, drop): one row per threshold at which the "
+        help="Write the search curve as CSV (lambda, selected, aux_acc, drop, kl): one row per threshold at which the "
              "selection changed, the curve being constant in between (with --plain: every threshold).",
         show_default=False)] = None,
     plain: Annotated[bool, typer.Option(
@@ -135,7 +153,7 @@ def defend(
     config = build_config(preset.value, method, step, rho, select and select.value, holdout, rescale,
                           repair and repair.value,
                           {"steps": repair_steps, "lr": repair_lr, "alpha": repair_alpha,
-                           "temperature": repair_temperature})
+                           "temperature": repair_temperature}, stop and stop.value, kl)
     config.check()
     method, step, rho = config.method, config.step, config.rho
     target = out_path or default_out(model, method)
@@ -158,7 +176,9 @@ def defend(
     summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method,
                "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
                "aux_acc_before": res.acc0, "aux_acc_after": outcome.aux_acc_after, "steps": res.steps,
-               "out": str(target), "layer": outcome.layer, "select": config.select, "step": step, "rho": rho,
+               "out": str(target), "layer": outcome.layer, "select": config.select, "step": step,
+               "stop": config.stop, "rho": rho if config.stop == "accuracy" else None, "kl": record["kl"],
+               "kl_kept": res.kl_kept,
                "mu": res.mu, "aux_acc_kept": res.acc_kept, "all_selected": res.all_selected,
                "evaluations": res.evaluations, "n_aux": outcome.n_aux, "holdout": config.holdout,
                "seconds": round(outcome.seconds, 3), "warnings": list(outcome.warnings),
@@ -166,16 +186,19 @@ def defend(
     if as_json:
         print_json(summary)
         return
-    curve = Table(title=f"search on {outcome.layer} ({method}, step {step}, rho {rho}): "
+    budget = f"rho {rho}" if config.stop == "accuracy" else f"kl {config.kl}"
+    curve = Table(title=f"search on {outcome.layer} ({method}, step {step}, {budget}): "
                         f"thresholds where the selection changed")
-    for column in ("lambda", "neurons", "aux accuracy", "drop"):
+    columns = ("lambda", "neurons", "aux accuracy", "drop") + (("kl",) if config.stop == "kl" else ())
+    for column in columns:
         curve.add_column(column, justify="right")
     rows = res.trace if len(res.trace) <= 24 else res.trace[:10] + [None] + res.trace[-10:]
     for s in rows:
         if s is None:
-            curve.add_row("...", "", "", "")
+            curve.add_row("...", *[""] * (len(columns) - 1))
         else:
-            curve.add_row(f"{s.lam:.6f}", str(s.selected), f"{s.acc:.4f}", f"{res.acc0 - s.acc:+.4f}")
+            curve.add_row(f"{s.lam:.6f}", str(s.selected), f"{s.acc:.4f}", f"{res.acc0 - s.acc:+.4f}",
+                          *([f"{s.kl:.4f}"] if config.stop == "kl" else []))
     out.print(curve)
     table = Table(title=f"flain defend {model} (rule {config.rule}, preset {preset.value})")
     table.add_column("")
