@@ -100,11 +100,16 @@ class AuxFeatures:
         return float((self._logits.argmax(dim=1) == self.labels).double().mean())
 
     @torch.no_grad()
+    def original_logits(self) -> torch.Tensor:
+        """The model as loaded, on the aux set (float64): the kl stop's reference and the repair's teacher."""
+        original = self.linear.weight.detach().double().to(self.features64.device)
+        return self.rest(torch.addmm(self.bias, self.features64, original.T))
+
+    @torch.no_grad()
     def divergence(self) -> float:
         """Mean KL(original || last scored) of the output distributions over the aux set (the kl stop)."""
         if self._teacher_logp is None:
-            original = self.linear.weight.detach().double().to(self.features64.device)
-            self._teacher_logp = torch.log_softmax(self.rest(torch.addmm(self.bias, self.features64, original.T)), 1)
+            self._teacher_logp = torch.log_softmax(self.original_logits(), 1)
         if self._logits is None:
             raise RuntimeError("divergence() before any accuracy(): nothing scored yet")
         return float(torch.nn.functional.kl_div(torch.log_softmax(self._logits, 1), self._teacher_logp,
@@ -155,8 +160,7 @@ class AuxFeatures:
         The teacher is the model as loaded; ``weight`` is the defended layer after the search and
         ``frozen`` its changed columns.
         """
-        with torch.no_grad():
-            teacher = self.rest(torch.addmm(self.bias, self.features64, self.linear.weight.detach().double().T))
+        teacher = self.original_logits()
         has_bias = self.linear.bias is not None
         result = distill_repair(self.features64, self.labels, teacher, weight.to(self.features64.device),
                                 self.bias if has_bias else None, self.rest, frozen.to(self.features64.device),

@@ -153,14 +153,8 @@ def _lam(mu: float, k: int, step: float) -> float:
 
 
 def _crossed(acc0: float, step: SearchStep, rho: float, kl: float | None) -> bool:
-    """Line 17 (``kl`` None), or ours: the divergence reached its budget."""
-    if kl is None:
-        return rho <= acc0 - step.acc
-    return step.kl is not None and kl <= step.kl
-
-
-def _step(lam: float, count: int, acc: float, divergence: Divergence | None, stop: str) -> SearchStep:
-    return SearchStep(lam, count, acc, divergence() if stop == "kl" and divergence is not None else None)
+    """Line 17, or ours (the step measured a divergence): the divergence reached ``kl``."""
+    return rho <= acc0 - step.acc if step.kl is None or kl is None else kl <= step.kl
 
 
 def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, step, rho, mu, evaluations,
@@ -195,7 +189,7 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
     ``stop="kl"`` (ours) replaces line 17's accuracy test by ``divergence() >= kl``.
     """
     _check(weight, init, x, step, rho, method, select, stop, kl, divergence)
-    budget = kl if stop == "kl" else None
+    measure = divergence if stop == "kl" else None
     replacement = METHODS.get(method)(weight, init)
     xd = x.double()
     mu = float(xd.min())
@@ -206,8 +200,8 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
         mask = xd <= lam  # lines 7-13
         acc1 = evaluate(apply_mask(weight, replacement, mask), None)  # lines 15-16
         evaluations += 1
-        trace.append(_step(lam, int(mask.sum()), acc1, divergence, stop))
-        if _crossed(acc0, trace[-1], rho, budget):  # line 17
+        trace.append(SearchStep(lam, int(mask.sum()), acc1, measure() if measure else None))
+        if _crossed(acc0, trace[-1], rho, kl):  # line 17
             crossed = True
             break
         if bool(mask.all()):  # every neuron selected and rho never reached: stop
@@ -232,7 +226,7 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
                 divergence: Divergence | None = None) -> SearchResult:
     """Algorithm 1, evaluating only the thresholds at which the selected set grows (``stop`` as in search_plain)."""
     _check(weight, init, x, step, rho, method, select, stop, kl, divergence)
-    budget = kl if stop == "kl" else None
+    measure = divergence if stop == "kl" else None
     replacement = METHODS.get(method)(weight, init)
     xd = x.double()
     values = torch.sort(xd).values.tolist()
@@ -250,8 +244,8 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
         previous = mask
         acc1 = evaluate(current, new)
         evaluations += 1
-        trace.append(_step(lam, count, acc1, divergence, stop))
-        if _crossed(acc0, trace[-1], rho, budget):
+        trace.append(SearchStep(lam, count, acc1, measure() if measure else None))
+        if _crossed(acc0, trace[-1], rho, kl):
             crossed = True
             break
         if count == z:
