@@ -25,7 +25,7 @@ from rules_lab import Lab, fmt, paper_mask  # noqa: E402
 
 
 def guarded(lab, W, b, mask, *, ratio=2.0, p=0.1, beta=1.0, scale="median-max", copies=2, steps=100, lr=1e-3,
-            alpha=0.8, temp=4.0, seed=0):
+            alpha=0.8, temp=4.0, seed=0, all_columns=False):
     feats, labels = lab.F["aux"], lab.Y["aux"]
     with torch.no_grad():
         teacher = lab.rest(torch.addmm(lab.b, feats, lab.W.T))
@@ -46,7 +46,7 @@ def guarded(lab, W, b, mask, *, ratio=2.0, p=0.1, beta=1.0, scale="median-max", 
     w = W.clone().requires_grad_(True)
     bb = b.clone().requires_grad_(True)
     opt = torch.optim.Adam([w, bb, *rest.parameters()], lr=lr)
-    keep = (~mask).double().view(1, -1)
+    keep = (torch.ones_like(mask) if all_columns else ~mask).double().view(1, -1)
     repair = RepairSettings(alpha=alpha, temperature=temp)  # the shipped repair's loss
     guard = RepairSettings(alpha=1.0, temperature=temp)  # its distillation term alone: T^2 KL
     for _ in range(steps):

@@ -14,6 +14,9 @@ accuracy drop >= 0.03), flips and rescales as Algorithm 1 does, runs the shipped
 and after it. ``--variants`` adds repair variants at each rule's threshold: fc1 frozen (only its
 bias and the later layers train), lr 3e-4, 50 steps, alpha 1 (distillation only), every fc1 column
 trainable (flipped ones included), and W0 instead of the flip (reset) before the repair.
+``--variant NAME`` runs only the named ones; besides those, ``guard RxP`` is the repair with
+``experiments/guard_lab.py``'s silent-neuron guard (candidates: the R x flipped lowest-mean inputs,
+each switched on with probability P), ``guard RxP all`` the same with every fc1 column trainable.
 Research code: run it only on trainings that are never reported.
 """
 
@@ -33,6 +36,7 @@ from flain_cli.repair import distill_repair
 from flain_cli.settings import RepairSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
+from guard_lab import guarded  # noqa: E402
 from rules_lab import Lab  # noqa: E402
 
 STEP = 0.001
@@ -96,6 +100,7 @@ def main() -> None:
     ap.add_argument("aux", type=Path, nargs="*")
     ap.add_argument("--rule", action="append", default=[])
     ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--variant", action="append", default=[])
     args = ap.parse_args()
     if args.what == "trace":
         with args.traces.open("a") as out:
@@ -118,7 +123,7 @@ def main() -> None:
             print(f"{Path(record['run']).name} {Path(record['aux']).name} {rule}: {row['n']} flipped, "
                   f"flip {row['dacc']:+.2f} / {row['asr']:.3f}, repaired {100 * (after['test'] - base['test']):+.2f}"
                   f" / {after['trig']:.3f}", flush=True)
-            if args.variants:
+            if args.variants or args.variant:
                 mask = lab.xbar <= row["lam"]
                 flipped = rescale(flip_updates(lab.W, lab.W0, mask), norm)
                 variants = {"fc1 frozen": (flipped, torch.ones_like(mask), RepairSettings()),
@@ -127,8 +132,13 @@ def main() -> None:
                             "alpha 1": (flipped, mask, RepairSettings(alpha=1.0)),
                             "all columns": (flipped, torch.zeros_like(mask), RepairSettings()),
                             "reset": (torch.where(mask.view(1, -1), lab.W0, lab.W), mask, RepairSettings())}
-                for name, (weight, frozen, settings) in variants.items():
-                    s = repaired_score(lab, weight, frozen, settings)
+                for name in args.variant or list(variants):
+                    if name.startswith("guard "):
+                        ratio, _, p = name.split()[1].partition("x")
+                        s = lab.score(*guarded(lab, flipped, lab.b, mask, ratio=float(ratio), p=float(p),
+                                               all_columns=name.endswith(" all")))
+                    else:
+                        s = repaired_score(lab, *variants[name])
                     print(f"    {name}: {100 * (s['test'] - base['test']):+.2f} / {s['trig']:.3f}", flush=True)
 
 
