@@ -124,16 +124,17 @@ class AuxFeatures:
         ``scale * weight`` instead (the rescaled layer) without touching every column.
         """
         weight = weight.to(self.features64.device)
-        if self._weight is None:
+        if self._weight is None or self._pre is None:
             self._weight = weight.clone()
-            self._pre = torch.addmm(self.bias, self.features64, weight.double().T)
+            self._pre = pre = torch.addmm(self.bias, self.features64, weight.double().T)
         else:
+            pre = self._pre
             cols = changed if changed is not None else torch.nonzero((weight != self._weight).any(dim=0)).flatten()
             if len(cols):
                 new, old = weight[:, cols], self._weight[:, cols]
-                self._pre.addmm_(self.features64[:, cols], (new.double() - old.double()).T)
+                pre.addmm_(self.features64[:, cols], (new.double() - old.double()).T)
                 self._weight[:, cols] = new
-        return self._score(self._pre if scale == 1.0 else (self._pre - self.bias) * scale + self.bias)
+        return self._score(pre if scale == 1.0 else (pre - self.bias) * scale + self.bias)
 
     @torch.no_grad()
     def accuracy_full(self, weight: torch.Tensor, changed: torch.Tensor | None = None) -> float:
@@ -166,7 +167,7 @@ class AuxFeatures:
                                 self.bias if has_bias else None, self.rest, frozen.to(self.features64.device),
                                 settings)
         out = {f"{self.layer}.weight": result.weight.cpu()}
-        if has_bias:
+        if result.bias is not None:
             out[f"{self.layer}.bias"] = result.bias.cpu()
         # the head shares the model's modules under their own names (fc2.weight...): see split_model
         return out | {name: value.cpu() for name, value in result.head.items()}
@@ -275,8 +276,8 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
     if all(torch.equal(model.tensors[name], init.tensors[name]) for name in names_m):
         raise CheckpointError(f"{model.path} and --init {init.path} hold the same weights: there are no "
                               f"updates to flip; pass the model before training as --init")
-    recorded = (model.meta.get("parents") or {}).get("init")
-    if recorded and model.meta.get("role") == "final" and recorded != init.sha256:
+    recorded: str | None = (model.meta.get("parents") or {}).get("init")
+    if recorded and model.meta.get("role") == "final" and init.sha256 is not None and recorded != init.sha256:
         raise CheckpointError(f"{model.path} was trained from an initial checkpoint with sha256 {recorded[:16]}..., "
                               f"but --init {init.path} has sha256 {init.sha256[:16]}...; pass the "
                               f"init.safetensors written by the same `flain train` run")

@@ -114,7 +114,7 @@ def _convert(image: Image.Image, shape: tuple[int, int, int]) -> tuple[np.ndarra
     image = image.convert("L" if channels == 1 else "RGB")
     resized = image.size != (width, height)
     if resized:
-        image = image.resize((width, height), Image.BILINEAR)
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
     array = np.asarray(image, dtype=np.uint8)
     return (array[None] if channels == 1 else array.transpose(2, 0, 1)), resized
 

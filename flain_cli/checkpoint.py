@@ -211,7 +211,7 @@ def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str |
     return meta
 
 
-def _normalization(mean, std, meta: dict[str, Any], what: str) -> dict[str, Any]:
+def _normalization(mean: Any, std: Any, meta: dict[str, Any], what: str) -> dict[str, Any]:
     channels = meta["input_shape"][0]
     ok = all(isinstance(v, list) and len(v) in (1, channels) and all(isinstance(x, (int, float)) for x in v)
              for v in (mean, std))

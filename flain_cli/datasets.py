@@ -13,13 +13,16 @@ normalization is applied per batch (:meth:`DatasetSpec.normalize`).
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from .catalog import DATASETS
@@ -37,7 +40,7 @@ class Split:
         return int(self.labels.shape[0])
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [N, C, H, W] -> float32, scaled to [0, 1] then standardized per channel."""
     x = images.to(torch.float32).div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
@@ -102,7 +105,8 @@ def load_dataset(name: str, data_dir: Path | None = None) -> Dataset:
 
 # ---------------------------------------------------------------- IDX (MNIST family)
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, npt.DTypeLike] = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
+                                         0x0E: ">f8"}
 
 
 MAX_IDX_BYTES = 2 << 30  # the largest IDX file in the family (EMNIST byclass train images) is 0.55 GB
@@ -142,7 +146,8 @@ def _find(dirs: list[Path], stem: str) -> Path | None:
     return None
 
 
-def _idx_loader(prefix: str, title: str, how: str, transpose: bool = False):
+def _idx_loader(prefix: str, title: str, how: str,
+                transpose: bool = False) -> Callable[[list[Path]], tuple[Split, Split]]:
     stems = {"train": (f"{prefix}train-images-idx3-ubyte", f"{prefix}train-labels-idx1-ubyte"),
              "test": (f"{prefix}t10k-images-idx3-ubyte", f"{prefix}t10k-labels-idx1-ubyte")}
     if prefix:  # EMNIST names its test files "test", not "t10k"
@@ -206,15 +211,12 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
     }
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
-        if name == "_reconstruct":
-            try:
-                from numpy._core.multiarray import _reconstruct
-            except ImportError:  # numpy < 2
-                from numpy.core.multiarray import _reconstruct
-            return _reconstruct
+        if name == "_reconstruct":  # numpy >= 2 has it in numpy._core, older ones in numpy.core
+            core = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"
+            return importlib.import_module(core)._reconstruct
         if module == "_codecs":
             import codecs
             return codecs.encode

@@ -157,8 +157,10 @@ def _crossed(acc0: float, step: SearchStep, rho: float, kl: float | None) -> boo
     return rho <= acc0 - step.acc if step.kl is None or kl is None else kl <= step.kl
 
 
-def _finish(weight, init, x, trace, acc0, crossed, k_last, *, method, select, step, rho, mu, evaluations,
-            rescale_layer=True, stop="accuracy", kl=None):
+def _finish(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, trace: list[SearchStep], acc0: float,
+            crossed: bool, k_last: int, *, method: str, select: str, step: float, rho: float, mu: float,
+            evaluations: int, rescale_layer: bool = True, stop: str = "accuracy",
+            kl: float | None = None) -> SearchResult:
     """Pick the kept model, rebuild it and rescale it (flain only).
 
     ``crossing`` keeps the model at ``lambda_{k_last}``; ``last-safe`` (when rho was crossed) the

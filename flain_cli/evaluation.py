@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, ModelSource, conformed_model, dataset_spec, 
 from .datasets import DATASETS, Split, load_dataset
 from .errors import ConfigError
 from .metrics import EvalResult, evaluate
-from .triggers import load_trigger_image, make_trigger
+from .triggers import AnyTrigger, load_trigger_image, make_trigger
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,7 @@ def evaluate_checkpoint(path: Path, *, source: ModelSource = ModelSource(), data
     spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, str(trigger_image) if trigger_image else trigger)
     if test is None:
         test = load_test_file(test_file, meta) if test_file else load_dataset(meta["dataset"], data_dir).test
+    trig: AnyTrigger | None
     if trigger_image is not None:
         trig = load_trigger_image(trigger_image, spec.shape, trigger_mask)
     else:

@@ -302,8 +302,8 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
     return cells
 
 
-def _attempt(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, datasets, listener, *,
-             wait: bool) -> bool:
+def _attempt(exp: Experiment, cell: Cell, defense: Defense, device: torch.device | str, data_dir: Path | None,
+             datasets: dict[str, Dataset], listener: ExperimentListener, *, wait: bool) -> bool:
     """Run one cell, recording a failure on it; False when its training is busy elsewhere."""
     try:
         _run_cell(exp, cell, defense, device, data_dir, datasets, listener, wait)
@@ -323,8 +323,8 @@ def _dataset(name: str, data_dir: Path | None, cache: dict[str, Dataset]) -> Dat
     return cache[name]
 
 
-def _trained(exp: Experiment, cfg: TrainConfig, device, data_dir, datasets, listener,
-             wait: bool) -> tuple[Path, bool]:
+def _trained(exp: Experiment, cfg: TrainConfig, device: torch.device | str, data_dir: Path | None,
+             datasets: dict[str, Dataset], listener: ExperimentListener, wait: bool) -> tuple[Path, bool]:
     run_dir = exp.run_dir(cfg)
     if exp.trained(cfg):
         return run_dir, True
@@ -348,8 +348,8 @@ def _aux(exp: Experiment, d: DefenseSettings, dataset: str, data_dir: Path | Non
     return path
 
 
-def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device, data_dir, datasets, listener,
-              wait: bool = False) -> None:
+def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.device | str, data_dir: Path | None,
+              datasets: dict[str, Dataset], listener: ExperimentListener, wait: bool = False) -> None:
     cfg = exp.config(cell.point, defense.aggregator)
     run_dir, cached = _trained(exp, cfg, device, data_dir, datasets, listener, wait)
     model = run_dir / "final.safetensors"

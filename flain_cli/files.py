@@ -26,7 +26,7 @@ import os
 import shutil
 import signal
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from .errors import ConfigError, FlainError
@@ -45,7 +45,7 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
-def raise_on_signal(signum: int, frame) -> None:  # noqa: ARG001 - the signal module's signature
+def raise_on_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - the signal module's signature
     """Signal handler: remember the signal; raise Interrupted unless outputs are being renamed."""
     global _received
     _received = _received or signum
@@ -160,7 +160,7 @@ class FilePlan:
             save_checkpoint(stage["--out"], state, meta)
     """
 
-    def __init__(self, inputs: dict[str, Path | None], outputs: dict[str, Path | None], *, force: bool = False,
+    def __init__(self, inputs: Mapping[str, Path | None], outputs: Mapping[str, Path | None], *, force: bool = False,
                  folders: tuple[str, ...] = ()) -> None:
         self.inputs = {k: Path(v) for k, v in inputs.items() if v is not None}
         self.outputs = {k: Path(v) for k, v in outputs.items() if v is not None}

@@ -85,7 +85,7 @@ def read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict; save model.state_dict()")
 
 
-def _is_state(obj) -> bool:
+def _is_state(obj: object) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .errors import CheckpointError
 from .formats import align
 from .models import ARCHITECTURES, build_model
@@ -42,7 +42,7 @@ class Inspection:
                 "linear_like": self.linear_like}
 
 
-def _class_guesses(ckpt) -> list[int]:
+def _class_guesses(ckpt: Checkpoint) -> list[int]:
     """Numbers of classes worth trying: the metadata's, else the lengths of the 1-D tensors."""
     if ckpt.meta.get("num_classes"):
         return [int(ckpt.meta["num_classes"])]

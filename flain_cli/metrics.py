@@ -9,7 +9,7 @@ from torch import nn
 
 from .attack import AttackTask
 from .datasets import DatasetSpec, Split
-from .triggers import Trigger
+from .triggers import AnyTrigger
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def predict(model: nn.Module, images: torch.Tensor, spec: DatasetSpec, device: t
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def attack_success_rate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask, trigger: Trigger,
+def attack_success_rate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask, trigger: AnyTrigger,
                         device: torch.device | str = "cpu") -> tuple[float, int]:
     """Share of source-class test images, stamped with the full trigger, classified as the target."""
     idx = torch.nonzero(task.is_source(split.labels)).flatten()
@@ -49,7 +49,7 @@ def attack_success_rate(model: nn.Module, split: Split, spec: DatasetSpec, task:
 
 
 def evaluate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask | None = None,
-             trigger: Trigger | None = None, device: torch.device | str = "cpu") -> EvalResult:
+             trigger: AnyTrigger | None = None, device: torch.device | str = "cpu") -> EvalResult:
     preds = predict(model, split.images, spec, device)
     correct = preds == split.labels
     per_class = tuple(

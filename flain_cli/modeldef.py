@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -34,6 +35,11 @@ def parse_model_def(spec: str) -> tuple[Path, str]:
     if not sep or not path or not name.isidentifier():
         raise ConfigError(f"--model-def {spec!r} must be FILE.py:NAME, e.g. models.py:Net")
     return Path(path), name
+
+
+def model_def_file(spec: str | None) -> Path | None:
+    """The file of a ``--model-def`` spec, or None without one."""
+    return parse_model_def(spec)[0] if spec else None
 
 
 def model_def_record(spec: str) -> dict[str, str]:
@@ -60,6 +66,7 @@ def build_from_def(spec: str, num_classes: int | None) -> nn.Module:
     factory = getattr(sys.modules[module_name], name, None)
     if factory is None or not callable(factory):
         raise ConfigError(f"--model-def {path} has no class or function {name!r}")
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -142,7 +149,7 @@ def _prefix_graph(graph: fx.Graph, feature: fx.Node) -> fx.Graph:
         if n not in needed:
             needed.add(n)
             stack.extend(n.all_input_nodes)
-    out, env = fx.Graph(), {}
+    out, env = fx.Graph(), dict[fx.Node, fx.Node]()
     for n in graph.nodes:
         if n in needed or n.op == "placeholder":
             env[n] = out.node_copy(n, lambda x: env[x])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from torch import nn
 
@@ -33,7 +34,7 @@ class LayerStack(nn.Sequential):
         Both share their modules with this model (no copy).
         """
         i = self.index_of(layer)
-        return self[:i], self[i:]
+        return cast(nn.Sequential, self[:i]), cast(nn.Sequential, self[i:])
 
     def linear_layers(self) -> list[str]:
         return [name for name, module in self.named_children() if isinstance(module, nn.Linear)]
@@ -59,7 +60,8 @@ class Architecture:
 
 
 
-def _register(name: str, input_shape: tuple[int, int, int], description: str):
+def _register(name: str, input_shape: tuple[int, int, int],
+              description: str) -> Callable[[Callable[[int], LayerStack]], Callable[[int], LayerStack]]:
     def add(build: Callable[[int], LayerStack]) -> Callable[[int], LayerStack]:
         ARCHITECTURES.register(name)(Architecture(name, input_shape, "fc1", build, description))
         return build

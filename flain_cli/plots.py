@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .errors import ConfigError, FlainError
 from .files import atomic_write, read_text
 from .tables import MEANS_COLUMNS, TRACE_COLUMNS, read_csv
 
 
-def _pyplot():
+def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -32,7 +33,7 @@ def check_png(out: Path) -> Path:
     return Path(out)
 
 
-def _save(fig, out: Path) -> None:
+def _save(fig: Any, out: Path) -> None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
 
 

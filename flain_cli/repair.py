@@ -85,7 +85,8 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
         value = loss()
         value.backward()
         # Adam leaves a parameter whose gradient (hence moments) stays zero exactly where it is
-        w.grad.masked_fill_(frozen.view(1, -1), 0.0)
+        if w.grad is not None:  # always set by backward(); the check is for the type checker
+            w.grad.masked_fill_(frozen.view(1, -1), 0.0)
         opt.step()
     with torch.no_grad():
         after = float(loss())

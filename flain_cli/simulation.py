@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,7 +142,7 @@ class Snapshot:
     init_state: dict[str, torch.Tensor]
     state: dict[str, torch.Tensor]
     history: list[RoundLog]
-    numpy_rng: dict  # np.random.Generator.bit_generator.state: client sampling
+    numpy_rng: Mapping[str, Any]  # np.random.Generator.bit_generator.state: client sampling
     torch_gen: torch.Tensor  # batch order
     torch_rng: torch.Tensor  # the CPU default generator: dropout
     cuda_rng: torch.Tensor | None = None  # dropout on a CUDA device
@@ -157,7 +158,7 @@ def make_clients(cfg: TrainConfig, dataset: Dataset, rng: np.random.Generator) -
     clients = []
     for k, part in enumerate(parts):
         indices = pool[part]
-        if k in cfg.malicious:
+        if k in cfg.malicious and task is not None:  # TrainConfig checks that malicious clients have a task
             poisoned = choose_poisoned(labels[indices], task, cfg.pdr, rng)
             clients.append(ClientData(indices, poisoned, trigger.part_for(k)))
         else:
@@ -173,7 +174,7 @@ def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, targe
         pos = perm[start:start + batch_size]
         idx = client.indices[pos]
         x, y = dataset.train.images[idx], dataset.train.labels[idx]
-        if client.poisoned is not None:
+        if client.poisoned is not None and target is not None:
             hit = client.poisoned[pos]
             if bool(hit.any()):
                 x[hit] = trigger.stamp(x[hit], client.trigger_part)

@@ -73,10 +73,10 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
     attack = resolve_attack(loaded.ckpt, meta["num_classes"])
     if attack is not None:
         trigger = make_trigger(attack.trigger, *DATASETS.get(meta["dataset"]).shape[1:])
-        source = attack.task.is_source(test.labels)
-        target = torch.full((int(source.sum()),), attack.task.target, dtype=torch.long)
-        scored["asr"] = AuxSet(trigger.stamp(test.images[source]), target, "triggered source images")
-        scored["asr_clean"] = AuxSet(test.images[source], target, "source images")
+        is_source = attack.task.is_source(test.labels)
+        target = torch.full((int(is_source.sum()),), attack.task.target, dtype=torch.long)
+        scored["asr"] = AuxSet(trigger.stamp(test.images[is_source]), target, "triggered source images")
+        scored["asr_clean"] = AuxSet(test.images[is_source], target, "source images")
     feats = {name: AuxFeatures(loaded.model, layer, images, meta, device) for name, images in scored.items()}
     x = feats["aux"].mean_activations()
     weight = loaded.ckpt.tensors[f"{layer}.weight"]

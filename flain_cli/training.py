@@ -90,7 +90,7 @@ def load_snapshot(path: Path) -> Snapshot:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         return Snapshot(meta["config"], int(meta["round"]), part("init/"), part("state/"),
                         [RoundLog(**h) for h in meta["history"]], meta["numpy_rng"],
-                        **{field: tensors.get(key) for field, key in _RNG.items()})
+                        tensors[_RNG["torch_gen"]], tensors[_RNG["torch_rng"]], tensors.get(_RNG["cuda_rng"]))
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable flain-cli resume file ({exc}); "
                               "delete it to start the run over") from None

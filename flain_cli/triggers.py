@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -81,6 +82,7 @@ def dba(height: int, width: int) -> Trigger:
     centre, lower arm, left arm, right arm.
     """
     _need("dba", height, width)
+    parts: tuple[torch.Tensor, ...]
     if (height, width) == (28, 28):
         parts = (_mask(height, width, [(25, c) for c in range(23, 28)]),
                  _mask(height, width, [(r, 25) for r in (23, 24, 26, 27)]))
@@ -135,7 +137,10 @@ class PatternTrigger:
         return out
 
 
-def load_trigger_image(path, shape: tuple[int, int, int], mask_path=None) -> PatternTrigger:
+AnyTrigger = Trigger | PatternTrigger  # what evaluation stamps: a built-in trigger or a suspected one
+
+
+def load_trigger_image(path: Path, shape: tuple[int, int, int], mask_path: Path | None = None) -> PatternTrigger:
     """A trigger from a PNG: where its alpha is non-zero (or, with ``mask_path``, where that image is
     non-zero), its pixels are written. Both must have the model's input size; colours are converted
     to the model's channels."""
@@ -145,7 +150,7 @@ def load_trigger_image(path, shape: tuple[int, int, int], mask_path=None) -> Pat
     from .files import regular_file
     channels, height, width = shape
 
-    def read(p, what):
+    def read(p: Path, what: str) -> Image.Image:
         try:
             with Image.open(regular_file(p, what)) as image:
                 image.load()

@@ -11,8 +11,9 @@ import math
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +25,9 @@ if TYPE_CHECKING:
     import torch
 
     from ..checkpoint import ModelSource
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 # markup off: paths and labels are printed as given (`runs[/x].safetensors` is a valid file name)
 out = Console(highlight=False, markup=False)  # data: tables (stdout)
@@ -112,7 +116,7 @@ def parse_normalization(mean: str | None, std: str | None) -> tuple[list[float],
         raise ConfigError(f"--mean {mean!r} / --std {std!r} must be numbers separated by commas") from None
 
 
-def print_notes(notes) -> None:
+def print_notes(notes: Iterable[str]) -> None:
     """How a checkpoint was read (format, prefix stripped, dtype), on stderr."""
     for note in notes:
         err.print(f"note: {note}", soft_wrap=True)
@@ -155,11 +159,12 @@ class Settings:
     debug: bool = False
 
 
-def handle_errors(command):
+def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
     """Turn the core's FlainError (and I/O errors) into one 'Error: ...' line and exit code 1."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        failure: Exception
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):

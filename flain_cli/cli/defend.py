@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -38,9 +38,13 @@ from .common import (
     resolve_device,
 )
 
-Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)
-Select = Enum("Select", {name: name for name in SELECTS}, type=str)  # a bad value is a usage error (exit 2)
-Stop = Enum("Stop", {name: name for name in STOPS}, type=str)
+if TYPE_CHECKING:
+    from ..defense import SearchStep
+
+# members from the registries; a bad value is a usage error (exit 2). mypy cannot list such members.
+Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)  # type: ignore[misc]
+Select = Enum("Select", {name: name for name in SELECTS}, type=str)  # type: ignore[misc]
+Stop = Enum("Stop", {name: name for name in STOPS}, type=str)  # type: ignore[misc]
 
 
 class Repair(str, Enum):
@@ -54,14 +58,14 @@ def build_config(preset: str, method: str | None, step: float | None, rho: float
                  kl: float | None = None) -> DefenseConfig:
     """The preset, with every option the user gave in its place."""
     base = PRESETS[preset]
-    given = {k: v for k, v in repair_settings.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in repair_settings.items() if v is not None}
     repair_on = base.repair is not None if repair is None else repair == "distill"
     if given and not repair_on:
         raise ConfigError(f"--repair-{next(iter(given))} has no effect without the repair; "
                           "drop it or pass --repair distill")
     settings = dataclasses.replace(base.repair or RepairSettings(), **given) if repair_on else None
-    chosen = {"method": method, "step": step, "rho": rho, "select": select, "holdout": holdout, "rescale": rescale,
-              "stop": stop, "kl": kl}
+    chosen: dict[str, Any] = {"method": method, "step": step, "rho": rho, "select": select, "holdout": holdout,
+                              "rescale": rescale, "stop": stop, "kl": kl}
     config = dataclasses.replace(base, repair=settings, **{k: v for k, v in chosen.items() if v is not None})
     if config.stop == "kl" and rho is not None:
         raise ConfigError("--rho is the accuracy stop's budget and has no effect with --stop kl; "
@@ -148,7 +152,7 @@ def defend(
     """Remove a backdoor: flip (or prune) the weight updates of low-activation input neurons."""
     from ..audit import defend_checkpoint
     from ..checkpoint import save_checkpoint
-    from ..modeldef import parse_model_def
+    from ..modeldef import model_def_file
 
     config = build_config(preset.value, method, step, rho, select and select.value, holdout, rescale,
                           repair and repair.value,
@@ -158,7 +162,7 @@ def defend(
     method, step, rho = config.method, config.step, config.rho
     target = out_path or default_out(model, method)
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux,
-                     "--model-def": model_def and parse_model_def(model_def)[0],
+                     "--model-def": model_def_file(model_def),
                      "--class-names": class_names},
                     {"--out": target, "--trace": trace}, force=force)
     torch_device = resolve_device(device)
@@ -192,7 +196,7 @@ def defend(
     columns = ("lambda", "neurons", "aux accuracy", "drop") + (("kl",) if config.stop == "kl" else ())
     for column in columns:
         curve.add_column(column, justify="right")
-    rows = res.trace if len(res.trace) <= 24 else res.trace[:10] + [None] + res.trace[-10:]
+    rows: list[SearchStep | None] = [*res.trace] if len(res.trace) <= 24 else [*res.trace[:10], None, *res.trace[-10:]]
     for s in rows:
         if s is None:
             curve.add_row("...", *[""] * (len(columns) - 1))

@@ -8,12 +8,15 @@ option cannot go undocumented.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import typer
 
 from .app import app
 
 
-def _default(param) -> str:
+def _default(param: Any) -> str:
     if param.required or param.default is None or param.param_type_name == "argument":
         return ""
     if isinstance(param.default, bool):
@@ -21,7 +24,7 @@ def _default(param) -> str:
     return f"`{param.default}`"
 
 
-def _rows(command) -> list[str]:
+def _rows(command: Any) -> list[str]:
     rows = ["| argument / option | default | meaning |", "|---|---|---|"]
     for param in command.params:
         if param.name == "help":
@@ -33,7 +36,7 @@ def _rows(command) -> list[str]:
     return rows
 
 
-def _walk(group, prefix: str):
+def _walk(group: Any, prefix: str) -> Iterator[tuple[str, Any]]:
     for name, command in group.commands.items():
         path = f"{prefix} {name}"
         if hasattr(command, "commands"):

@@ -71,11 +71,11 @@ def scan(
     import torch
 
     from ..audit import scan_checkpoint
-    from ..modeldef import parse_model_def
+    from ..modeldef import model_def_file
 
     torch_device = resolve_device(device)
     source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
-    inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def and parse_model_def(model_def)[0],
+    inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def_file(model_def),
               "--class-names": class_names}
     with FilePlan(inputs, {"--csv": csv}, force=force).writing() as stage:
         res = scan_checkpoint(model, aux, layer=layer, source=source, device=torch_device)

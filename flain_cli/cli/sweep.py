@@ -63,13 +63,13 @@ def sweep(
     """Score the model that `defend` would write at each threshold: aux accuracy, test ACC, ASR, and the ASR
     without trigger. A diagnostic for whoever holds labelled test data: it shows whether any threshold
     removes the backdoor and what it costs, and where the paper's stopping rule lands."""
-    from ..modeldef import parse_model_def
+    from ..modeldef import model_def_file
     from ..sweep import sweep_checkpoint
 
     torch_device = resolve_device(device)
     source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux, "--test": test, "--data-dir": data_dir,
-                     "--model-def": model_def and parse_model_def(model_def)[0],
+                     "--model-def": model_def_file(model_def),
                      "--class-names": class_names},
                     {"--csv": csv}, force=force)
     with plan.writing() as stage:

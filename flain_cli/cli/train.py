@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,17 +30,21 @@ from .common import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
+    from ..registry import Registry
     from ..simulation import TrainConfig
     from ..training import TrainOutcome
 
 
-def _choice(registry) -> str:
+def _choice(registry: Registry[Any]) -> str:
     return "|".join(registry.names())
 
 
 class _RichListener(Listener):
     def __init__(self, progress: Progress, rounds: int, log: Path | None) -> None:
-        self.progress, self.log, self.log_file = progress, log, None  # opened at the first round to log
+        self.progress, self.log = progress, log
+        self.log_file: IO[str] | None = None  # opened at the first round to log
         self.rounds_task = progress.add_task("rounds", total=rounds)
         self.clients_task = progress.add_task("clients", total=1)
         self.last_round = 0
@@ -155,7 +159,8 @@ def _plan(data_dir: Path | None, out_dir: Path, log: Path | None, *, force: bool
                     force=force)
 
 
-def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device, log: Path | None,
+def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device: torch.device,
+                  log: Path | None,
                   resume: bool, force: bool) -> TrainOutcome:
     """Everything between taking and releasing the folder's lock: the checks, the data, the run."""
     from ..datasets import load_dataset
