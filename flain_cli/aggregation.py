@@ -58,7 +58,7 @@ def rlr(updates: list[Update], weights: list[float], settings: AggregatorSetting
     """
     threshold = rlr_threshold(settings, len(updates))
     if threshold < 1:
-        raise ConfigError(f"--rlr-threshold must be at least 1, got {threshold}")
+        raise ConfigError(f"must be at least 1, got {threshold}", param="rlr_threshold")
     mean = weighted_mean(updates, weights)
     out: Update = {}
     for name, step in mean.items():

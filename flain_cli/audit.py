@@ -305,8 +305,8 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     if config.repair is not None:
         config.repair.check()
     if init_path is None and config.method != "prune":
-        raise ConfigError(f"--init is needed for --method {config.method}: FLAIN flips the updates W - W0, so it "
-                          "needs W0, the model before training (only --method prune works without it)")
+        raise ConfigError(f"is needed for method {config.method}: FLAIN flips the updates W - W0, so it needs "
+                          "W0, the model before training (only method prune works without it)", param="init_path")
     loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, "MODEL")
     init = None

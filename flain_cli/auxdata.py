@@ -45,7 +45,7 @@ class AuxSet:
     def split(self, fraction: float, seed: int = 0) -> tuple[AuxSet, AuxSet]:
         """(rest, held out): ``fraction`` of each class held out, chosen with a seeded shuffle."""
         if not 0 < fraction < 1:
-            raise ConfigError(f"--holdout must be between 0 and 1 (exclusive), got {fraction}")
+            raise ConfigError(f"must be between 0 and 1 (exclusive), got {fraction}", param="holdout")
         gen = torch.Generator().manual_seed(seed)
         held = torch.zeros(len(self), dtype=torch.bool)
         for label in torch.unique(self.labels):
@@ -53,7 +53,7 @@ class AuxSet:
             idx = idx[torch.randperm(len(idx), generator=gen)]
             held[idx[:round(fraction * len(idx))]] = True
         if held.all() or not held.any():
-            raise AuxError(f"--holdout {fraction} of {len(self)} aux images leaves one part empty")
+            raise AuxError(f"{fraction} of {len(self)} aux images leaves one part empty", param="holdout")
         return (AuxSet(self.images[~held], self.labels[~held], f"{self.source} (activations)"),
                 AuxSet(self.images[held], self.labels[held], f"{self.source} (held out)"))
 
@@ -189,8 +189,8 @@ def exported_indices(path: Path) -> list[int]:
         with np.load(regular_file(path, "--exclude"), allow_pickle=False) as f:
             return f["indices"].tolist()
     except (OSError, KeyError, ValueError, json.JSONDecodeError):
-        raise ConfigError(f"--exclude {path} is not a `flain aux export` output (folder with aux.json, "
-                          "or .npz)") from None
+        raise ConfigError(f"{path} is not a `flain aux export` output (folder with aux.json, "
+                          "or .npz)", param="exclude") from None
 
 
 def export_path(out: Path, fmt: str) -> Path:
@@ -211,14 +211,14 @@ def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", 
     draw (e.g. an aux set, when writing a test subset). Returns the manifest.
     """
     if fmt not in ("folder", "npz"):
-        raise ConfigError(f"--format must be folder or npz, got {fmt!r}")
+        raise ConfigError(f"must be folder or npz, got {fmt!r}", param="fmt")
     if per_class < 1:
-        raise ConfigError(f"--per-class must be at least 1, got {per_class}")
+        raise ConfigError(f"must be at least 1, got {per_class}", param="per_class")
     out = export_path(out, fmt)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
     if split not in ("train", "test"):
-        raise ConfigError(f"--split must be train or test, got {split!r}")
+        raise ConfigError(f"must be train or test, got {split!r}", param="split")
     data = load_dataset(dataset, data_dir)
     source: Split = getattr(data, split)
     pool = torch.ones(len(source), dtype=torch.bool)

@@ -198,9 +198,9 @@ def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str |
     meta = _resolve(ckpt, arch, dataset, num_classes, model_def)
     if class_names is not None:
         if len(class_names) != meta["num_classes"] or len(set(class_names)) != len(class_names):
-            raise ConfigError(f"--class-names gives {len(class_names)} names ({len(set(class_names))} distinct) for "
+            raise ConfigError(f"gives {len(class_names)} names ({len(set(class_names))} distinct) for "
                               f"a model of {meta['num_classes']} classes; give one distinct name per line, in "
-                              "class-index order")
+                              "class-index order", param="class_names")
         meta["class_names"] = list(class_names)
     recorded = ckpt.meta.get("normalization")
     if normalization is not None:
@@ -246,7 +246,7 @@ def _resolve(ckpt: Checkpoint, arch: str | None, dataset: str | None, num_classe
                           f"--model-def {recorded['spec']} (flain runs that file's code to rebuild the model)")
     if model_def is not None:
         if arch is not None:
-            raise ConfigError("--arch and --model-def both name the architecture; pass one of them")
+            raise ConfigError("and --model-def both name the architecture; pass one of them", param="arch")
         return _model_def_meta(ckpt, model_def, dataset, num_classes)
     arch = arch or ckpt.arch
     if arch is None:
@@ -272,7 +272,8 @@ def _model_def_meta(ckpt: Checkpoint, spec: str, dataset: str | None, num_classe
     """Metadata for the user's own model class: shapes and normalization from the dataset, the
     defended layer from the checkpoint or a probe (the first nn.Linear the forward pass reaches)."""
     if dataset is None:
-        raise ConfigError(f"--model-def needs --dataset for {ckpt.path}: its input size, normalization and classes")
+        raise ConfigError(f"needs --dataset for {ckpt.path}: its input size, normalization and classes",
+                          param="model_def")
     ds = DATASETS.get(dataset)
     n = int(num_classes or ckpt.meta.get("num_classes") or ds.num_classes)
     meta: dict[str, Any] = {"format": FORMAT, "tool": f"flain-cli {__version__}", "arch": "model-def",

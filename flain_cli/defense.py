@@ -121,31 +121,35 @@ def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, step: floa
            divergence: Divergence | None = None) -> None:
     METHODS.get(method)
     if stop not in STOPS:
-        raise ConfigError(f"--stop must be one of {', '.join(STOPS)}, got {stop!r}")
-    if stop == "kl" and (divergence is None or kl is None or not (math.isfinite(kl) and kl > 0)):
-        raise ConfigError(f"the kl stop needs a divergence measure and a budget --kl > 0, got {kl!r}")
+        raise ConfigError(f"must be one of {', '.join(STOPS)}, got {stop!r}", param="stop")
+    if stop == "kl" and (kl is None or not (math.isfinite(kl) and kl > 0)):
+        raise ConfigError(f"must be a number > 0 for the kl stop, got {kl!r}", param="kl")
+    if stop == "kl" and divergence is None:
+        raise ConfigError("is needed for the kl stop: a function giving the divergence of the last scored outputs",
+                          param="divergence")
     if weight.shape != init.shape or weight.dim() != 2:
         raise ConfigError(f"the defended weight {tuple(weight.shape)} and the initial weight "
                           f"{tuple(init.shape)} must be the same 2-D shape")
     if x.shape != (weight.shape[1],):
         raise ConfigError(f"{tuple(x.shape)} activations for a layer with {weight.shape[1]} inputs")
     if not step > 0 or not math.isfinite(step):
-        raise ConfigError(f"--step must be > 0, got {step}")
+        raise ConfigError(f"must be > 0, got {step}", param="step")
     if not bool(torch.isfinite(x).all()):
         raise ConfigError("the mean activations hold NaN or Inf; the model's layers before the defended one "
                           "are not finite on the aux set")
     span = float(x.double().max() - x.double().min())
     if span / step > MAX_THRESHOLDS:
-        raise ConfigError(f"--step {step:g} would take {span / step:.3g} thresholds to cover the mean activations "
+        raise ConfigError(f"{step:g} would take {span / step:.3g} thresholds to cover the mean activations "
                           f"(from {float(x.min()):.4g} to {float(x.max()):.4g}); at most {MAX_THRESHOLDS:,} are "
-                          f"allowed: choose a larger step")
+                          f"allowed: choose a larger step", param="step")
     if 0 < span <= step:
-        raise ConfigError(f"--step {step:g} selects all {x.numel()} inputs at the first threshold (the mean "
-                          f"activations span {span:.4g}); choose a step well below that, e.g. the paper's 0.001")
+        raise ConfigError(f"{step:g} selects all {x.numel()} inputs at the first threshold (the mean "
+                          f"activations span {span:.4g}); choose a step well below that, e.g. the paper's 0.001",
+                          param="step")
     if not 0 <= rho <= 1:
-        raise ConfigError(f"--rho must be in [0, 1], got {rho}")
+        raise ConfigError(f"must be in [0, 1], got {rho}", param="rho")
     if select not in SELECTS:
-        raise ConfigError(f"--select must be one of {', '.join(SELECTS)}, got {select!r}")
+        raise ConfigError(f"must be one of {', '.join(SELECTS)}, got {select!r}", param="select")
 
 
 def _lam(mu: float, k: int, step: float) -> float:

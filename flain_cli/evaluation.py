@@ -60,9 +60,9 @@ def evaluate_checkpoint(path: Path, *, source: ModelSource = ModelSource(), data
     measured for the task of ``attack`` (SRC:TGT or all:TGT), instead of a built-in one.
     """
     if trigger_image is not None and (attack is None or attack.lower() == "none"):
-        raise ConfigError("--trigger-image needs --attack SRC:TGT (or all:TGT): the target class its ASR counts")
+        raise ConfigError("needs --attack SRC:TGT (or all:TGT): the target class its ASR counts", param="trigger_image")
     if trigger_mask is not None and trigger_image is None:
-        raise ConfigError("--trigger-mask goes with --trigger-image")
+        raise ConfigError("goes with --trigger-image", param="trigger_mask")
     ckpt = load_checkpoint(path)
     meta = source.meta_for(ckpt)
     if meta["dataset"] is None:

@@ -96,7 +96,7 @@ class DefenseSettings:
                 try:
                     self.config(method).check()
                 except ConfigError as exc:
-                    raise ConfigError(f"[defense] {str(exc).removeprefix('--')}") from None
+                    raise ConfigError(f"[defense] {exc}") from None
 
     def config(self, method: str) -> DefenseConfig:
         return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, stop=self.stop,
@@ -207,9 +207,9 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
     for point in experiment.points():  # fail early on a bad option, before hours of training
         try:
             cfg = experiment.config(point)
-        except TypeError as exc:
+            cfg.validate(DATASETS.get(cfg.dataset).num_classes)
+        except (TypeError, ConfigError) as exc:  # a TOML key, not an option: "rounds must be ..."
             raise ConfigError(f"{path}: {exc}") from None
-        cfg.validate(DATASETS.get(cfg.dataset).num_classes)
     for variant in variants:  # the defense settings too: a typo there must not wait for the trainings
         variant.check()
     return experiment

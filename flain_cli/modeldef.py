@@ -33,7 +33,7 @@ def parse_model_def(spec: str) -> tuple[Path, str]:
     """``FILE.py:NAME`` -> (path, name)."""
     path, sep, name = spec.rpartition(":")
     if not sep or not path or not name.isidentifier():
-        raise ConfigError(f"--model-def {spec!r} must be FILE.py:NAME, e.g. models.py:Net")
+        raise ConfigError(f"{spec!r} must be FILE.py:NAME, e.g. models.py:Net", param="model_def")
     return Path(path), name
 
 
@@ -56,16 +56,16 @@ def build_from_def(spec: str, num_classes: int | None) -> nn.Module:
     if module_name not in sys.modules:
         loader = importlib.util.spec_from_file_location(module_name, path)
         if loader is None or loader.loader is None:
-            raise ConfigError(f"--model-def {path} cannot be imported as Python")
+            raise ConfigError(f"{path} cannot be imported as Python", param="model_def")
         module = importlib.util.module_from_spec(loader)
         try:
             loader.loader.exec_module(module)
         except Exception as exc:  # noqa: BLE001 - the user's code: report its failure in one line
-            raise ConfigError(f"--model-def {path} failed while running: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(f"{path} failed while running: {type(exc).__name__}: {exc}", param="model_def") from None
         sys.modules[module_name] = module
     factory = getattr(sys.modules[module_name], name, None)
     if factory is None or not callable(factory):
-        raise ConfigError(f"--model-def {path} has no class or function {name!r}")
+        raise ConfigError(f"{path} has no class or function {name!r}", param="model_def")
     params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(factory).parameters
@@ -75,10 +75,12 @@ def build_from_def(spec: str, num_classes: int | None) -> nn.Module:
     try:
         model = factory(**kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"--model-def {spec}: {name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed: "
-                          f"{type(exc).__name__}: {exc}; NAME must build the model without other arguments") from None
+        raise ConfigError(f"{spec}: {name}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) failed: "
+                          f"{type(exc).__name__}: {exc}; NAME must build the model without other arguments",
+                          param="model_def") from None
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"--model-def {spec}: {name}() returned a {type(model).__name__}, not a torch nn.Module")
+        raise ConfigError(f"{spec}: {name}() returned a {type(model).__name__}, not a torch nn.Module",
+                          param="model_def")
     return model
 
 

@@ -29,7 +29,7 @@ def _pyplot() -> Any:
 def check_png(out: Path) -> Path:
     """``out`` if its name ends in .png (the one format written)."""
     if Path(out).suffix.lower() != ".png":
-        raise ConfigError(f"--out {out} must end in .png")
+        raise ConfigError(f"{out} must end in .png", param="out")
     return Path(out)
 
 

@@ -77,19 +77,19 @@ class DefenseConfig:
         METHODS.check(self.method)
         for name, value in (("step", self.step), ("rho", self.rho), ("kl", self.kl), ("holdout", self.holdout)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"--{name} must be a finite number, got {value!r}")
+                raise ConfigError(f"must be a finite number, got {value!r}", param=name)
         if not self.step > 0:
-            raise ConfigError(f"--step must be > 0, got {self.step}")
+            raise ConfigError(f"must be > 0, got {self.step}", param="step")
         if not 0 <= self.rho <= 1:
-            raise ConfigError(f"--rho must be in [0, 1], got {self.rho}")
+            raise ConfigError(f"must be in [0, 1], got {self.rho}", param="rho")
         if not 0 < self.kl <= 10:
-            raise ConfigError(f"--kl must be in (0, 10], got {self.kl}")
+            raise ConfigError(f"must be in (0, 10], got {self.kl}", param="kl")
         if self.stop not in STOPS:
-            raise ConfigError(f"--stop must be one of {', '.join(STOPS)}, got {self.stop!r}")
+            raise ConfigError(f"must be one of {', '.join(STOPS)}, got {self.stop!r}", param="stop")
         if not 0 <= self.holdout < 1:
-            raise ConfigError(f"--holdout must be in [0, 1), got {self.holdout}")
+            raise ConfigError(f"must be in [0, 1), got {self.holdout}", param="holdout")
         if self.select not in SELECTS:
-            raise ConfigError(f"--select must be one of {', '.join(SELECTS)}, got {self.select!r}")
+            raise ConfigError(f"must be one of {', '.join(SELECTS)}, got {self.select!r}", param="select")
         if self.repair is not None:
             self.repair.check()
 

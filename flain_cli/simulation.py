@@ -72,26 +72,26 @@ class TrainConfig:
     def validate(self, num_classes: int) -> None:
         self._check_types()
         checks = [
-            (self.clients >= 1, f"--clients must be at least 1, got {self.clients}"),
-            (0.0 <= self.mcr <= 1.0, f"--mcr must be in [0, 1], got {self.mcr}"),
-            (0.0 <= self.pdr <= 1.0, f"--pdr must be in [0, 1], got {self.pdr}"),
-            (self.rounds >= 1, f"--rounds must be at least 1, got {self.rounds}"),
-            (self.local_epochs >= 1, f"--local-epochs must be at least 1, got {self.local_epochs}"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.server_lr > 0, f"--server-lr must be > 0, got {self.server_lr}"),
-            (self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"),
-            (self.seed >= 0, f"--seed must be 0 or more, got {self.seed}"),
+            (self.clients >= 1, "clients", f"must be at least 1, got {self.clients}"),
+            (0.0 <= self.mcr <= 1.0, "mcr", f"must be in [0, 1], got {self.mcr}"),
+            (0.0 <= self.pdr <= 1.0, "pdr", f"must be in [0, 1], got {self.pdr}"),
+            (self.rounds >= 1, "rounds", f"must be at least 1, got {self.rounds}"),
+            (self.local_epochs >= 1, "local_epochs", f"must be at least 1, got {self.local_epochs}"),
+            (self.batch_size >= 1, "batch_size", f"must be at least 1, got {self.batch_size}"),
+            (self.lr > 0, "lr", f"must be > 0, got {self.lr}"),
+            (self.server_lr > 0, "server_lr", f"must be > 0, got {self.server_lr}"),
+            (self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}"),
+            (self.seed >= 0, "seed", f"must be 0 or more, got {self.seed}"),
             (self.train_samples is None or self.train_samples >= num_classes,
-             f"--train-samples must be at least one per class ({num_classes}), got {self.train_samples}"),
+             "train_samples", f"must be at least one per class ({num_classes}), got {self.train_samples}"),
             (self.rlr_threshold is None or self.rlr_threshold >= 1,
-             f"--rlr-threshold must be at least 1, got {self.rlr_threshold}"),
-            (0.0 < self.sample_rate <= 1.0, f"--sample-rate must be in (0, 1], got {self.sample_rate}"),
-            (self.eval_every >= 1, f"--eval-every must be at least 1, got {self.eval_every}"),
+             "rlr_threshold", f"must be at least 1, got {self.rlr_threshold}"),
+            (0.0 < self.sample_rate <= 1.0, "sample_rate", f"must be in (0, 1], got {self.sample_rate}"),
+            (self.eval_every >= 1, "eval_every", f"must be at least 1, got {self.eval_every}"),
         ]
-        for ok, message in checks:
+        for ok, param, message in checks:
             if not ok:
-                raise ConfigError(message)
+                raise ConfigError(message, param=param)
         for registry, name in ((SPLITS, self.split), (AGGREGATORS, self.aggregator), (TRIGGERS, self.trigger),
                                (ARCHITECTURES, self.arch)):
             registry.get(name)
@@ -109,7 +109,7 @@ class TrainConfig:
                   "str": isinstance(value, str)}[kinds[0]]
             if not ok:
                 what = {"int": "a whole number", "float": "a finite number", "str": "a name"}[kinds[0]]
-                raise ConfigError(f"--{f.name.replace('_', '-')} must be {what}, got {value!r}")
+                raise ConfigError(f"must be {what}, got {value!r}", param=f.name)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -26,7 +26,7 @@ def dirichlet_split(labels: torch.Tensor, clients: int, rng: np.random.Generator
     """
     _check(len(labels), clients)
     if alpha <= 0:
-        raise ConfigError(f"--alpha must be > 0, got {alpha}")
+        raise ConfigError(f"must be > 0, got {alpha}", param="alpha")
     y = labels.numpy()
     min_size = min(min_size, len(y) // clients)
     for _ in range(tries):
@@ -47,7 +47,7 @@ def dirichlet_split(labels: torch.Tensor, clients: int, rng: np.random.Generator
 def balanced_subset(labels: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:
     """Sorted indices of ``n`` samples, as even across classes as the data allows."""
     if not 0 < n <= len(labels):
-        raise ConfigError(f"--train-samples must be between 1 and {len(labels)}, got {n}")
+        raise ConfigError(f"must be between 1 and {len(labels)}, got {n}", param="train_samples")
     y = labels.numpy()
     classes = np.unique(y)
     pools = [rng.permutation(np.flatnonzero(y == c)) for c in classes]
@@ -67,6 +67,6 @@ def balanced_subset(labels: torch.Tensor, n: int, rng: np.random.Generator) -> t
 
 def _check(n: int, clients: int) -> None:
     if clients < 1:
-        raise ConfigError(f"--clients must be at least 1, got {clients}")
+        raise ConfigError(f"must be at least 1, got {clients}", param="clients")
     if clients > n:
         raise ConfigError(f"{clients} clients but only {n} training samples")

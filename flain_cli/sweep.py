@@ -56,9 +56,9 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
                      device: torch.device | str = "cpu") -> SweepResult:
     """The model unchanged, then ``points`` thresholds mu, mu + step, ... as `defend` would apply them."""
     if not (math.isfinite(step) and step > 0):
-        raise ConfigError(f"--step must be a finite number > 0, got {step}")
+        raise ConfigError(f"must be a finite number > 0, got {step}", param="step")
     if points < 1:
-        raise ConfigError(f"--points must be at least 1, got {points}")
+        raise ConfigError(f"must be at least 1, got {points}", param="points")
     loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, "MODEL")
     init = load_init(init_path, loaded, strict=source.strict)

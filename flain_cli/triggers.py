@@ -167,8 +167,8 @@ def load_trigger_image(path: Path, shape: tuple[int, int, int], mask_path: Path 
     elif image.mode in ("RGBA", "LA") or "transparency" in image.info:
         mask = np.asarray(image.convert("RGBA"))[..., 3] > 0
     else:
-        raise ConfigError(f"--trigger-image {path} has no alpha channel: make the pixels outside the trigger "
-                          "transparent, or pass --trigger-mask")
+        raise ConfigError(f"{path} has no alpha channel: make the pixels outside the trigger "
+                          "transparent, or pass --trigger-mask", param="trigger_image")
     if not mask.any():
         raise ConfigError(f"the trigger of {path} covers no pixel (its mask is empty)")
     pixels = np.array(image.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)  # a writable copy

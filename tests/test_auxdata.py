@@ -126,5 +126,5 @@ def test_holdout_split_is_stratified_seeded_and_disjoint(tmp_path):
     assert torch.equal(again.images, held.images)
     assert not torch.equal(aux.split(0.5, seed=4)[1].images, held.images)
     for bad in (0.0, 1.0):
-        with pytest.raises(ConfigError, match="--holdout must be between 0 and 1"):
+        with pytest.raises(ConfigError, match="^holdout must be between 0 and 1"):
             aux.split(bad)

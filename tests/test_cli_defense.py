@@ -96,7 +96,7 @@ def test_defend_bad_inputs(tiny_run, aux_dir, tmp_path):
                  "--select", "best", "--out", tmp_path / "x.safetensors")
     assert res.exit_code == 2 and "'best' is not one of" in " ".join(res.stderr.split())  # a fixed choice: usage error
     res = invoke("defend", run / "final.safetensors", "--aux", aux_dir, "--out", tmp_path / "x.safetensors")
-    assert res.exit_code == 1 and res.stderr.startswith("Error: --init is needed for --method flain")
+    assert res.exit_code == 1 and res.stderr.startswith("Error: --init is needed for method flain")
     assert not (tmp_path / "x.safetensors").exists()
     pruned = invoke("defend", run / "final.safetensors", "--aux", aux_dir, "--method", "prune", "--rho", "0.05",
                     "--out", tmp_path / "p.safetensors", "--json")  # pruning zeroes columns: no W0 needed

@@ -64,10 +64,13 @@ def test_the_kl_stop_fires_at_the_first_divergence_over_its_budget(search):
     last_safe = search(W, W0, X, evaluate, step=0.1, rho=0.03, stop="kl", kl=0.5, divergence=divergence,
                        select="last-safe")
     assert last_safe.mask.tolist() == [True, False, False] and last_safe.kl_kept == pytest.approx(0.3)
-    with pytest.raises(ConfigError, match="kl stop needs"):
+    with pytest.raises(ConfigError, match="^divergence is needed for the kl stop") as caught:
         search(W, W0, X, evaluate, step=0.1, stop="kl", kl=0.5)  # no divergence measure
-    with pytest.raises(ConfigError, match="--stop must be one of"):
+    assert caught.value.param == "divergence"
+    # the library names its parameters (the CLI says --stop: tests/test_bad_input.py)
+    with pytest.raises(ConfigError, match="^stop must be one of accuracy, kl, got 'loss'$") as caught:
         search(W, W0, X, evaluate, step=0.1, stop="loss")
+    assert (caught.value.param, caught.value.detail) == ("stop", "must be one of accuracy, kl, got 'loss'")
 
 
 @pytest.mark.parametrize("search", [search_plain, search_fast])

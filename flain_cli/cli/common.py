@@ -159,6 +159,17 @@ class Settings:
     debug: bool = False
 
 
+# library parameters whose option is not their name in kebab case
+FLAGS = {"init_path": "--init", "aux_path": "--aux", "fmt": "--format", "path": "MODEL"}
+
+
+def cli_message(error: FlainError) -> str:
+    """The error as the CLI says it: the library parameter it starts with becomes the option."""
+    if error.param is None:
+        return str(error)
+    return f"{FLAGS.get(error.param, '--' + error.param.replace('_', '-'))} {error.detail}"
+
+
 def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
     """Turn the core's FlainError (and I/O errors) into one 'Error: ...' line and exit code 1."""
 
@@ -170,7 +181,7 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
         except (typer.Exit, typer.Abort):
             raise
         except FlainError as exc:
-            failure, message = exc, str(exc)
+            failure, message = exc, cli_message(exc)
         except OSError as exc:
             where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
             failure, message = exc, f"{exc.strerror or exc}{where}"
