@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint, ModelSource, conform, conformed_model, load_
 from .defense import SearchResult, search_fast, search_plain
 from .errors import AuxError, CheckpointError, ConfigError
 from .modeldef import get_linear, split_model
+from .records import AuxRecord, DefenseRecord
 from .repair import distill_repair
 from .settings import PRESETS, DefenseConfig, RepairSettings
 
@@ -201,14 +202,11 @@ def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, sou
 
 @dataclass(frozen=True)
 class DefendOutcome:
-    meta: dict[str, Any]  # metadata of the defended checkpoint
+    meta: dict[str, Any]  # metadata of the defended checkpoint (its "defense" is ``record.to_json()``)
     state: dict[str, torch.Tensor]
-    result: SearchResult
-    layer: str
-    aux_acc_after: float
-    n_aux: int
+    result: SearchResult  # the search, with its trace
+    record: DefenseRecord  # every setting and what was found; ``record.warnings``: the result may be wrong
     seconds: float
-    warnings: tuple[str, ...] = ()  # the result may be wrong: the CLI prints them on stderr and in --json
     notes: tuple[str, ...] = ()  # how MODEL was read (format, prefixes, dtype): stderr and --json
 
 
@@ -346,12 +344,11 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
                         f"or --select last-safe")
     state = dict(loaded.ckpt.tensors)
     state[f"{layer}.weight"] = result.weight.contiguous()
-    repair_record = None
+    aux_acc_flipped = None
     if config.repair is not None:
         aux_acc_flipped = every.accuracy_model(state)
         repaired = every.repair(result.weight, result.mask, config.repair)
         state |= {name: value.to(state[name].dtype).contiguous() for name, value in repaired.items()}
-        repair_record = config.repair.record() | {"aux_acc_flipped": aux_acc_flipped}
     aux_acc_after = every.accuracy_model(state)
     notes = list(loaded.ckpt.notes) + resize_notes(aux, loaded.meta)
     if loaded.meta.get("model_def"):
@@ -360,21 +357,16 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         dtype = getattr(torch, loaded.ckpt.dtype)
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         notes.append(f"written as {loaded.ckpt.dtype}, like MODEL (aux accuracy above is the float32 model's)")
+    record = DefenseRecord(
+        config, layer, result.lam, result.mu, result.changed, int(x.numel()),
+        tuple(torch.nonzero(result.mask).flatten().tolist()), result.all_selected, result.acc0, result.acc_kept,
+        result.kl_kept, aux_acc_flipped, aux_acc_after, result.steps, result.evaluations, seed, tuple(warnings),
+        AuxRecord(aux.source, len(aux), int(feats.labels.numel()), aux.resized))
     meta = {key: value for key, value in loaded.ckpt.meta.items() if key not in ("metrics",)} | loaded.meta
     meta |= {
         "role": "defended",
         "parents": {"final": loaded.ckpt.sha256, "init": init.sha256 if init is not None else None},
         "source": {"format": loaded.ckpt.format, "dtype": loaded.ckpt.dtype, "notes": notes},
-        "defense": config.record() | {
-            "layer": layer, "lambda": result.lam, "mu": result.mu, "flipped": result.changed,
-            "of": int(x.numel()), "neurons": torch.nonzero(result.mask).flatten().tolist(),
-            "all_selected": result.all_selected, "aux_acc_before": result.acc0, "aux_acc_kept": result.acc_kept,
-            "kl_kept": result.kl_kept,
-            "aux_acc_after": aux_acc_after, "steps": result.steps, "evaluations": result.evaluations,
-            "seed": seed, "repair": repair_record, "warnings": warnings,
-            "aux": {"source": aux.source, "n": len(aux), "scored_on": int(feats.labels.numel()),
-                    "resized": aux.resized},
-        },
+        "defense": record.to_json(),
     }
-    return DefendOutcome(meta, state, result, layer, aux_acc_after, len(aux), time.perf_counter() - started,
-                         tuple(warnings), tuple(notes))
+    return DefendOutcome(meta, state, result, record, time.perf_counter() - started, tuple(notes))

@@ -92,11 +92,11 @@ def run_demo(samples_dir: Path, sample: str, out: Path, *, paper_out: Path | Non
     after = evaluate_checkpoint(out, test=test, device=device).result
     after_paper = evaluate_checkpoint(paper_out, test=test, device=device).result
     seconds["eval"] = time.perf_counter() - started
-    d, p = outcome.meta["defense"], paper.meta["defense"]
+    d, p = outcome.record, paper.record
     return DemoReport(
         sample, source, before.n_clean,
-        {"acc": before.acc, "asr": before.asr, "aux_acc": d["aux_acc_before"]},
-        {"acc": after.acc, "asr": after.asr, "aux_acc": d["aux_acc_after"], "rule": d["rule"]},
-        {"acc": after_paper.acc, "asr": after_paper.asr, "aux_acc": p["aux_acc_after"], "rule": p["rule"]},
-        {"lambda": d["lambda"], "flipped": d["flipped"], "of": d["of"], "silent_neurons": int((scan.means == 0).sum())},
+        {"acc": before.acc, "asr": before.asr, "aux_acc": d.aux_acc_before},
+        {"acc": after.acc, "asr": after.asr, "aux_acc": d.aux_acc_after, "rule": d.config.rule},
+        {"acc": after_paper.acc, "asr": after_paper.asr, "aux_acc": p.aux_acc_after, "rule": p.config.rule},
+        {"lambda": d.lam, "flipped": d.flipped, "of": d.of, "silent_neurons": int((scan.means == 0).sum())},
         seconds, out, paper_out)

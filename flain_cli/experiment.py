@@ -365,8 +365,10 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.devic
                                         _aux(exp, d, cfg.dataset, data_dir), d.config(defense.method),
                                         seed=d.aux_seed, device=device)
             save_checkpoint(model, outcome.state, outcome.meta)
-            record = {k: outcome.meta["defense"][k] for k in ("lambda", "flipped", "of", "aux_acc_before",
-                                                              "aux_acc_after", "all_selected")}
+            done = outcome.record
+            record = {"lambda": done.lam, "flipped": done.flipped, "of": done.of,
+                      "aux_acc_before": done.aux_acc_before, "aux_acc_after": done.aux_acc_after,
+                      "all_selected": done.all_selected}
             _write(run_dir / f"{tag}.json", record)
         cell.detail |= {"step": d.step, "rho": d.rho, "stop": d.stop, "kl": d.kl if d.stop == "kl" else None,
                         "holdout": d.holdout, "aux_per_class": d.aux_per_class, "repair": d.repair} | record

@@ -1,5 +1,8 @@
 """scan/defend on checkpoints written by `flain train`."""
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -7,6 +10,7 @@ from flain_cli.audit import AuxFeatures, defend_checkpoint, load_aux_for, load_m
 from flain_cli.checkpoint import load_checkpoint, model_meta, save_checkpoint
 from flain_cli.errors import CheckpointError, ConfigError
 from flain_cli.models import build_model
+from flain_cli.records import DefenseRecord
 from flain_cli.settings import PRESETS, DefenseConfig
 
 from .conftest import write_aux_folder
@@ -49,6 +53,7 @@ def test_the_kl_stop_on_a_trained_model(tiny_run, aux_dir, kl):
     assert fast.result.changed > 0
     d = fast.meta["defense"]
     assert d["stop"] == "kl" and d["kl"] == kl and d["kl_kept"] == trace[-1].kl and d["rule"] == "flain+kl"
+    assert DefenseRecord.from_json(json.loads(json.dumps(d))) == fast.record and fast.record.config == config
     loaded = load_model(out / "final.safetensors")
     feats = AuxFeatures(loaded.model, "fc1", load_aux_for(loaded, aux_dir), loaded.meta)
     feats.accuracy(loaded.ckpt.tensors["fc1.weight"])
@@ -145,5 +150,14 @@ def test_the_repair_keeps_the_flip_and_touches_only_fc1_and_after(tiny_run, aux_
     assert all(repaired.state[k].dtype == original[k].dtype for k in original)
     d = repaired.meta["defense"]
     assert d["rule"] == "flain+distill" and d["repair"]["steps"] == 100 and d["repair"]["alpha"] == 0.8
-    assert d["repair"]["aux_acc_flipped"] == pytest.approx(paper.aux_acc_after)
+    assert d["repair"]["aux_acc_flipped"] == pytest.approx(paper.record.aux_acc_after)
     assert paper.meta["defense"]["rule"] == "flain" and paper.meta["defense"]["repair"] is None
+    # the typed record and the JSON layout read back into each other, settings included
+    for outcome in (repaired, paper):
+        assert DefenseRecord.from_json(json.loads(json.dumps(outcome.meta["defense"]))) == outcome.record
+    assert repaired.record.config == config and paper.record.config == dataclasses.replace(config, repair=None)
+    assert repaired.record.aux_acc_flipped == pytest.approx(paper.record.aux_acc_after)
+    with pytest.raises(CheckpointError, match="defense record version 2"):
+        DefenseRecord.from_json(d | {"version": 2})
+    with pytest.raises(CheckpointError, match="incomplete or malformed"):
+        DefenseRecord.from_json({k: v for k, v in d.items() if k != "lambda"})

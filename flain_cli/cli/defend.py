@@ -170,28 +170,28 @@ def defend(
     with plan.writing() as stage:  # claimed from here; both files appear at the end, or neither
         outcome = defend_checkpoint(model, init, aux, config, layer=layer, source=source, plain=plain, seed=seed,
                                     device=torch_device)
-        res, record = outcome.result, outcome.meta["defense"]
+        res, record = outcome.result, outcome.record
         save_checkpoint(stage["--out"], outcome.state, outcome.meta)
         if trace is not None:
             stage["--trace"].write_text(trace_csv(res.trace, res.acc0))
     print_notes(outcome.notes)
-    for warning in outcome.warnings:
+    for warning in record.warnings:
         err.print(f"warning: {warning}", markup=False, soft_wrap=True)
-    summary = {"rule": config.rule, "preset": preset.value, "repair": record["repair"], "method": method,
-               "lambda": res.lam, "flipped": res.changed, "of": int(res.mask.numel()),
-               "aux_acc_before": res.acc0, "aux_acc_after": outcome.aux_acc_after, "steps": res.steps,
-               "out": str(target), "layer": outcome.layer, "select": config.select, "step": step,
-               "stop": config.stop, "rho": rho if config.stop == "accuracy" else None, "kl": record["kl"],
-               "kl_kept": res.kl_kept,
-               "mu": res.mu, "aux_acc_kept": res.acc_kept, "all_selected": res.all_selected,
-               "evaluations": res.evaluations, "n_aux": outcome.n_aux, "holdout": config.holdout,
-               "seconds": round(outcome.seconds, 3), "warnings": list(outcome.warnings),
+    stored = record.to_json()  # the checkpoint's record, in the report's order and names
+    summary = {"rule": config.rule, "preset": preset.value, "repair": stored["repair"], "method": method,
+               "lambda": record.lam, "flipped": record.flipped, "of": record.of,
+               "aux_acc_before": record.aux_acc_before, "aux_acc_after": record.aux_acc_after,
+               "steps": record.steps, "out": str(target), "layer": record.layer, "select": config.select,
+               "step": step, "stop": config.stop, "rho": rho if config.stop == "accuracy" else None,
+               "kl": stored["kl"], "kl_kept": record.kl_kept, "mu": record.mu, "aux_acc_kept": record.aux_acc_kept,
+               "all_selected": record.all_selected, "evaluations": record.evaluations, "n_aux": record.aux.n,
+               "holdout": config.holdout, "seconds": round(outcome.seconds, 3), "warnings": list(record.warnings),
                "notes": list(outcome.notes)}
     if as_json:
         print_json(summary)
         return
     budget = f"rho {rho}" if config.stop == "accuracy" else f"kl {config.kl}"
-    curve = Table(title=f"search on {outcome.layer} ({method}, step {step}, {budget}): "
+    curve = Table(title=f"search on {record.layer} ({method}, step {step}, {budget}): "
                         f"thresholds where the selection changed")
     columns = ("lambda", "neurons", "aux accuracy", "drop") + (("kl",) if config.stop == "kl" else ())
     for column in columns:
@@ -209,9 +209,10 @@ def defend(
     table.add_column("value", justify="right")
     for key, value in (("final lambda", f"{res.lam:.6f}"),
                        ("neurons changed", f"{res.changed} of {res.mask.numel()}"),
-                       (f"aux accuracy ({outcome.n_aux} images)", f"{res.acc0:.4f} -> "
-                        + (f"{record['repair']['aux_acc_flipped']:.4f} (flipped) -> " if record["repair"] else "")
-                        + f"{outcome.aux_acc_after:.4f}"),
+                       (f"aux accuracy ({record.aux.n} images)", f"{res.acc0:.4f} -> "
+                        + (f"{record.aux_acc_flipped:.4f} (flipped) -> " if record.aux_acc_flipped is not None
+                           else "")
+                        + f"{record.aux_acc_after:.4f}"),
                        ("thresholds (Algorithm 1 steps)", str(res.steps)),
                        ("network evaluations", str(res.evaluations)),
                        ("seconds", f"{outcome.seconds:.2f}"), ("written", str(target))):
