@@ -7,12 +7,12 @@ Readers take the files the other commands write: ``train --log`` (JSON lines) or
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, FlainError
-from .files import atomic_write, read_text
+from .events import read_train_log
+from .files import atomic_write
 from .tables import MEANS_COLUMNS, TRACE_COLUMNS, read_csv
 
 
@@ -35,29 +35,6 @@ def check_png(out: Path) -> Path:
 
 def _save(fig: Any, out: Path) -> None:
     atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-
-
-def read_train_log(path: Path) -> list[dict]:
-    """The evaluated rounds of one training: a `flain train --log` file (JSON lines), or the train.json
-    that `flain experiment` keeps in each cached training folder, or that folder."""
-    path = Path(path)
-    source = path / "train.json" if path.is_dir() else path
-    text = read_text(source, "training log")
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError:
-        record = None
-    try:
-        rows = (record["history"] if isinstance(record, dict) and "history" in record
-                else [json.loads(line) for line in text.splitlines() if line.strip()])
-    except json.JSONDecodeError:
-        rows = None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and "round" in r for r in rows):
-        raise ConfigError(f"{source} is not a `flain train --log` file (JSON lines) or a train.json")
-    rows = [r for r in rows if r.get("acc") is not None]
-    if not rows:
-        raise ConfigError(f"{source} holds no evaluated rounds")
-    return rows
 
 
 def plot_training(runs: list[Path], out: Path, title: str | None = None, labels: list[str] | None = None) -> None:

@@ -26,7 +26,7 @@ from .catalog import LOCK_FILE, RESUME_FILE
 from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
 from .datasets import Dataset
 from .errors import CheckpointError, FlainError
-from .events import Listener, RoundLog
+from .events import Listener, RoundLog, round_record
 from .files import atomic_write, missing_folders, remove_empty
 from .simulation import SimulationResult, Snapshot, TrainConfig, simulate
 
@@ -54,8 +54,7 @@ class TrainOutcome:
                 "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
                 "malicious_clients": cfg.malicious,
                 "poisoned_samples": sum(c.n_poisoned for c in self.result.clients),
-                "history": [{"round": h.round, "acc": h.acc, "asr": h.asr, "seconds": round(h.seconds, 3)}
-                            for h in history]}
+                "history": [round_record(h) for h in history]}
 
 
 def attack_meta(cfg: TrainConfig, num_classes: int) -> dict[str, Any] | None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flain_cli.checkpoint import load_checkpoint
+from flain_cli.events import read_train_log
 
 from .conftest import invoke
 
@@ -32,7 +33,9 @@ def test_train_writes_checkpoints_log_and_json(trained, tmp_path):
                                     "mcr": 0.5, "malicious_clients": [0]}
     assert final.meta["train_config"]["clients"] == 2 and final.meta["seed"] == 1
     lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [line["round"] for line in lines] == [1] and {"acc", "asr", "seconds"} <= set(lines[0])
+    assert [line["round"] for line in lines] == [1] and {"acc", "asr", "seconds", "train_seconds"} <= set(lines[0])
+    # one record of a round: the log's lines are train.json's history, and read back the same way
+    assert lines == summary["history"] == read_train_log(tmp_path / "log.jsonl")
 
 
 def test_eval_json_contract(trained):

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from ..catalog import AGGREGATORS, DATASETS, RESUME_FILE, SPLITS, TRIGGERS
 from ..errors import ConfigError
-from ..events import Listener, RoundLog
+from ..events import Listener, RoundLog, round_record
 from ..files import FilePlan
 from .common import (
     DataDirOpt,
@@ -70,9 +70,7 @@ class _RichListener(Listener):
             if self.log_file is None:
                 self.log.parent.mkdir(parents=True, exist_ok=True)
                 self.log_file = open(self.log, "w", encoding="utf-8")
-            self.log_file.write(json.dumps({"round": log.round, "acc": log.acc, "asr": log.asr,
-                                            "seconds": round(log.seconds, 3),
-                                            "train_seconds": round(log.train_seconds, 3)}) + "\n")
+            self.log_file.write(json.dumps(round_record(log)) + "\n")
             self.log_file.flush()
 
 
