@@ -156,17 +156,19 @@ class AuxFeatures:
                                  (self.inputs,))
         return float((logits.argmax(dim=1) == self.labels).float().mean())
 
-    def repair(self, weight: torch.Tensor, frozen: torch.Tensor, settings: RepairSettings) -> dict[str, torch.Tensor]:
+    def repair(self, weight: torch.Tensor, frozen: torch.Tensor, settings: RepairSettings,
+               activations: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The distillation repair on these aux images (:func:`distill_repair`), as new named tensors.
 
-        The teacher is the model as loaded; ``weight`` is the defended layer after the search and
-        ``frozen`` its changed columns.
+        The teacher is the model as loaded; ``weight`` is the defended layer after the search,
+        ``frozen`` its changed columns and ``activations`` the search's mean activations (the
+        guard's candidates; default: these images' own).
         """
         teacher = self.original_logits()
         has_bias = self.linear.bias is not None
         result = distill_repair(self.features64, self.labels, teacher, weight.to(self.features64.device),
                                 self.bias if has_bias else None, self.rest, frozen.to(self.features64.device),
-                                settings)
+                                settings, self.mean_activations() if activations is None else activations)
         out = {f"{self.layer}.weight": result.weight.cpu()}
         if result.bias is not None:
             out[f"{self.layer}.bias"] = result.bias.cpu()
@@ -347,7 +349,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     aux_acc_flipped = None
     if config.repair is not None:
         aux_acc_flipped = every.accuracy_model(state)
-        repaired = every.repair(result.weight, result.mask, config.repair)
+        repaired = every.repair(result.weight, result.mask, config.repair, x)
         state |= {name: value.to(state[name].dtype).contiguous() for name, value in repaired.items()}
     aux_acc_after = every.accuracy_model(state)
     notes = list(loaded.ckpt.notes) + resize_notes(aux, loaded.meta)

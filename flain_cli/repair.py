@@ -11,7 +11,15 @@ images, as fine-pruning fine-tunes after pruning:
   teacher being the model before the defense (it classifies clean images well; the trigger,
   which the aux set does not hold, is what it must not pass on);
 - ``steps`` full-batch Adam steps at ``lr``, in eval mode (no dropout) and float64: no data
-  order and no randomness, so the result is a function of its inputs.
+  order and no randomness, so the result is a function of its inputs;
+- the guard (opt-in, ``guard`` > 0): a second term, ``guard * T^2 * KL``, asks for the teacher's
+  outputs also on perturbed copies of the aux inputs in which random low-activation inputs (the
+  ``guard_ratio`` x flipped inputs of lowest mean activation, each with probability
+  ``guard_rate``) are switched on at a typical strong activation (the median over inputs of their
+  maximum on the aux set). A trigger is such a pattern; no trigger is known or used. Without it,
+  the repair can bring part of a backdoor back through the inputs the search left unflipped
+  (docs/results.md). The copies are drawn once from a fixed seed, so the result stays a function
+  of the inputs.
 
 Everything runs on the defended layer's inputs, computed once; nothing here reads files.
 """
@@ -19,6 +27,7 @@ Everything runs on the defended layer's inputs, computed once; nothing here read
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -46,9 +55,28 @@ def repair_loss(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tenso
     return settings.alpha * t * t * distill + (1 - settings.alpha) * F.cross_entropy(logits, labels)
 
 
+GUARD_COPIES, GUARD_SEED = 2, 0  # perturbed copies of each aux image, and their seed
+
+
+def guard_inputs(features: torch.Tensor, activations: torch.Tensor, flipped: int,
+                 settings: RepairSettings) -> torch.Tensor:
+    """The guard's perturbed inputs: ``GUARD_COPIES`` copies of ``features`` with random candidates on."""
+    order = torch.argsort(activations.to(features.device), stable=True)
+    candidates = torch.zeros(features.shape[1], dtype=torch.bool, device=features.device)
+    candidates[order[:min(len(order), int(round(settings.guard_ratio * flipped)))]] = True
+    strong = float(features.max(0).values.median())
+    gen = torch.Generator().manual_seed(GUARD_SEED)
+    copies = []
+    for _ in range(GUARD_COPIES):  # drawn on the CPU, so the same on every device
+        on = (torch.rand(features.shape, generator=gen, dtype=torch.float64) < settings.guard_rate)
+        copies.append(features + strong * (on.to(features.device) & candidates.view(1, -1)).to(features.dtype))
+    return torch.cat(copies)
+
+
 def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None, head: nn.Module, frozen: torch.Tensor,
-                   settings: RepairSettings = RepairSettings()) -> RepairResult:
+                   settings: RepairSettings = RepairSettings(),
+                   activations: torch.Tensor | None = None) -> RepairResult:
     """Fine-tune ``weight`` (columns in ``frozen`` excepted), ``bias`` and ``head`` towards ``teacher``.
 
     Args:
@@ -59,7 +87,9 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
             without bias, which keeps none).
         head: the layers after the defended layer (an activation first); copied, never changed.
         frozen: bool ``[in]``, the flipped columns, which keep their values bit for bit.
-        settings: steps, learning rate, alpha and temperature.
+        settings: steps, learning rate, alpha and temperature, and the guard's.
+        activations: the mean activation of each input on the aux set, ``[in]`` (the search's);
+            needed by the guard only.
 
     Returns:
         The new weight, bias and head parameters (float64), and the loss before and after.
@@ -68,6 +98,8 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
     if frozen.shape != (weight.shape[1],) or features.shape[1] != weight.shape[1]:
         raise ConfigError(f"repair: {tuple(features.shape)} features and a {tuple(frozen.shape)} mask "
                           f"for a layer of shape {tuple(weight.shape)}")
+    if settings.guard and (activations is None or activations.shape != (weight.shape[1],)):
+        raise ConfigError("the repair's guard needs the mean activation of each input of the layer")
     features, teacher = features.double(), teacher.double()
     head = copy.deepcopy(head).double().eval()
     w = weight.detach().double().clone().requires_grad_(True)
@@ -75,8 +107,19 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
          else bias.detach().double().clone()).requires_grad_(bias is not None)
     opt = torch.optim.Adam([w, *([b] if bias is not None else []), *head.parameters()], lr=settings.lr)
 
+    guard = None
+    if settings.guard and activations is not None:
+        perturbed = guard_inputs(features, activations, int(frozen.sum()), settings)
+        guard = (perturbed, teacher.repeat(GUARD_COPIES, 1), labels.repeat(GUARD_COPIES),
+                 dataclasses.replace(settings, alpha=1.0))  # the distillation term alone
+
     def loss() -> torch.Tensor:
-        return repair_loss(head(torch.addmm(b, features, w.T)), teacher, labels, settings)
+        value = repair_loss(head(torch.addmm(b, features, w.T)), teacher, labels, settings)
+        if guard is not None:
+            inputs, targets, guard_labels, only_distill = guard
+            value = value + settings.guard * repair_loss(head(torch.addmm(b, inputs, w.T)), targets, guard_labels,
+                                                         only_distill)
+        return value
 
     with torch.no_grad():
         before = float(loss())

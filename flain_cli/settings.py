@@ -25,6 +25,11 @@ class RepairSettings:
     lr: float = 1e-3
     alpha: float = 0.8  # weight of the distillation term; 1 - alpha goes to the labels
     temperature: float = 4.0
+    # the silent-neuron guard (ours, opt-in: weight 0 is off; repair.py): the repaired model must also
+    # give the teacher's outputs when random low-activation inputs are switched on
+    guard: float = 0.0  # weight of that term
+    guard_ratio: float = 2.0  # candidates: the guard_ratio x flipped inputs of lowest mean activation
+    guard_rate: float = 0.01  # share of the candidates switched on in each perturbed copy
 
     def check(self) -> None:
         if not (isinstance(self.steps, int) and 1 <= self.steps <= 100_000):
@@ -35,9 +40,17 @@ class RepairSettings:
             raise ConfigError(f"repair alpha must be in [0, 1], got {self.alpha}")
         if not (math.isfinite(self.temperature) and 0 < self.temperature <= 100):
             raise ConfigError(f"repair temperature must be in (0, 100], got {self.temperature}")
+        if not (math.isfinite(self.guard) and 0 <= self.guard <= 100):
+            raise ConfigError(f"repair guard must be in [0, 100] (0: off), got {self.guard}")
+        if not (math.isfinite(self.guard_ratio) and 0 < self.guard_ratio <= 100):
+            raise ConfigError(f"repair guard_ratio must be in (0, 100], got {self.guard_ratio}")
+        if not 0 < self.guard_rate <= 1:
+            raise ConfigError(f"repair guard_rate must be in (0, 1], got {self.guard_rate}")
 
     def record(self) -> dict[str, float | int]:
-        return asdict(self)
+        """Its settings; the guard's only when it is on, so records without it read as before it existed."""
+        values = asdict(self)
+        return values if self.guard else {k: v for k, v in values.items() if not k.startswith("guard")}
 
 
 PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
@@ -69,8 +82,9 @@ class DefenseConfig:
 
     @property
     def rule(self) -> str:
-        """A short name: the method, '+kl' for the kl stop, '+distill' when the repair runs."""
-        return self.method + ("+kl" if self.stop == "kl" else "") + ("+distill" if self.repair is not None else "")
+        """A short name: the method, '+kl' for the kl stop, '+distill' when the repair runs, '+guard' with its guard."""
+        return (self.method + ("+kl" if self.stop == "kl" else "") + ("+distill" if self.repair is not None else "")
+                + ("+guard" if self.repair is not None and self.repair.guard else ""))
 
     def check(self) -> None:
         """Refuse settings out of range before any work (those that need the activations are checked later)."""

@@ -150,6 +150,17 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     assert default["repair"]["steps"] == 20 and default["repair"]["alpha"] == 0.8
     meta = load_checkpoint(tmp_path / "d.safetensors").meta["defense"]
     assert meta["rule"] == "flain+distill" and meta["repair"]["steps"] == 20 and meta["step"] == 0.001
+    assert "guard" not in meta["repair"]  # off: the record reads as before the guard existed
+    guard = json.loads(invoke("defend", *common, "--repair-steps", "20", "--repair-guard", "1", "--out",
+                              tmp_path / "g.safetensors").stdout)
+    assert guard["rule"] == "flain+distill+guard" and guard["flipped"] == default["flipped"]
+    assert (guard["repair"]["guard"], guard["repair"]["guard_ratio"], guard["repair"]["guard_rate"]) == (1.0, 2.0, 0.01)
+    g, d = load_checkpoint(tmp_path / "g.safetensors"), load_checkpoint(tmp_path / "d.safetensors")
+    assert g.meta["defense"]["repair"]["guard"] == 1.0 and not torch.equal(g.tensors["fc2.weight"],
+                                                                             d.tensors["fc2.weight"])
+    mask = torch.zeros(3136, dtype=torch.bool)
+    mask[g.meta["defense"]["neurons"]] = True  # the guard trains the same columns as the repair
+    assert torch.equal(g.tensors["fc1.weight"][:, mask], d.tensors["fc1.weight"][:, mask])
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -160,6 +171,11 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     (["--repair-alpha", "2"], "Error: repair alpha must be in [0, 1], got 2.0"),
     (["--repair-steps", "0"], "Error: repair steps must be an integer from 1 to 100000, got 0"),
     (["--repair-temperature", "nan"], "Error: repair temperature must be in (0, 100], got nan"),
+    (["--repair", "none", "--repair-guard", "1"],
+     "Error: --repair-guard has no effect without the repair; drop it or pass --repair distill"),
+    (["--repair-guard-rate", "0.1"], "Error: --repair-guard-ratio and --repair-guard-rate shape the guard, which is "
+                                     "off; drop them or pass --repair-guard 1"),
+    (["--repair-guard", "1", "--repair-guard-rate", "2"], "Error: repair guard_rate must be in (0, 1], got 2.0"),
 ])
 def test_bad_repair_settings_are_one_error_line(tiny_run, aux_dir, tmp_path, options, message):
     run, _ = tiny_run

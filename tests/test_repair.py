@@ -1,13 +1,14 @@
 """The distillation repair on hand-made layers: frozen columns, a plain reference loop, bad settings."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 from torch import nn
 
 from flain_cli.errors import ConfigError
-from flain_cli.repair import distill_repair, repair_loss
+from flain_cli.repair import GUARD_COPIES, distill_repair, guard_inputs, repair_loss
 from flain_cli.settings import RepairSettings
 
 
@@ -77,7 +78,9 @@ def test_deterministic_and_without_bias():
 
 
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": 2.5}, {"lr": 0.0}, {"lr": float("nan")}, {"alpha": 1.5},
-                                 {"alpha": -0.1}, {"temperature": 0.0}, {"temperature": float("inf")}])
+                                 {"alpha": -0.1}, {"temperature": 0.0}, {"temperature": float("inf")},
+                                 {"guard": -1.0}, {"guard": float("nan")}, {"guard_ratio": 0.0},
+                                 {"guard_rate": 0.0}, {"guard_rate": 1.5}])
 def test_bad_settings_are_refused(bad):
     features, labels, teacher, weight, bias, head, frozen = problem()
     with pytest.raises(ConfigError, match="repair"):
@@ -88,3 +91,45 @@ def test_a_mask_of_the_wrong_size_is_refused():
     features, labels, teacher, weight, bias, head, frozen = problem()
     with pytest.raises(ConfigError):
         distill_repair(features, labels, teacher, weight, bias, head, frozen[:-1])
+
+
+def test_guard_inputs_switch_on_only_the_lowest_mean_candidates():
+    features, *_ = problem(n=400, d=40)
+    activations = torch.linspace(0, 1, 40).flip(0)  # input 39 has the lowest mean, input 0 the highest
+    settings = RepairSettings(guard=1.0, guard_ratio=2.0, guard_rate=0.2)
+    perturbed = guard_inputs(features, activations, 5, settings)  # 5 flipped -> the 10 lowest are candidates
+    assert perturbed.shape == (GUARD_COPIES * 400, 40)
+    on = perturbed != features.repeat(GUARD_COPIES, 1)
+    assert not on[:, :30].any() and on[:, 30:].any()
+    assert 0.15 < float(on[:, 30:].double().mean()) < 0.25  # about guard_rate of the candidates
+    strong = float(features.max(0).values.median())
+    assert torch.allclose((perturbed - features.repeat(GUARD_COPIES, 1))[on], torch.tensor(strong, dtype=torch.float64))
+    assert torch.equal(perturbed, guard_inputs(features, activations, 5, settings))  # a fixed draw
+
+
+def test_the_guard_keeps_the_outputs_when_silent_inputs_fire():
+    """What the guard is for: after a repair with it, switching low-activation inputs on moves the outputs
+    away from the teacher's less than after the plain repair; the frozen columns stay as they were."""
+    features, labels, teacher, weight, bias, head, frozen = problem(seed=7, n=200, d=30)
+    activations = features.mean(0)
+    settings = RepairSettings(steps=150, lr=0.01)
+    guarded = RepairSettings(steps=150, lr=0.01, guard=1.0, guard_ratio=3.0, guard_rate=0.2)
+    probe = guard_inputs(features, activations, int(frozen.sum()), dataclasses.replace(guarded, guard_rate=0.3))
+
+    def drift(res):
+        net = copy.deepcopy(head)
+        net.load_state_dict({k: v for k, v in res.head.items()})
+        with torch.no_grad():
+            out = net(probe @ res.weight.T + res.bias)
+        return float(repair_loss(out, teacher.repeat(GUARD_COPIES, 1), labels.repeat(GUARD_COPIES),
+                                 RepairSettings(alpha=1.0)))
+
+    plain = distill_repair(features, labels, teacher, weight, bias, head, frozen, settings, activations)
+    guard = distill_repair(features, labels, teacher, weight, bias, head, frozen, guarded, activations)
+    assert torch.equal(guard.weight[:, frozen], weight[:, frozen])
+    assert drift(guard) < 0.8 * drift(plain)
+    # off by default: the activations change nothing then
+    assert torch.equal(plain.weight, distill_repair(features, labels, teacher, weight, bias, head, frozen,
+                                                     settings).weight)
+    with pytest.raises(ConfigError, match="guard needs the mean activation"):
+        distill_repair(features, labels, teacher, weight, bias, head, frozen, guarded)

@@ -61,9 +61,12 @@ def build_config(preset: str, method: str | None, step: float | None, rho: float
     given: dict[str, Any] = {k: v for k, v in repair_settings.items() if v is not None}
     repair_on = base.repair is not None if repair is None else repair == "distill"
     if given and not repair_on:
-        raise ConfigError(f"--repair-{next(iter(given))} has no effect without the repair; "
+        raise ConfigError(f"--repair-{next(iter(given)).replace('_', '-')} has no effect without the repair; "
                           "drop it or pass --repair distill")
     settings = dataclasses.replace(base.repair or RepairSettings(), **given) if repair_on else None
+    if settings is not None and not settings.guard and {"guard_ratio", "guard_rate"} & set(given):
+        raise ConfigError("--repair-guard-ratio and --repair-guard-rate shape the guard, which is off; "
+                          "drop them or pass --repair-guard 1")
     chosen: dict[str, Any] = {"method": method, "step": step, "rho": rho, "select": select, "holdout": holdout,
                               "rescale": rescale, "stop": stop, "kl": kl}
     config = dataclasses.replace(base, repair=settings, **{k: v for k, v in chosen.items() if v is not None})
@@ -127,6 +130,16 @@ def defend(
         show_default=False)] = None,
     repair_temperature: Annotated[float | None, typer.Option(
         help="Repair: distillation temperature (default 4).", show_default=False)] = None,
+    repair_guard: Annotated[float | None, typer.Option(
+        help="Repair, not in the paper: weight of the silent-neuron guard, which asks for the original outputs also "
+             "when random low-activation inputs fire (default 0: off; 1 is the setting measured in "
+             "docs/results.md).", show_default=False)] = None,
+    repair_guard_ratio: Annotated[float | None, typer.Option(
+        help="Guard: candidates are this many times the flipped count of lowest-activation inputs (default 2).",
+        show_default=False)] = None,
+    repair_guard_rate: Annotated[float | None, typer.Option(
+        help="Guard: share of the candidates switched on in each perturbed copy (default 0.01).",
+        show_default=False)] = None,
     seed: SeedOpt = 0,
     layer: LayerOpt = None,
     out_path: Annotated[Path | None, typer.Option(
@@ -157,7 +170,9 @@ def defend(
     config = build_config(preset.value, method, step, rho, select and select.value, holdout, rescale,
                           repair and repair.value,
                           {"steps": repair_steps, "lr": repair_lr, "alpha": repair_alpha,
-                           "temperature": repair_temperature}, stop and stop.value, kl)
+                           "temperature": repair_temperature, "guard": repair_guard,
+                           "guard_ratio": repair_guard_ratio, "guard_rate": repair_guard_rate},
+                          stop and stop.value, kl)
     config.check()
     method, step, rho = config.method, config.step, config.rho
     target = out_path or default_out(model, method)
