@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from .catalog import LOCK_FILE, RESUME_FILE
 from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
 from .datasets import Dataset
-from .errors import CheckpointError, FlainError
+from .errors import CheckpointError, ConfigError, FlainError
 from .events import Listener, RoundLog, round_record
 from .files import atomic_write, missing_folders, remove_empty
 from .simulation import SimulationResult, Snapshot, TrainConfig, simulate
@@ -142,6 +142,21 @@ def run_lock(out_dir: Path, *, wait: bool = False, tidy: bool = False) -> Iterat
                 (out_dir / LOCK_FILE).unlink()
                 remove_empty(created)
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def resuming(out_dir: Path, *, resume: bool, force: bool) -> bool:
+    """Whether a training into ``out_dir`` continues the interrupted run found there.
+
+    An interrupted run is never dropped silently: without ``resume`` (continue it) or ``force``
+    (start over), it is refused. Take the folder's lock (:func:`run_lock`) before asking.
+    """
+    path = Path(out_dir) / RESUME_FILE
+    if not path.is_file():
+        return False
+    if not (resume or force):
+        raise ConfigError(f"{out_dir} holds a run interrupted after round {load_snapshot(path).round}; "
+                          "pass --resume to continue it, or --force to start over")
+    return resume
 
 
 def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.device | str = "cpu",

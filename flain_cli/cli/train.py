@@ -11,7 +11,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ..catalog import AGGREGATORS, DATASETS, RESUME_FILE, SPLITS, TRIGGERS
-from ..errors import ConfigError
 from ..events import Listener, RoundLog, round_record
 from ..files import FilePlan
 from .common import (
@@ -162,14 +161,11 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
                   resume: bool, force: bool) -> TrainOutcome:
     """Everything between taking and releasing the folder's lock: the checks, the data, the run."""
     from ..datasets import load_dataset
-    from ..training import load_snapshot, train_to_dir
+    from ..training import resuming, train_to_dir
 
     resume_path = out_dir / RESUME_FILE
-    resuming = resume and resume_path.is_file()
-    if resume_path.is_file() and not (resume or force):
-        raise ConfigError(f"{out_dir} holds a run interrupted after round {load_snapshot(resume_path).round}; "
-                          "pass --resume to continue it, or --force to start over")
-    _plan(data_dir, out_dir, None if resuming else log, force=force).check()
+    continuing = resuming(out_dir, resume=resume, force=force)
+    _plan(data_dir, out_dir, None if continuing else log, force=force).check()
     data = load_dataset(cfg.dataset, data_dir)
 
     listener: _RichListener | None = None
@@ -178,7 +174,7 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
                       TimeElapsedColumn(),
                       console=err, transient=True) as progress:
             listener = _RichListener(progress, cfg.rounds, log)
-            outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=resume)
+            outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=continuing)
     except KeyboardInterrupt as exc:
         done = (f"round {listener.last_round} is kept in {resume_path}; rerun the same command with --resume "
                 "to continue") if listener and listener.last_round else "no round finished"
