@@ -63,6 +63,21 @@ class AuxSet:
 
 def load_aux(path: Path, input_shape: tuple[int, int, int], num_classes: int,
              class_names: list[str] | None = None) -> AuxSet:
+    """Read an aux set for a model: a folder of class subfolders of images, or a .safetensors/.npz file.
+
+    Args:
+        path: the folder (``<class>/*.png``, the class a number or one of ``class_names``) or file
+            (``images`` uint8 ``[N, C, H, W]`` or ``[N, H, W]``, and ``labels``).
+        input_shape: the model's ``(C, H, W)``; images are converted to its channels and resized
+            (bilinear) to its size, and ``AuxSet.resized`` counts those that were.
+        num_classes: the model's; a label outside ``0..num_classes-1`` is refused.
+        class_names: folder names allowed besides the class numbers.
+
+    Returns:
+        The images (uint8) and labels. Raises AuxError when the set is missing, empty or does not fit.
+
+    Example: ``load_aux(Path("aux"), (1, 28, 28), 10)``.
+    """
     path = Path(path)
     if path.is_dir():
         aux = _load_folder(path, input_shape, class_names or [])

@@ -89,6 +89,16 @@ class Dataset:
 
 
 def load_dataset(name: str, data_dir: Path | None = None) -> Dataset:
+    """A dataset's train and test splits (uint8 images, int64 labels), read from its standard files.
+
+    Args:
+        name: a registered dataset (``fmnist``, ``mnist``, ``emnist``, ``cifar10``...: ``DATASETS.names()``).
+        data_dir: where its files are; default: the places the dataset's spec searches (for
+            Fashion-MNIST, the Debian package's /usr/share/datasets/fashion-mnist).
+
+    Raises DataError when the files are missing or are not that dataset. Example:
+    ``load_dataset("fmnist").test.images.shape == (10000, 1, 28, 28)``.
+    """
     spec = DATASETS.get(name)
     train, test = spec.load(spec.search_dirs(data_dir))
     for split_name, split in (("train", train), ("test", test)):

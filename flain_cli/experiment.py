@@ -269,6 +269,21 @@ class Cell:
 def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_dir: Path | None = None,
                    listener: ExperimentListener | None = None,
                    datasets: dict[str, Dataset] | None = None) -> list[Cell]:
+    """Run every cell of a grid (from :func:`load_experiment`), reusing cached trainings and defenses.
+
+    Args:
+        exp: the grid.
+        device: where to train and evaluate.
+        data_dir: where the datasets are (see :func:`flain_cli.datasets.load_dataset`).
+        listener: progress events (the CLI draws them).
+        datasets: already loaded datasets by name, filled as they are loaded.
+
+    Returns:
+        The cells in grid order, each with its status (done, failed with its error, busy
+        elsewhere); results.csv/results.json in ``exp.out`` are rewritten after every cell.
+
+    Example: ``run_experiment(load_experiment(Path("experiments/table1-fmnist.toml")))``.
+    """
     listener = listener or ExperimentListener()
     exp.out.mkdir(parents=True, exist_ok=True)
     _write(exp.out / "experiment.json", {"name": exp.name, "cache": str(exp.cache), "train": exp.base,

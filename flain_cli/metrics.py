@@ -50,6 +50,21 @@ def attack_success_rate(model: nn.Module, split: Split, spec: DatasetSpec, task:
 
 def evaluate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask | None = None,
              trigger: AnyTrigger | None = None, device: torch.device | str = "cpu") -> EvalResult:
+    """Clean accuracy (ACC) of ``model`` on ``split`` and, with a task and a trigger, the attack's success rate.
+
+    Args:
+        model: the network (its train/eval mode is restored afterwards).
+        split: uint8 images and labels; normalized as ``spec`` says.
+        task: the attack (source classes, target); None for ACC only.
+        trigger: stamped in full on the source-class images for ASR.
+
+    Returns:
+        ``EvalResult``: ``acc``; ``asr`` (share of triggered source images predicted as the target;
+        None without a task) with ``n_triggered``; ``asr_clean``, the same share without the trigger
+        (the classes' natural confusion, ASR's floor); per-class accuracy.
+
+    Example: ``evaluate(model, load_dataset("fmnist").test, DATASETS.get("fmnist"), task, trigger).acc``.
+    """
     preds = predict(model, split.images, spec, device)
     correct = preds == split.labels
     per_class = tuple(
