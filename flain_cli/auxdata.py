@@ -67,7 +67,7 @@ def load_aux(path: Path, input_shape: tuple[int, int, int], num_classes: int,
 
     Args:
         path: the folder (``<class>/*.png``, the class a number or one of ``class_names``) or file
-            (``images`` uint8 ``[N, C, H, W]`` or ``[N, H, W]``, and ``labels``).
+            (``images`` uint8 ``[N, H, W]`` or ``[N, H, W, C]``, and ``labels``).
         input_shape: the model's ``(C, H, W)``; images are converted to its channels and resized
             (bilinear) to its size, and ``AuxSet.resized`` counts those that were.
         num_classes: the model's; a label outside ``0..num_classes-1`` is refused.
