@@ -9,6 +9,10 @@ memory includes the end-of-round evaluation on the 10,000 test images, which the
 does not do.
 
     .venv/bin/python benchmarks/train_throughput.py --samples 12000 --repeats 5
+    .venv/bin/python benchmarks/train_throughput.py --modes bare,bare-bf16,flain,flain-bf16
+
+``bare-bf16`` is the bare loop under ``torch.autocast(dtype=torch.bfloat16)``, ``flain-bf16``
+`flain train --precision bf16`'s client training.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import time
 
 
-def run_bare(samples: int, batch_size: int, arch: str) -> dict:
+def run_bare(samples: int, batch_size: int, arch: str, bf16: bool = False) -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -43,14 +47,15 @@ def run_bare(samples: int, batch_size: int, arch: str) -> dict:
     perm = torch.randperm(len(y_all), generator=gen)
     for start in range(0, len(perm), batch_size):
         b = perm[start:start + batch_size]
-        loss = F.cross_entropy(model(x_all[b]), y_all[b])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x_all[b]), y_all[b])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return {"seconds": time.perf_counter() - started}
 
 
-def run_flain(samples: int, batch_size: int, arch: str) -> dict:
+def run_flain(samples: int, batch_size: int, arch: str, precision: str = "fp32") -> dict:
     from flain_cli.datasets import load_dataset
     from flain_cli.simulation import TrainConfig, simulate
 
@@ -59,13 +64,19 @@ def run_flain(samples: int, batch_size: int, arch: str) -> dict:
     # path, the same batch sizes as the bare loop), one round; RoundLog.train_seconds covers the
     # client training only (not aggregation or evaluation).
     cfg = TrainConfig(arch=arch, clients=1, mcr=1.0, pdr=0.3, rounds=1, batch_size=batch_size,
-                      train_samples=samples, seed=0)
+                      train_samples=samples, seed=0, precision=precision)
     result = simulate(cfg, data)
     return {"seconds": result.history[0].train_seconds}
 
 
+MODES = ("bare", "bare-bf16", "flain", "flain-bf16")
+
+
 def child(mode: str, samples: int, batch_size: int, arch: str) -> None:
-    result = (run_bare if mode == "bare" else run_flain)(samples, batch_size, arch)
+    if mode.startswith("bare"):
+        result = run_bare(samples, batch_size, arch, bf16=mode == "bare-bf16")
+    else:
+        result = run_flain(samples, batch_size, arch, "bf16" if mode == "flain-bf16" else "fp32")
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -76,14 +87,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--arch", default="cnn-fmnist")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--child", choices=["bare", "flain"])
+    parser.add_argument("--modes", default="bare,flain", help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--child", choices=MODES)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.samples, args.batch_size, args.arch)
         return
-    runs: dict[str, list[dict]] = {"bare": [], "flain": []}
+    modes = args.modes.split(",")
+    if not set(modes) <= set(MODES):
+        parser.error(f"--modes: choose from {', '.join(MODES)}")
+    runs: dict[str, list[dict]] = {mode: [] for mode in modes}
     for _ in range(args.repeats):
-        for mode in ("bare", "flain"):
+        for mode in modes:
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--samples", str(args.samples),
                                   "--batch-size", str(args.batch_size), "--arch", args.arch],
                                  check=True, capture_output=True, text=True).stdout
@@ -92,7 +107,9 @@ def main() -> None:
     for mode, rs in runs.items():
         report[mode] = {"samples_per_s": round(args.samples / statistics.median(r["seconds"] for r in rs), 1),
                         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1)}
-    report["ratio_flain_over_bare"] = round(report["flain"]["samples_per_s"] / report["bare"]["samples_per_s"], 3)
+    for a, b in (("flain", "bare"), ("bare-bf16", "bare"), ("flain-bf16", "flain"), ("flain-bf16", "bare-bf16")):
+        if a in report and b in report:
+            report[f"ratio {a} / {b}"] = round(report[a]["samples_per_s"] / report[b]["samples_per_s"], 3)
     print(json.dumps(report, indent=2))
 
 

@@ -35,6 +35,10 @@ AGGREGATORS: Registry[Callable[[list[Update], list[float], AggregatorSettings], 
 METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry(
     "method", ("flain", "prune"), "flain_cli.defense")
 
+# how clients train: float32, or autocast to bfloat16/float16 (the model and optimizer stay float32);
+# "auto" picks bf16 where the device supports it and is resolved before a run starts (simulation.py)
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+
 # file names of a `flain train` run folder
 RESUME_FILE = "resume.safetensors"
 LOCK_FILE = "train.lock"

@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from torch import nn
 
 from .aggregation import AGGREGATORS, AggregatorSettings, Update, apply_update
 from .attack import AttackTask, choose_poisoned
+from .catalog import PRECISIONS
 from .datasets import Dataset
 from .errors import ConfigError
 from .events import Listener, RoundLog
@@ -57,6 +59,7 @@ class TrainConfig:
     train_samples: int | None = None
     seed: int = 0
     eval_every: int = 1
+    precision: str = "fp32"  # the client training's (catalog.PRECISIONS); "auto" is resolved before a run
 
     @property
     def malicious(self) -> list[int]:
@@ -88,6 +91,8 @@ class TrainConfig:
              "rlr_threshold", f"must be at least 1, got {self.rlr_threshold}"),
             (0.0 < self.sample_rate <= 1.0, "sample_rate", f"must be in (0, 1], got {self.sample_rate}"),
             (self.eval_every >= 1, "eval_every", f"must be at least 1, got {self.eval_every}"),
+            (self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, "
+                                                        f"got {self.precision!r}"),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -112,7 +117,11 @@ class TrainConfig:
                 raise ConfigError(f"must be {what}, got {value!r}", param=f.name)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings; fp32, the default, is left out, so records and cache keys read as before it existed."""
+        values = asdict(self)
+        if self.precision == "fp32":
+            del values["precision"]
+        return values
 
 
 @dataclass(frozen=True)
@@ -182,20 +191,51 @@ def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, targe
         yield x, y
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> bf16 where ``device`` computes it natively (a CUDA GPU that supports it, a CPU with
+    AVX-512 BF16 or AMX), else fp32; any other value as given."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and _cpu_has_bf16() else "fp32"
+
+
+def _cpu_has_bf16() -> bool:
+    """Whether the CPU has bfloat16 instructions (Linux: AVX-512 BF16 or AMX in /proc/cpuinfo's flags)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def train_client(model: nn.Module, global_state: Update, client: ClientData, dataset: Dataset,
                  trigger: Trigger, target: int | None, cfg: TrainConfig, gen: torch.Generator,
                  device: torch.device) -> Update:
-    """Local training from the global model; returns the state_dict delta."""
+    """Local training from the global model; returns the state_dict delta.
+
+    With ``cfg.precision`` bf16 or fp16 the forward pass and loss run under autocast (weights,
+    gradients and Adam's state stay float32); fp16 scales the loss against underflow.
+    """
     model.load_state_dict(global_state)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    dtype = AUTOCAST.get(cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     for _ in range(cfg.local_epochs):
         for x, y in client_batches(client, dataset, trigger, target, cfg.batch_size, gen):
             x = dataset.spec.normalize(x.to(device, non_blocking=True))
-            loss = F.cross_entropy(model(x), y.to(device, non_blocking=True))
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(model(x), y.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
     return {name: t.detach() - global_state[name] for name, t in model.state_dict().items()}
 
 
@@ -208,6 +248,9 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
     come from the same configuration).
     """
     cfg.validate(dataset.spec.num_classes)
+    if cfg.precision == "auto":
+        raise ConfigError("is auto: resolve it for the device first (resolve_precision), so that the run records "
+                          "the precision it used", param="precision")
     listener = listener or Listener()
     device = torch.device(device)
     rng = np.random.default_rng(cfg.seed)

@@ -122,3 +122,12 @@ def test_same_seed_same_files_and_a_clean_run(tmp_path, fmnist_dir):
     assert load_checkpoint(tmp_path / "c" / "final.safetensors").meta["attack"] is None
     assert json.loads(invoke("eval", tmp_path / "c" / "final.safetensors", "--data-dir", fmnist_dir,
                              "--json").stdout)["asr"] is None
+
+
+def test_train_precision_is_an_option_recorded_in_the_checkpoints(tmp_path, fmnist_dir):
+    out = tmp_path / "bf16"
+    res = invoke("train", "--data-dir", fmnist_dir, *TINY, "--precision", "bf16", "--out", out, "--json")
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(out / "final.safetensors").meta["train_config"]["precision"] == "bf16"
+    bad = invoke("train", "--data-dir", fmnist_dir, *TINY, "--precision", "fp8", "--out", tmp_path / "x")
+    assert bad.exit_code == 2 and "fp8" in bad.stderr and not (tmp_path / "x").exists()

@@ -1,10 +1,13 @@
 import dataclasses
+import os
 
 import numpy as np
+import pytest
 import torch
 
 from flain_cli.datasets import DATASETS, Dataset, Split
-from flain_cli.simulation import TrainConfig, client_batches, make_clients, simulate
+from flain_cli.errors import ConfigError
+from flain_cli.simulation import TrainConfig, client_batches, make_clients, resolve_precision, simulate
 from flain_cli.triggers import make_trigger
 
 from .conftest import make_images
@@ -65,3 +68,29 @@ def test_rlr_and_sampling_run():
     res = simulate(dataclasses.replace(CFG, aggregator="rlr", sample_rate=0.5, rounds=1, eval_every=5), data)
     assert res.history[0].samples == 150  # 2 of 4 clients, 75 samples each
     assert res.history[0].acc is not None  # the last round is always evaluated
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_close_to_fp32_and_is_recorded(precision):
+    """Autocast changes the arithmetic, not the run: the same seeds give a nearby model, reproducibly."""
+    data = _dataset()
+    fp32 = simulate(CFG, data)
+    cfg = dataclasses.replace(CFG, precision=precision)
+    low, again = simulate(cfg, data), simulate(cfg, data)
+    assert all(torch.equal(low.final_state[k], again.final_state[k]) for k in low.final_state)
+    assert all(torch.equal(low.init_state[k], fp32.init_state[k]) for k in low.init_state)
+    assert all(low.final_state[k].dtype == torch.float32 for k in low.final_state)  # the weights stay fp32
+    w, w32, w0 = (s["fc1.weight"] for s in (low.final_state, fp32.final_state, fp32.init_state))
+    assert not torch.equal(w, w32)
+    assert float((w - w32).norm()) < 0.2 * float((w32 - w0).norm())  # the updates agree to within 20 %
+    assert cfg.to_dict()["precision"] == precision and "precision" not in CFG.to_dict()  # fp32 keys as before
+
+
+def test_auto_precision_is_resolved_before_a_run():
+    with pytest.raises(ConfigError, match="^precision is auto: resolve it"):
+        simulate(dataclasses.replace(CFG, precision="auto"), _dataset())
+    with pytest.raises(ConfigError, match="^precision must be one of fp32, bf16, fp16, auto"):
+        dataclasses.replace(CFG, precision="fp8").validate(10)
+    flags = open("/proc/cpuinfo").read().split() if os.path.exists("/proc/cpuinfo") else []
+    expected = "bf16" if "avx512_bf16" in flags or "amx_bf16" in flags else "fp32"
+    assert resolve_precision("auto", "cpu") == expected and resolve_precision("fp16", "cpu") == "fp16"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from enum import Enum
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any
 
@@ -10,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..catalog import AGGREGATORS, DATASETS, RESUME_FILE, SPLITS, TRIGGERS
+from ..catalog import AGGREGATORS, DATASETS, PRECISIONS, RESUME_FILE, SPLITS, TRIGGERS
 from ..events import Listener, RoundLog, round_record
 from ..files import FilePlan
 from .common import (
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 
 def _choice(registry: Registry[Any]) -> str:
     return "|".join(registry.names())
+
+
+Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)  # type: ignore[misc]
 
 
 class _RichListener(Listener):
@@ -100,6 +105,10 @@ def train(
         help="Use a seeded class-balanced subset of this many training samples.", show_default=False)] = None,
     eval_every: Annotated[int, typer.Option(
         help="Evaluate ACC/ASR on the test set every K rounds (and the last).")] = 1,
+    precision: Annotated[Precision, typer.Option(
+        help="Client training: fp32, or autocast to bf16/fp16 (weights and optimizer stay float32); auto: bf16 "
+             "where the device has it natively, else fp32. Recorded in the checkpoints' train_config.")
+    ] = Precision["fp32"],
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
     out_dir: Annotated[Path, typer.Option(
@@ -113,7 +122,7 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Simulate federated learning with backdoor attackers and write the initial and final global models."""
-    from ..simulation import TrainConfig
+    from ..simulation import TrainConfig, resolve_precision
     from ..training import run_lock
 
     spec = DATASETS.get(dataset)
@@ -122,8 +131,9 @@ def train(
                       alpha=alpha, rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                       sample_rate=sample_rate, server_lr=server_lr, aggregator=aggregator,
                       rlr_threshold=rlr_threshold, train_samples=train_samples, seed=seed, eval_every=eval_every)
-    cfg.validate(spec.num_classes)
     torch_device = resolve_device(device)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(precision.value, torch_device))
+    cfg.validate(spec.num_classes)
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
     _plan(data_dir, out_dir, log, force=True).check()  # clashes with inputs, before the lock creates --out
     with run_lock(out_dir, tidy=True):  # held from the checks to the last checkpoint: one trainer per folder
