@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
 
     loaded = load_model(args.model)
-    layer = loaded.meta["defended_layer"]
+    layer = loaded.meta.defended_layer
     aux = load_aux_for(loaded, args.aux)
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     init = load_checkpoint(args.init).tensors[f"{layer}.weight"]
@@ -53,7 +53,7 @@ def main() -> None:
         times["plain"].append(time.perf_counter() - started)
     fast, plain = results["fast"], results["plain"]
     report = {
-        "model": str(args.model), "arch": loaded.meta["arch"], "layer": layer, "inputs": int(weight.shape[1]),
+        "model": str(args.model), "arch": loaded.meta.arch, "layer": layer, "inputs": int(weight.shape[1]),
         "n_aux": len(aux), "step": args.step, "rho": args.rho, "method": args.method, "repeats": args.repeats,
         "lambda": fast.lam, "changed": fast.changed, "steps": fast.steps,
         "fast": {"seconds": round(statistics.median(times["fast"]), 3), "evaluations": fast.evaluations},

@@ -47,7 +47,7 @@ VARIANTS = [
 def score(path: Path, test: Split, dataset: str, device: str = "cpu") -> tuple[float, float]:
     ckpt = load_checkpoint(path)
     meta = resolve_model_meta(ckpt)
-    attack = resolve_attack(ckpt, meta["num_classes"])
+    attack = resolve_attack(ckpt, meta.num_classes)
     data = load_dataset(dataset)
     trigger = make_trigger(attack.trigger, *data.spec.shape[1:])
     res = evaluate(build_from(ckpt, meta).to(device), test, data.spec, attack.task, trigger, device=device)

@@ -18,7 +18,7 @@ import torch
 
 from flain_cli.audit import load_aux_for, load_model
 from flain_cli.checkpoint import load_checkpoint
-from flain_cli.datasets import DATASETS, load_dataset
+from flain_cli.datasets import load_dataset
 from flain_cli.evaluation import resolve_attack
 from flain_cli.triggers import make_trigger
 
@@ -29,7 +29,7 @@ def features(model, layer, images_uint8, meta):
     out = []
     with torch.no_grad():
         for s in range(0, len(images_uint8), 2000):
-            x = normalize(images_uint8[s:s + 2000], meta["normalization"]["mean"], meta["normalization"]["std"])
+            x = normalize(images_uint8[s:s + 2000], meta.norm.mean, meta.norm.std)
             out.append(prefix(x).double())
     return torch.cat(out)
 
@@ -43,7 +43,7 @@ class Lab:
         model = self.loaded.model
         self.layer = layer
         aux = load_aux_for(self.loaded, aux_path)
-        test = load_dataset(meta["dataset"]).test
+        test = load_dataset(meta.dataset).test
         # test images not in the aux set (match by pixels+label)
         def key(im):
             return hash(im.numpy().tobytes())
@@ -51,8 +51,8 @@ class Lab:
         keep = torch.tensor([key(im) not in aux_keys for im in test.images])
         self.n_excluded = int((~keep).sum())
         timg, tlab = test.images[keep], test.labels[keep]
-        attack = resolve_attack(self.loaded.ckpt, meta["num_classes"])
-        trig = make_trigger(attack.trigger, *DATASETS.get(meta["dataset"]).shape[1:])
+        attack = resolve_attack(self.loaded.ckpt, meta.num_classes)
+        trig = make_trigger(attack.trigger, *meta.input_shape[1:])
         src = attack.task.is_source(tlab)
         self.target = attack.task.target
         self.F = {"aux": features(model, layer, aux.images, meta),

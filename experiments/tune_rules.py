@@ -60,7 +60,7 @@ def score(state_or_path, meta_ckpt, test: Split, data, device) -> tuple[float, f
     """ACC and ASR of a checkpoint (path) or of defended tensors with the original's metadata."""
     ckpt = load_checkpoint(state_or_path) if isinstance(state_or_path, Path) else meta_ckpt
     meta = resolve_model_meta(ckpt)
-    attack = resolve_attack(ckpt, meta["num_classes"])
+    attack = resolve_attack(ckpt, meta.num_classes)
     model = build_from(ckpt, meta)
     if not isinstance(state_or_path, Path):
         model.load_state_dict(state_or_path)

@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call
 
 from .auxdata import AuxSet, load_aux
-from .checkpoint import Checkpoint, ModelSource, conform, conformed_model, load_checkpoint
+from .checkpoint import Checkpoint, ModelMeta, ModelSource, conform, conformed_model, load_checkpoint
 from .defense import SearchResult, search_fast, search_plain
 from .errors import AuxError, CheckpointError, ConfigError
 from .modeldef import get_linear, split_model
@@ -29,7 +29,7 @@ from .settings import PRESETS, DefenseConfig, RepairSettings
 @dataclass(frozen=True)
 class LoadedModel:
     ckpt: Checkpoint
-    meta: dict[str, Any]
+    meta: ModelMeta
     model: torch.nn.Module
 
 
@@ -47,9 +47,9 @@ def load_model(path: Path, source: ModelSource = ModelSource(), device: torch.de
 
 def load_aux_for(loaded: LoadedModel, aux_path: Path) -> AuxSet:
     meta = loaded.meta
-    if "normalization" not in meta:
+    if meta.normalization is None:
         raise AuxError(f"{loaded.ckpt.path} does not say how its inputs are normalized; pass --dataset")
-    return load_aux(aux_path, tuple(meta["input_shape"]), meta["num_classes"], meta.get("class_names"))
+    return load_aux(aux_path, meta.input_shape, meta.num_classes, list(meta.class_names) if meta.class_names else None)
 
 
 class AuxFeatures:
@@ -63,11 +63,11 @@ class AuxFeatures:
     so both search loops see the same accuracies (a test checks it on trained models).
     """
 
-    def __init__(self, model: torch.nn.Module, layer: str, aux: AuxSet, meta: dict[str, Any],
+    def __init__(self, model: torch.nn.Module, layer: str, aux: AuxSet, meta: ModelMeta,
                  device: torch.device | str = "cpu") -> None:
         self.linear = get_linear(model, layer)  # a Linear layer, or a clear error
         self.model, self.layer = model.eval(), layer
-        self.inputs = aux.normalized(meta["normalization"]["mean"], meta["normalization"]["std"]).to(device)
+        self.inputs = aux.normalized(meta.norm.mean, meta.norm.std).to(device)
         self.labels = aux.labels.to(device)
         self.prefix, head = split_model(model, layer)
         self.rest = copy.deepcopy(head).double().eval()
@@ -178,7 +178,7 @@ class AuxFeatures:
 
 @dataclass(frozen=True)
 class ScanResult:
-    meta: dict[str, Any]
+    meta: ModelMeta
     layer: str
     means: torch.Tensor
     n_aux: int
@@ -192,12 +192,12 @@ def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, sou
     """Mean activation of each input of ``layer`` (default: the defended one) over the aux set."""
     loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, "MODEL")
-    layer = layer or loaded.meta["defended_layer"]
+    layer = layer or loaded.meta.defended_layer
     aux = load_aux_for(loaded, aux_path)
     feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
     return ScanResult(loaded.meta, layer, feats.mean_activations(), len(aux),
                       feats.accuracy_model(get_linear(loaded.model, layer).weight.detach()),
-                      loaded.ckpt.notes + (f"defended layer: {layer}",) * bool(loaded.meta.get("model_def"))
+                      loaded.ckpt.notes + (f"defended layer: {layer}",) * bool(loaded.meta.model_def)
                       + tuple(resize_notes(aux, loaded.meta)),
                       tuple(feats.premise_warnings()))
 
@@ -215,11 +215,11 @@ class DefendOutcome:
 REPAIR_TUNED_PER_CLASS = 50  # above this many aux images per class, the repair is past what it was tuned on
 
 
-def resize_notes(aux: AuxSet, meta: dict[str, Any]) -> list[str]:
+def resize_notes(aux: AuxSet, meta: ModelMeta) -> list[str]:
     """Say so when aux images did not have the model's input size (they were resized, bilinear)."""
     if not aux.resized:
         return []
-    _, height, width = meta["input_shape"]
+    _, height, width = meta.input_shape
     return [f"{aux.resized} of {len(aux)} aux images were resized to {width}x{height}, the model's input size"]
 
 
@@ -312,10 +312,10 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     init = None
     if init_path is not None:
         init = load_init(init_path, loaded, strict=source.strict)
-    layer = layer or loaded.meta["defended_layer"]
+    layer = layer or loaded.meta.defended_layer
     aux = load_aux_for(loaded, aux_path)
-    warnings = aux_warnings(aux, loaded.meta["num_classes"])
-    if config.repair is not None and len(aux) > REPAIR_TUNED_PER_CLASS * loaded.meta["num_classes"]:
+    warnings = aux_warnings(aux, loaded.meta.num_classes)
+    if config.repair is not None and len(aux) > REPAIR_TUNED_PER_CLASS * loaded.meta.num_classes:
         warnings.append(f"the repair was tuned on 20 aux images per class; with {len(aux)} images it brought the "
                         f"backdoor back on one of our trainings (ASR 0.025 after the flip, 0.389 after the repair, "
                         f"docs/results.md): check ASR, or pass --repair none")
@@ -353,8 +353,8 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         state |= {name: value.to(state[name].dtype).contiguous() for name, value in repaired.items()}
     aux_acc_after = every.accuracy_model(state)
     notes = list(loaded.ckpt.notes) + resize_notes(aux, loaded.meta)
-    if loaded.meta.get("model_def"):
-        notes.append(f"ran {loaded.meta['model_def']['spec']} to build the model; defended layer: {layer}")
+    if loaded.meta.model_def:
+        notes.append(f"ran {loaded.meta.model_def['spec']} to build the model; defended layer: {layer}")
     if loaded.ckpt.dtype not in ("float32", "mixed"):
         dtype = getattr(torch, loaded.ckpt.dtype)
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -364,7 +364,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         tuple(torch.nonzero(result.mask).flatten().tolist()), result.all_selected, result.acc0, result.acc_kept,
         result.kl_kept, aux_acc_flipped, aux_acc_after, result.steps, result.evaluations, seed, tuple(warnings),
         AuxRecord(aux.source, len(aux), int(feats.labels.numel()), aux.resized))
-    meta = {key: value for key, value in loaded.ckpt.meta.items() if key not in ("metrics",)} | loaded.meta
+    meta = {key: value for key, value in loaded.ckpt.meta.items() if key not in ("metrics",)} | loaded.meta.to_json()
     meta |= {
         "role": "defended",
         "parents": {"final": loaded.ckpt.sha256, "init": init.sha256 if init is not None else None},

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class AuxSet:
         return (AuxSet(self.images[~held], self.labels[~held], f"{self.source} (activations)"),
                 AuxSet(self.images[held], self.labels[held], f"{self.source} (held out)"))
 
-    def normalized(self, mean: list[float], std: list[float]) -> torch.Tensor:
+    def normalized(self, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
         return normalize(self.images, mean, std)
 
 

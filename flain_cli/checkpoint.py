@@ -56,6 +56,53 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Normalization:
+    """How inputs are standardized: ``(pixel / scale - mean) / std`` per channel."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: int = 255
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What rebuilds and reads a model: architecture, classes, input, normalization (docs/checkpoint-format.md).
+
+    Built by `model_meta` for a new training and by `resolve_model_meta` from a checkpoint and
+    the user's options; ``to_json`` gives the checkpoint-metadata fields it stands for.
+    """
+
+    arch: str  # a built-in architecture, or "model-def" for the user's own class (``model_def``)
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (channels, height, width)
+    defended_layer: str
+    dataset: str | None = None
+    normalization: Normalization | None = None  # None: no dataset and nothing recorded or given
+    class_names: tuple[str, ...] | None = None
+    model_def: dict[str, str] | None = None  # {"spec": FILE.py:NAME, "sha256": of the file}
+
+    @property
+    def norm(self) -> Normalization:
+        """The normalization, or a clear error when nothing tells it."""
+        if self.normalization is None:
+            raise ConfigError("the model's input normalization is unknown: pass --dataset, or --mean and --std")
+        return self.normalization
+
+    def to_json(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"format": FORMAT, "tool": f"flain-cli {__version__}", "arch": self.arch,
+                                "num_classes": self.num_classes, "input_shape": list(self.input_shape),
+                                "defended_layer": self.defended_layer, "dataset": self.dataset}
+        if self.normalization is not None:
+            meta["normalization"] = {"mean": list(self.normalization.mean), "std": list(self.normalization.std),
+                                     "scale": self.normalization.scale}
+        if self.class_names is not None:
+            meta["class_names"] = list(self.class_names)
+        if self.model_def is not None:
+            meta["model_def"] = dict(self.model_def)
+        return meta
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """What the user says about how to read a checkpoint as a model; every field is optional.
 
@@ -72,7 +119,7 @@ class ModelSource:
     normalization: tuple[list[float], list[float]] | None = None
     class_names: list[str] | None = None
 
-    def meta_for(self, ckpt: Checkpoint) -> dict[str, Any]:
+    def meta_for(self, ckpt: Checkpoint) -> ModelMeta:
         return resolve_model_meta(ckpt, arch=self.arch, dataset=self.dataset, model_def=self.model_def,
                                   normalization=self.normalization, class_names=self.class_names)
 
@@ -85,17 +132,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def model_meta(arch: str, num_classes: int, dataset: str | None) -> dict[str, Any]:
-    """The fields that rebuild and interpret a model (architecture, data, normalization)."""
+def model_meta(arch: str, num_classes: int, dataset: str | None) -> ModelMeta:
+    """A built-in architecture on a dataset (its standard normalization and class names)."""
     spec = ARCHITECTURES.get(arch)
-    meta: dict[str, Any] = {"format": FORMAT, "tool": f"flain-cli {__version__}", "arch": arch,
-                            "num_classes": num_classes, "input_shape": list(spec.input_shape),
-                            "defended_layer": spec.defended_layer, "dataset": dataset}
-    if dataset is not None:
-        ds = DATASETS.get(dataset)
-        meta["normalization"] = {"mean": list(ds.mean), "std": list(ds.std), "scale": 255}
-        meta["class_names"] = list(ds.classes)
-    return meta
+    ds = DATASETS.get(dataset) if dataset is not None else None
+    return ModelMeta(arch, num_classes, spec.input_shape, spec.defended_layer, dataset,
+                     Normalization(tuple(ds.mean), tuple(ds.std)) if ds else None,
+                     tuple(ds.classes) if ds else None)
 
 
 def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
@@ -188,7 +231,7 @@ def check_meta(meta: dict[str, Any], path: Path) -> None:
 def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str | None = None,
                        num_classes: int | None = None, model_def: str | None = None,
                        normalization: tuple[list[float], list[float]] | None = None,
-                       class_names: list[str] | None = None) -> dict[str, Any]:
+                       class_names: list[str] | None = None) -> ModelMeta:
     """Model metadata from the checkpoint, with the user's options taking precedence (see `_resolve`).
 
     Inputs are normalized with ``normalization`` (mean, std per channel) when given, else with the
@@ -197,42 +240,45 @@ def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str |
     """
     meta = _resolve(ckpt, arch, dataset, num_classes, model_def)
     if class_names is not None:
-        if len(class_names) != meta["num_classes"] or len(set(class_names)) != len(class_names):
+        if len(class_names) != meta.num_classes or len(set(class_names)) != len(class_names):
             raise ConfigError(f"gives {len(class_names)} names ({len(set(class_names))} distinct) for "
-                              f"a model of {meta['num_classes']} classes; give one distinct name per line, in "
+                              f"a model of {meta.num_classes} classes; give one distinct name per line, in "
                               "class-index order", param="class_names")
-        meta["class_names"] = list(class_names)
+        meta = dataclasses.replace(meta, class_names=tuple(class_names))
     recorded = ckpt.meta.get("normalization")
     if normalization is not None:
-        meta["normalization"] = _normalization(list(normalization[0]), list(normalization[1]), meta, "--mean/--std")
+        meta = dataclasses.replace(meta, normalization=_normalization(list(normalization[0]), list(normalization[1]),
+                                                                      meta, "--mean/--std"))
     elif recorded:
-        meta["normalization"] = _normalization(recorded.get("mean"), recorded.get("std"), meta,
-                                               f"{ckpt.path}: metadata normalization")
+        meta = dataclasses.replace(meta, normalization=_normalization(recorded.get("mean"), recorded.get("std"), meta,
+                                                                      f"{ckpt.path}: metadata normalization"))
     return meta
 
 
-def _normalization(mean: Any, std: Any, meta: dict[str, Any], what: str) -> dict[str, Any]:
-    channels = meta["input_shape"][0]
+def _normalization(mean: Any, std: Any, meta: ModelMeta, what: str) -> Normalization:
+    channels = meta.input_shape[0]
     ok = all(isinstance(v, list) and len(v) in (1, channels) and all(isinstance(x, (int, float)) for x in v)
              for v in (mean, std))
     if not ok or not all(math.isfinite(x) for x in mean) or not all(math.isfinite(x) and x > 0 for x in std):
         raise ConfigError(f"{what} must give a finite mean and a positive std for 1 or {channels} channels, "
                           f"got mean {mean!r} and std {std!r}")
-    return {"mean": [float(x) for x in mean] * (channels // len(mean)),
-            "std": [float(x) for x in std] * (channels // len(std)), "scale": 255}
+    return Normalization(tuple(float(x) for x in mean) * (channels // len(mean)),
+                         tuple(float(x) for x in std) * (channels // len(std)))
 
 
-def dataset_spec(meta: dict[str, Any]) -> DatasetSpec:
+def dataset_spec(meta: ModelMeta) -> DatasetSpec:
     """The dataset of ``meta``, normalizing as ``meta`` says (which may differ from the dataset's standard)."""
-    spec = DATASETS.get(meta["dataset"])
-    norm = meta.get("normalization")
-    if norm and (tuple(norm["mean"]), tuple(norm["std"])) != (tuple(spec.mean), tuple(spec.std)):
-        spec = dataclasses.replace(spec, mean=tuple(norm["mean"]), std=tuple(norm["std"]))
+    if meta.dataset is None:
+        raise ConfigError("the model's dataset is unknown: pass --dataset")
+    spec = DATASETS.get(meta.dataset)
+    norm = meta.normalization
+    if norm and (norm.mean, norm.std) != (tuple(spec.mean), tuple(spec.std)):
+        spec = dataclasses.replace(spec, mean=norm.mean, std=norm.std)
     return spec
 
 
 def _resolve(ckpt: Checkpoint, arch: str | None, dataset: str | None, num_classes: int | None,
-             model_def: str | None) -> dict[str, Any]:
+             model_def: str | None) -> ModelMeta:
     """Model metadata from the checkpoint, with the user's options taking precedence.
 
     A checkpoint written by another tool has no metadata: then ``arch`` (a built-in) or
@@ -259,16 +305,16 @@ def _resolve(ckpt: Checkpoint, arch: str | None, dataset: str | None, num_classe
     if num_classes is None:
         raise ConfigError(f"cannot tell how many classes {ckpt.path} has; pass --dataset")
     meta = model_meta(arch, int(num_classes), dataset)
-    if dataset is not None and tuple(DATASETS.get(dataset).shape) != tuple(meta["input_shape"]):
+    if dataset is not None and tuple(DATASETS.get(dataset).shape) != meta.input_shape:
         raise ConfigError(f"{ckpt.path}: dataset {dataset} has {tuple(DATASETS.get(dataset).shape)} images but "
-                          f"architecture {arch} takes {tuple(meta['input_shape'])}; pass the --dataset the model "
+                          f"architecture {arch} takes {meta.input_shape}; pass the --dataset the model "
                           "was trained on")
     if ckpt.meta.get("defended_layer"):
-        meta["defended_layer"] = ckpt.meta["defended_layer"]
+        meta = dataclasses.replace(meta, defended_layer=ckpt.meta["defended_layer"])
     return meta
 
 
-def _model_def_meta(ckpt: Checkpoint, spec: str, dataset: str | None, num_classes: int | None) -> dict[str, Any]:
+def _model_def_meta(ckpt: Checkpoint, spec: str, dataset: str | None, num_classes: int | None) -> ModelMeta:
     """Metadata for the user's own model class: shapes and normalization from the dataset, the
     defended layer from the checkpoint or a probe (the first nn.Linear the forward pass reaches)."""
     if dataset is None:
@@ -276,23 +322,20 @@ def _model_def_meta(ckpt: Checkpoint, spec: str, dataset: str | None, num_classe
                           param="model_def")
     ds = DATASETS.get(dataset)
     n = int(num_classes or ckpt.meta.get("num_classes") or ds.num_classes)
-    meta: dict[str, Any] = {"format": FORMAT, "tool": f"flain-cli {__version__}", "arch": "model-def",
-                            "model_def": model_def_record(spec), "num_classes": n, "input_shape": list(ds.shape),
-                            "dataset": dataset, "normalization": {"mean": list(ds.mean), "std": list(ds.std),
-                                                                   "scale": 255},
-                            "class_names": list(ds.classes)}
-    meta["defended_layer"] = ckpt.meta.get("defended_layer") or first_linear(build_network(meta), tuple(ds.shape))
-    return meta
+    meta = ModelMeta("model-def", n, ds.shape, "", dataset, Normalization(tuple(ds.mean), tuple(ds.std)),
+                     tuple(ds.classes), model_def_record(spec))
+    layer = ckpt.meta.get("defended_layer") or first_linear(build_network(meta), tuple(ds.shape))
+    return dataclasses.replace(meta, defended_layer=layer)
 
 
-def build_network(meta: dict[str, Any]) -> torch.nn.Module:
+def build_network(meta: ModelMeta) -> torch.nn.Module:
     """The untrained network ``meta`` describes: a built-in architecture, or the user's --model-def."""
-    if meta.get("model_def"):
-        return build_from_def(meta["model_def"]["spec"], meta["num_classes"])
-    return build_model(meta["arch"], meta["num_classes"])
+    if meta.model_def:
+        return build_from_def(meta.model_def["spec"], meta.num_classes)
+    return build_model(meta.arch, meta.num_classes)
 
 
-def conform(ckpt: Checkpoint, meta: dict[str, Any], *, strict: bool = True,
+def conform(ckpt: Checkpoint, meta: ModelMeta, *, strict: bool = True,
             expected: dict[str, torch.Tensor] | None = None) -> Checkpoint:
     """``ckpt`` with its tensors under the architecture's names (``meta``), floating ones as float32.
 
@@ -300,13 +343,13 @@ def conform(ckpt: Checkpoint, meta: dict[str, Any], *, strict: bool = True,
     CheckpointError with counts of missing, extra and misshapen tensors when it does not fit.
     """
     expected = expected if expected is not None else build_network(meta).state_dict()
-    name = meta["model_def"]["spec"] if meta.get("model_def") else meta["arch"]
-    what = f"{ckpt.path} (architecture {name}, {meta['num_classes']} classes)"
+    name = meta.model_def["spec"] if meta.model_def else meta.arch
+    what = f"{ckpt.path} (architecture {name}, {meta.num_classes} classes)"
     aligned = align(ckpt.tensors, expected, what=what, ordered=ckpt.format == "npz", strict=strict)
     return dataclasses.replace(ckpt, tensors=aligned.tensors, dtype=aligned.dtype, notes=ckpt.notes + aligned.notes)
 
 
-def conformed_model(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device | str = "cpu", *,
+def conformed_model(ckpt: Checkpoint, meta: ModelMeta, device: torch.device | str = "cpu", *,
                     strict: bool = True) -> tuple[Checkpoint, torch.nn.Module]:
     """``ckpt`` aligned to the network ``meta`` describes (`conform`), and that network holding its tensors.
 
@@ -318,7 +361,7 @@ def conformed_model(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device
     return ckpt, model.to(device).eval()
 
 
-def build_from(ckpt: Checkpoint, meta: dict[str, Any], device: torch.device | str = "cpu", *,
+def build_from(ckpt: Checkpoint, meta: ModelMeta, device: torch.device | str = "cpu", *,
                strict: bool = True) -> torch.nn.Module:
     """Build the architecture named in ``meta`` and load the checkpoint's tensors into it (see `conform`)."""
     return conformed_model(ckpt, meta, device, strict=strict)[1]

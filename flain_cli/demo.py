@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .audit import defend_checkpoint, scan_checkpoint
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import ModelMeta, load_checkpoint, resolve_model_meta, save_checkpoint
 from .datasets import Split, load_dataset
 from .errors import DataError, FlainError
 from .evaluation import evaluate_checkpoint, load_test_file
@@ -43,15 +43,15 @@ def sample_names(samples_dir: Path) -> list[str]:
         if samples_dir.is_dir() else []
 
 
-def _test_split(samples_dir: Path, meta: dict[str, Any], use_subset: bool) -> tuple[Split, str]:
+def _test_split(samples_dir: Path, meta: ModelMeta, use_subset: bool) -> tuple[Split, str]:
     subset = samples_dir / TEST_SUBSET
-    if not use_subset:
+    if not use_subset and meta.dataset is not None:
         try:
-            return load_dataset(meta["dataset"]).test, f"{meta['dataset']} test split"
+            return load_dataset(meta.dataset).test, f"{meta.dataset} test split"
         except DataError:
             pass  # not installed: fall back on the shipped subset
     if not subset.is_file():
-        raise FlainError(f"no test data: {meta['dataset']} is not installed and {subset} is missing")
+        raise FlainError(f"no test data: {meta.dataset} is not installed and {subset} is missing")
     return load_test_file(subset, meta), str(subset)
 
 
@@ -70,7 +70,7 @@ def run_demo(samples_dir: Path, sample: str, out: Path, *, paper_out: Path | Non
         names = sample_names(samples_dir)
         raise FlainError(f"no sample model {folder}; available: {', '.join(names) or 'none'}")
     final, init, aux = folder / "final.safetensors", folder / "init.safetensors", folder / "aux"
-    meta = load_checkpoint(final).meta
+    meta = resolve_model_meta(load_checkpoint(final))
     test, source = _test_split(samples_dir, meta, use_subset)
     seconds: dict[str, float] = {}
 

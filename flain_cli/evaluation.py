@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .attack import AttackTask
 from .auxdata import load_aux
-from .checkpoint import Checkpoint, ModelSource, conformed_model, dataset_spec, load_checkpoint
+from .checkpoint import Checkpoint, ModelMeta, ModelSource, conformed_model, dataset_spec, load_checkpoint
 from .datasets import DATASETS, Split, load_dataset
 from .errors import ConfigError
 from .metrics import EvalResult, evaluate
@@ -37,15 +36,15 @@ def resolve_attack(ckpt: Checkpoint, num_classes: int, attack: str | None = None
 
 @dataclass(frozen=True)
 class CheckpointEval:
-    meta: dict[str, Any]
+    meta: ModelMeta
     attack: AttackSpec | None
     result: EvalResult
     notes: tuple[str, ...] = ()  # how the checkpoint was read (formats.align)
 
 
-def load_test_file(path: Path, meta: dict[str, Any]) -> Split:
+def load_test_file(path: Path, meta: ModelMeta) -> Split:
     """A test set in the aux-file format (.safetensors/.npz with images and labels)."""
-    aux = load_aux(path, tuple(meta["input_shape"]), meta["num_classes"], meta.get("class_names"))
+    aux = load_aux(path, meta.input_shape, meta.num_classes, list(meta.class_names) if meta.class_names else None)
     return Split(aux.images, aux.labels)
 
 
@@ -65,14 +64,14 @@ def evaluate_checkpoint(path: Path, *, source: ModelSource = ModelSource(), data
         raise ConfigError("goes with --trigger-image", param="trigger_mask")
     ckpt = load_checkpoint(path)
     meta = source.meta_for(ckpt)
-    if meta["dataset"] is None:
+    if meta.dataset is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
                           f"({', '.join(DATASETS.names())})")
     spec = dataset_spec(meta)
     ckpt, model = conformed_model(ckpt, meta, device, strict=source.strict)
-    spec_attack = resolve_attack(ckpt, meta["num_classes"], attack, str(trigger_image) if trigger_image else trigger)
+    spec_attack = resolve_attack(ckpt, meta.num_classes, attack, str(trigger_image) if trigger_image else trigger)
     if test is None:
-        test = load_test_file(test_file, meta) if test_file else load_dataset(meta["dataset"], data_dir).test
+        test = load_test_file(test_file, meta) if test_file else load_dataset(meta.dataset, data_dir).test
     trig: AnyTrigger | None
     if trigger_image is not None:
         trig = load_trigger_image(trigger_image, spec.shape, trigger_mask)

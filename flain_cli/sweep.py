@@ -63,16 +63,16 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
     check_finite(loaded.ckpt, "MODEL")
     init = load_init(init_path, loaded, strict=source.strict)
     meta = loaded.meta
-    if meta["dataset"] is None:
+    if meta.dataset is None:
         raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
                           f"({', '.join(DATASETS.names())})")
-    layer = layer or meta["defended_layer"]
+    layer = layer or meta.defended_layer
     aux = load_aux_for(loaded, aux_path)
-    test = load_test_file(test_file, meta) if test_file else load_dataset(meta["dataset"], data_dir).test
+    test = load_test_file(test_file, meta) if test_file else load_dataset(meta.dataset, data_dir).test
     scored = {"aux": aux, "acc": AuxSet(test.images, test.labels, "test")}
-    attack = resolve_attack(loaded.ckpt, meta["num_classes"])
+    attack = resolve_attack(loaded.ckpt, meta.num_classes)
     if attack is not None:
-        trigger = make_trigger(attack.trigger, *DATASETS.get(meta["dataset"]).shape[1:])
+        trigger = make_trigger(attack.trigger, *meta.input_shape[1:])
         is_source = attack.task.is_source(test.labels)
         target = torch.full((int(is_source.sum()),), attack.task.target, dtype=torch.long)
         scored["asr"] = AuxSet(trigger.stamp(test.images[is_source]), target, "triggered source images")

@@ -171,7 +171,7 @@ def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.d
     result = simulate(cfg, data, device, listener, resume=snapshot,
                       on_round=lambda snap: save_snapshot(resume_path, snap))
     spec = data.spec
-    base = model_meta(cfg.arch, spec.num_classes, spec.name) | {
+    base = model_meta(cfg.arch, spec.num_classes, spec.name).to_json() | {
         "train_config": cfg.to_dict(), "seed": cfg.seed, "attack": attack_meta(cfg, spec.num_classes)}
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
     init_sha = save_checkpoint(init_path, result.init_state, base | {"role": "init"})

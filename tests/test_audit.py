@@ -88,7 +88,7 @@ def test_scan_means_are_the_fc1_inputs(tiny_run, aux_dir):
     loaded = load_model(out / "final.safetensors")
     from flain_cli.auxdata import load_aux
     aux = load_aux(aux_dir, (1, 28, 28), 10)
-    x = aux.normalized(loaded.meta["normalization"]["mean"], loaded.meta["normalization"]["std"])
+    x = aux.normalized(loaded.meta.norm.mean, loaded.meta.norm.std)
     prefix, _ = loaded.model.split_at("fc1")
     with torch.no_grad():
         assert torch.allclose(res.means, prefix(x).mean(dim=0), atol=1e-6)
@@ -101,7 +101,7 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
     out, _ = tiny_run
     other = tmp_path / "other.safetensors"
     save_checkpoint(other, build_model("cnn-fmnist", 10).state_dict(),
-                    model_meta("cnn-fmnist", 10, "fmnist") | {"role": "init"})
+                    model_meta("cnn-fmnist", 10, "fmnist").to_json() | {"role": "init"})
     with pytest.raises(CheckpointError, match="is a cnn-mnist but --init .* is a cnn-fmnist"):
         defend_checkpoint(out / "final.safetensors", other, aux_dir, PAPER)
     with pytest.raises(CheckpointError, match="hold the same weights"):
@@ -109,12 +109,12 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
     # an init of the same architecture but from another run: the recorded parent hash catches it
     stranger = tmp_path / "stranger.safetensors"
     save_checkpoint(stranger, build_model("cnn-mnist", 10).state_dict(),
-                    model_meta("cnn-mnist", 10, "fmnist") | {"role": "init"})
+                    model_meta("cnn-mnist", 10, "fmnist").to_json() | {"role": "init"})
     with pytest.raises(CheckpointError, match="was trained from an initial checkpoint with sha256"):
         defend_checkpoint(out / "final.safetensors", stranger, aux_dir)
     wrong_classes = tmp_path / "c.safetensors"
     save_checkpoint(wrong_classes, build_model("cnn-mnist", 12).state_dict(),
-                    model_meta("cnn-mnist", 12, None) | {"role": "init"})
+                    model_meta("cnn-mnist", 12, None).to_json() | {"role": "init"})
     with pytest.raises(CheckpointError,
                        match=r"does not fit the architecture: wrong shape 2 \(fc2.weight \(12, 128\) vs \(10, 128\)"):
         defend_checkpoint(out / "final.safetensors", wrong_classes, aux_dir)

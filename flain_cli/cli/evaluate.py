@@ -64,7 +64,7 @@ def evaluate_command(
     print_notes(report.notes)
     res, meta, spec_attack = report.result, report.meta, report.attack
     summary = {"model": str(model), "acc": res.acc, "asr": res.asr, "asr_clean": res.asr_clean, "n_clean": res.n_clean,
-               "n_triggered": res.n_triggered, "dataset": meta["dataset"], "arch": meta["arch"],
+               "n_triggered": res.n_triggered, "dataset": meta.dataset, "arch": meta.arch,
                "attack": str(spec_attack.task) if spec_attack else None,
                "trigger": spec_attack.trigger if spec_attack else None,
                "per_class_acc": list(res.per_class_acc), "notes": list(report.notes)}
@@ -82,7 +82,7 @@ def evaluate_command(
         table.add_row(f"  the same images without the trigger -> {spec_attack.task.target}", fmt(res.asr_clean),
                       str(res.n_triggered))
     out.print(table)
-    names = meta.get("class_names") or [str(c) for c in range(meta["num_classes"])]
+    names = meta.class_names or [str(c) for c in range(meta.num_classes)]
     per_class = Table(title="per-class accuracy")
     per_class.add_column("class", justify="right")
     per_class.add_column("name")
