@@ -1,0 +1,85 @@
+"""`flain train`'s client loop against a bare PyTorch loop, alternating in one process on one model.
+
+`train_throughput.py` runs each side in its own process, so each pays its own start (oneDNN
+primitive creation, first-touch allocations) and the two see different memory states. Here both
+train the same model on the same client samples, alternating bare / flain ``--repeats`` times after
+a warm-up round of each; the bare loop gets the client's samples pre-normalized and unpoisoned, the
+flain side (`simulation.train_client`) gathers, stamps, relabels and normalizes per batch, builds
+its Adam and returns the update, as in a round. Medians of the repeats.
+
+    .venv/bin/python benchmarks/train_loop_ab.py --samples 3072 --repeats 5 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=3072)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--arch", default="cnn-fmnist")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--precision", default="fp32", help="the flain side's (fp32, bf16, fp16)")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from flain_cli.datasets import load_dataset
+    from flain_cli.models import build_model
+    from flain_cli.simulation import TrainConfig, make_clients, train_client
+    from flain_cli.triggers import make_trigger
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset("fmnist")
+    cfg = TrainConfig(arch=args.arch, clients=1, mcr=1.0, pdr=0.3, rounds=1, batch_size=args.batch_size,
+                      train_samples=args.samples, seed=0, precision=args.precision)
+    client = make_clients(cfg, data, np.random.default_rng(0))[0]
+    x_all = data.spec.normalize(data.train.images[client.indices])
+    y_all = data.train.labels[client.indices]
+    trigger = make_trigger(cfg.trigger, *data.spec.shape[1:])
+    torch.manual_seed(0)
+    model = build_model(args.arch, data.spec.num_classes).train()
+
+    def bare() -> None:
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+        perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(0))
+        for start in range(0, len(perm), args.batch_size):
+            b = perm[start:start + args.batch_size]
+            loss = F.cross_entropy(model(x_all[b]), y_all[b])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    def flain() -> None:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        train_client(model, state, client, data, trigger, 5, cfg, torch.Generator().manual_seed(0),
+                     torch.device("cpu"))
+
+    seconds: dict[str, list[float]] = {"bare": [], "flain": []}
+    for rep in range(args.repeats + 1):  # the first round of each is a warm-up
+        for name, run in (("bare", bare), ("flain", flain)):
+            started = time.perf_counter()
+            run()
+            if rep:
+                seconds[name].append(time.perf_counter() - started)
+    report: dict[str, object] = {"arch": args.arch, "samples": len(y_all), "batch_size": args.batch_size,
+                                 "repeats": args.repeats, "threads": torch.get_num_threads(),
+                                 "precision": args.precision}
+    for name, values in seconds.items():
+        report[name] = {"samples_per_s": round(len(y_all) / statistics.median(values), 1),
+                        "seconds": [round(v, 3) for v in values]}
+    report["ratio flain / bare"] = round(statistics.median(seconds["bare"]) / statistics.median(seconds["flain"]), 3)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
