@@ -49,7 +49,7 @@ from .evaluation import evaluate_checkpoint
 from .events import ExperimentListener
 from .files import atomic_write, read_text
 from .settings import KL_BUDGET, MAX_POINTS, PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
-from .simulation import TrainConfig, resolve_precision
+from .simulation import TrainConfig
 from .training import RunBusy, run_lock, train_to_dir
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -210,6 +210,9 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
             cfg.validate(DATASETS.get(cfg.dataset).num_classes)
         except (TypeError, ConfigError) as exc:  # a TOML key, not an option: "rounds must be ..."
             raise ConfigError(f"{path}: {exc}") from None
+        if cfg.precision == "auto":  # the cache key must not depend on which machine trains the cell
+            raise ConfigError(f"{path}: precision auto would train differently on the machines that share this "
+                              "cache; give fp32, bf16 or fp16")
     for variant in variants:  # the defense settings too: a typo there must not wait for the trainings
         variant.check()
     return experiment
@@ -366,7 +369,6 @@ def _aux(exp: Experiment, d: DefenseSettings, dataset: str, data_dir: Path | Non
 def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.device | str, data_dir: Path | None,
               datasets: dict[str, Dataset], listener: ExperimentListener, wait: bool = False) -> None:
     cfg = exp.config(cell.point, defense.aggregator)
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # "auto" -> this device's
     run_dir, cached = _trained(exp, cfg, device, data_dir, datasets, listener, wait)
     model = run_dir / "final.safetensors"
     cell.detail = {"method": defense.method}

@@ -266,6 +266,8 @@ GRID = '[train]\nrounds = 1\nclients = 2\n[grid]\nseed = [1]\n'
     (GRID + '[defence]\nrho = 0.05\n', "unknown key or table defence"),
     (GRID.replace("seed = [1]", "seed = " + str(list(range(10_000)))), "the grid has 10,000 points, more than 100"),
     (GRID.replace("rounds = 1", 'rounds = "ten"'), "grid.toml: rounds must be a whole number, got 'ten'"),
+    (GRID.replace("rounds = 1", 'rounds = 1\nprecision = "auto"'), "precision auto would train differently"),
+    (GRID.replace("rounds = 1", 'rounds = 1\nprecision = "fp8"'), "grid.toml: precision must be one of fp32"),
     (GRID + '[defense]\nrho = 2.0\n', "[defense] rho must be in [0, 1], got 2.0"),
     (GRID + '[defense]\nstep = "big"\n', "[defense] step must be a finite number, got 'big'"),
     (GRID + '[defense]\naux_per_class = 0\n', "[defense] aux_per_class must be a whole number of at least 1"),

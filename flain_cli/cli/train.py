@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from enum import Enum
 from pathlib import Path
@@ -126,13 +125,13 @@ def train(
     from ..training import run_lock
 
     spec = DATASETS.get(dataset)
+    torch_device = resolve_device(device)
     cfg = TrainConfig(dataset=dataset, arch=arch or spec.default_arch, clients=clients, mcr=mcr, pdr=pdr,
                       attack=None if attack.lower() == "none" else attack, trigger=trigger, split=split,
                       alpha=alpha, rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                       sample_rate=sample_rate, server_lr=server_lr, aggregator=aggregator,
-                      rlr_threshold=rlr_threshold, train_samples=train_samples, seed=seed, eval_every=eval_every)
-    torch_device = resolve_device(device)
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(precision.value, torch_device))
+                      rlr_threshold=rlr_threshold, train_samples=train_samples, seed=seed, eval_every=eval_every,
+                      precision=resolve_precision(precision.value, torch_device))  # auto: this device's
     cfg.validate(spec.num_classes)
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
     _plan(data_dir, out_dir, log, force=True).check()  # clashes with inputs, before the lock creates --out
@@ -167,8 +166,7 @@ def _plan(data_dir: Path | None, out_dir: Path, log: Path | None, *, force: bool
 
 
 def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device: torch.device,
-                  log: Path | None,
-                  resume: bool, force: bool) -> TrainOutcome:
+                  log: Path | None, resume: bool, force: bool) -> TrainOutcome:
     """Everything between taking and releasing the folder's lock: the checks, the data, the run."""
     from ..datasets import load_dataset
     from ..training import resuming, train_to_dir
