@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from flain_cli.defense import _lam, first_k_covering, flip_updates, rescale
+from flain_cli.defense import first_k_covering, flip_updates, rescale, threshold
 from flain_cli.repair import distill_repair
 from flain_cli.settings import RepairSettings
 
@@ -63,7 +63,7 @@ def trace(lab: Lab) -> list[dict[str, float]]:
     values = torch.sort(lab.xbar).values.tolist()
     mu, k, rows = values[0], 1, []
     while True:
-        lam = _lam(mu, k, STEP)
+        lam = threshold(mu, k, STEP)
         mask = lab.xbar <= lam
         count = int(mask.sum())
         weight = flip_updates(lab.W, lab.W0, mask)

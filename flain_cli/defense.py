@@ -152,7 +152,8 @@ def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, step: floa
         raise ConfigError(f"must be one of {', '.join(SELECTS)}, got {select!r}", param="select")
 
 
-def _lam(mu: float, k: int, step: float) -> float:
+def threshold(mu: float, k: int, step: float) -> float:
+    """lambda_k of Algorithm 1, ``mu + k * step``, computed the one way the search and the sweep use."""
     return mu + k * step
 
 
@@ -174,7 +175,7 @@ def _finish(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, trace: li
         if k_last == 1:  # the very first threshold already cost rho: keep the model as it was
             lam, acc_kept, kl_kept, mask = mu, acc0, None, torch.zeros_like(x, dtype=torch.bool)
         else:
-            lam, acc_kept, kl_kept = _lam(mu, k_last - 1, step), trace[-2].acc, trace[-2].kl
+            lam, acc_kept, kl_kept = threshold(mu, k_last - 1, step), trace[-2].acc, trace[-2].kl
             mask = x.double() <= lam
     else:
         lam, acc_kept, kl_kept = trace[-1].lam, trace[-1].acc, trace[-1].kl
@@ -202,7 +203,7 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
     acc0 = evaluate(weight, None)  # line 5
     evaluations, trace, crossed = 1, [], False
     for k in range(1, max_steps + 1):
-        lam = _lam(mu, k, step)
+        lam = threshold(mu, k, step)
         mask = xd <= lam  # lines 7-13
         acc1 = evaluate(apply_mask(weight, replacement, mask), None)  # lines 15-16
         evaluations += 1
@@ -217,11 +218,11 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
 
 
 def first_k_covering(mu: float, value: float, step: float) -> int:
-    """The smallest k >= 1 with mu + k * step >= value (exactly as _lam computes it)."""
+    """The smallest k >= 1 with mu + k * step >= value (exactly as threshold computes it)."""
     k = max(1, math.ceil((value - mu) / step))
-    while _lam(mu, k, step) < value:
+    while threshold(mu, k, step) < value:
         k += 1
-    while k > 1 and _lam(mu, k - 1, step) >= value:
+    while k > 1 and threshold(mu, k - 1, step) >= value:
         k -= 1
     return k
 
@@ -242,7 +243,7 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
     k, z = 1, len(values)
     current, previous = weight.clone(), torch.zeros_like(xd, dtype=torch.bool)
     while True:
-        lam = _lam(mu, k, step)
+        lam = threshold(mu, k, step)
         mask = xd <= lam
         count = int(mask.sum())
         new = torch.nonzero(mask & ~previous).flatten()  # the neurons this threshold takes in

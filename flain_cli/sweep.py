@@ -21,7 +21,7 @@ from .auxdata import AuxSet
 from .catalog import METHODS
 from .checkpoint import ModelSource
 from .datasets import DATASETS, load_dataset
-from .defense import apply_mask, rescale_factor
+from .defense import apply_mask, rescale_factor, threshold
 from .errors import ConfigError
 from .evaluation import load_test_file, resolve_attack
 from .settings import PAPER_STEP
@@ -93,7 +93,7 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
     curve = [point(None, mask, None)]
     mu = float(x.min())
     for k in range(points):
-        lam = mu + k * step
+        lam = threshold(mu, k, step)  # the search's own lambdas (k = 0: mu itself)
         new = (x <= lam) & ~mask
         mask = mask | new
         curve.append(point(lam, mask, torch.nonzero(new).flatten()))
