@@ -81,6 +81,13 @@ class ModelMeta:
     class_names: tuple[str, ...] | None = None
     model_def: dict[str, str] | None = None  # {"spec": FILE.py:NAME, "sha256": of the file}
 
+    def test_dataset(self, path: Path | None) -> str:
+        """The dataset whose test split measures the model of ``path``, or a clear error when none is known."""
+        if self.dataset is None:
+            raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
+                              f"({', '.join(DATASETS.names())})")
+        return self.dataset
+
     @property
     def norm(self) -> Normalization:
         """The normalization, or a clear error when nothing tells it."""

@@ -10,7 +10,7 @@ import torch
 from .attack import AttackTask
 from .auxdata import load_aux
 from .checkpoint import Checkpoint, ModelMeta, ModelSource, conformed_model, dataset_spec, load_checkpoint
-from .datasets import DATASETS, Split, load_dataset
+from .datasets import Split, load_dataset
 from .errors import ConfigError
 from .metrics import EvalResult, evaluate
 from .triggers import AnyTrigger, load_trigger_image, make_trigger
@@ -64,14 +64,12 @@ def evaluate_checkpoint(path: Path, *, source: ModelSource = ModelSource(), data
         raise ConfigError("goes with --trigger-image", param="trigger_mask")
     ckpt = load_checkpoint(path)
     meta = source.meta_for(ckpt)
-    if meta.dataset is None:
-        raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
-                          f"({', '.join(DATASETS.names())})")
+    dataset = meta.test_dataset(path)
     spec = dataset_spec(meta)
     ckpt, model = conformed_model(ckpt, meta, device, strict=source.strict)
     spec_attack = resolve_attack(ckpt, meta.num_classes, attack, str(trigger_image) if trigger_image else trigger)
     if test is None:
-        test = load_test_file(test_file, meta) if test_file else load_dataset(meta.dataset, data_dir).test
+        test = load_test_file(test_file, meta) if test_file else load_dataset(dataset, data_dir).test
     trig: AnyTrigger | None
     if trigger_image is not None:
         trig = load_trigger_image(trigger_image, spec.shape, trigger_mask)

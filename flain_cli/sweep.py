@@ -20,7 +20,7 @@ from .audit import AuxFeatures, check_finite, load_aux_for, load_init, load_mode
 from .auxdata import AuxSet
 from .catalog import METHODS
 from .checkpoint import ModelSource
-from .datasets import DATASETS, load_dataset
+from .datasets import load_dataset
 from .defense import apply_mask, rescale_factor, threshold
 from .errors import ConfigError
 from .evaluation import load_test_file, resolve_attack
@@ -63,12 +63,10 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
     check_finite(loaded.ckpt, "MODEL")
     init = load_init(init_path, loaded, strict=source.strict)
     meta = loaded.meta
-    if meta.dataset is None:
-        raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
-                          f"({', '.join(DATASETS.names())})")
+    dataset = meta.test_dataset(path)
     layer = layer or meta.defended_layer
     aux = load_aux_for(loaded, aux_path)
-    test = load_test_file(test_file, meta) if test_file else load_dataset(meta.dataset, data_dir).test
+    test = load_test_file(test_file, meta) if test_file else load_dataset(dataset, data_dir).test
     scored = {"aux": aux, "acc": AuxSet(test.images, test.labels, "test")}
     attack = resolve_attack(loaded.ckpt, meta.num_classes)
     if attack is not None:
