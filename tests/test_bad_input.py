@@ -433,3 +433,14 @@ def test_a_training_that_fails_before_its_first_round_leaves_no_folder(tmp_path)
     res = invoke("train", "--data-dir", tmp_path / "nowhere", "--rounds", "1", "--out", tmp_path / "runs" / "t")
     one_error_line(res, "Error: ")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_without_a_dataset_is_measured_only_with_one(tmp_path):
+    from flain_cli.checkpoint import model_meta
+    from flain_cli.models import build_model
+
+    path = tmp_path / "m.safetensors"
+    save_checkpoint(path, build_model("cnn-mnist", 10).state_dict(),
+                    model_meta("cnn-mnist", 10, None).to_json() | {"role": "final"})
+    one_error_line(invoke("eval", path), f"Error: {path} does not say which dataset it was trained on; "
+                                         "pass --dataset (fmnist, mnist, emnist, cifar10)")
