@@ -14,8 +14,8 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class, repair may be lists;
                        # prune and flain run once per combination
     repair = ["none", "distill"]  # without and with the repair (the default: distill)
-    stop = ["accuracy", "kl"]     # the paper's stop (the default here) and ours; stop = "kl" with
-                                  # repair = "distill" is `flain defend`'s default rule
+    stop = ["accuracy", "kl"]     # the paper's stop (the default here, as in `flain defend`) and
+                                  # ours (`flain defend --stop kl`)
 
 Every distinct training configuration is trained once into ``CACHE/train-<hash>/`` (CACHE: the
 file's ``cache``, by default its results folder ``out``; several grid files may share one); the
@@ -117,6 +117,11 @@ class Defense:
         return "rlr" if self.method == "rlr" else "fedavg"
 
 
+def _label(value: object) -> str:
+    """A varied setting in a column label: numbers as %g (0.03, not 0.030000), names as they are."""
+    return f"{value:g}" if isinstance(value, float | int) and not isinstance(value, bool) else str(value)
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str
@@ -139,8 +144,7 @@ class Experiment:
         out = []
         for method in self.defense.methods:
             for v in (variants if method in POST_TRAINING else variants[:1]):
-                suffix = "".join(f" {k}={getattr(v, k):g}" if k != "repair" else f" repair={v.repair}"
-                                 for k in varying) if method in POST_TRAINING else ""
+                suffix = "".join(f" {k}={_label(getattr(v, k))}" for k in varying) if method in POST_TRAINING else ""
                 out.append(Defense(method + suffix, method, v))
         return out
 

@@ -169,6 +169,15 @@ def test_defense_settings_may_vary_on_one_training(tmp_path, fmnist_dir):
             load_experiment(write(tmp_path, TINY.format(per_class=3).replace("rho = 0.05", bad), "bad.toml"))
 
 
+def test_named_settings_may_vary_too(tmp_path):
+    """stop and repair are names, not numbers: a grid listing them labels its columns by them."""
+    config = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
+                   .replace("rho = 0.05", 'rho = 0.05\nstop = ["accuracy", "kl"]\nrepair = ["none", "distill"]'))
+    labels = [d.label for d in load_experiment(config).defenses]
+    assert labels == ["none", "flain stop=accuracy repair=none", "flain stop=accuracy repair=distill",
+                      "flain stop=kl repair=none", "flain stop=kl repair=distill"]
+
+
 def test_experiments_sharing_a_cache_train_once(tmp_path, fmnist_dir):
     """A second grid over the same trainings (here: other aux sizes) only runs its defenses."""
     cache = tmp_path / "trainings"
