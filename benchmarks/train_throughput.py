@@ -12,7 +12,11 @@ does not do.
     .venv/bin/python benchmarks/train_throughput.py --modes bare,bare-bf16,flain,flain-bf16
 
 ``bare-bf16`` is the bare loop under ``torch.autocast(dtype=torch.bfloat16)``, ``flain-bf16``
-`flain train --precision bf16`'s client training.
+`flain train --precision bf16`'s client training. ``--device cuda`` runs both on a GPU (the bare
+loop's images then live on the GPU from the start; flain's are uint8 on the host, moved per batch,
+as `flain train --device cuda` does); the times there end with a synchronize.
+
+    python benchmarks/train_throughput.py --device cuda --samples 60000 --modes bare,bare-bf16,flain,flain-bf16
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import sys
 import time
 
 
-def run_bare(samples: int, batch_size: int, arch: str, bf16: bool = False) -> dict:
+def run_bare(samples: int, batch_size: int, arch: str, bf16: bool = False, device: str = "cpu") -> dict:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -37,25 +41,34 @@ def run_bare(samples: int, batch_size: int, arch: str, bf16: bool = False) -> di
 
     data = load_dataset("fmnist")
     idx = balanced_subset(data.train.labels, samples, np.random.default_rng(0))
-    x_all = data.spec.normalize(data.train.images[idx])
-    y_all = data.train.labels[idx]
+    x_all = data.spec.normalize(data.train.images[idx]).to(device)
+    y_all = data.train.labels[idx].to(device)
     torch.manual_seed(0)
-    model = build_model(arch, 10).train()
+    model = build_model(arch, 10).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.999))
     gen = torch.Generator().manual_seed(0)
+    _sync(device)
     started = time.perf_counter()
-    perm = torch.randperm(len(y_all), generator=gen)
+    perm = torch.randperm(len(y_all), generator=gen).to(device)
     for start in range(0, len(perm), batch_size):
         b = perm[start:start + batch_size]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(model(x_all[b]), y_all[b])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    _sync(device)
     return {"seconds": time.perf_counter() - started}
 
 
-def run_flain(samples: int, batch_size: int, arch: str, precision: str = "fp32") -> dict:
+def _sync(device: str) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_flain(samples: int, batch_size: int, arch: str, precision: str = "fp32", device: str = "cpu") -> dict:
     from flain_cli.datasets import load_dataset
     from flain_cli.simulation import TrainConfig, simulate
 
@@ -65,18 +78,18 @@ def run_flain(samples: int, batch_size: int, arch: str, precision: str = "fp32")
     # client training only (not aggregation or evaluation).
     cfg = TrainConfig(arch=arch, clients=1, mcr=1.0, pdr=0.3, rounds=1, batch_size=batch_size,
                       train_samples=samples, seed=0, precision=precision)
-    result = simulate(cfg, data)
+    result = simulate(cfg, data, device)
     return {"seconds": result.history[0].train_seconds}
 
 
 MODES = ("bare", "bare-bf16", "flain", "flain-bf16")
 
 
-def child(mode: str, samples: int, batch_size: int, arch: str) -> None:
+def child(mode: str, samples: int, batch_size: int, arch: str, device: str) -> None:
     if mode.startswith("bare"):
-        result = run_bare(samples, batch_size, arch, bf16=mode == "bare-bf16")
+        result = run_bare(samples, batch_size, arch, bf16=mode == "bare-bf16", device=device)
     else:
-        result = run_flain(samples, batch_size, arch, "bf16" if mode == "flain-bf16" else "fp32")
+        result = run_flain(samples, batch_size, arch, "bf16" if mode == "flain-bf16" else "fp32", device)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(result))
 
@@ -88,10 +101,11 @@ def main() -> None:
     parser.add_argument("--arch", default="cnn-fmnist")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", default="bare,flain", help=f"comma-separated, from {', '.join(MODES)}")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--child", choices=MODES)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.samples, args.batch_size, args.arch)
+        child(args.child, args.samples, args.batch_size, args.arch, args.device)
         return
     modes = args.modes.split(",")
     if not set(modes) <= set(MODES):
@@ -100,10 +114,11 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in modes:
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--samples", str(args.samples),
-                                  "--batch-size", str(args.batch_size), "--arch", args.arch],
+                                  "--batch-size", str(args.batch_size), "--arch", args.arch, "--device", args.device],
                                  check=True, capture_output=True, text=True).stdout
             runs[mode].append(json.loads(out.strip().splitlines()[-1]))
-    report = {"arch": args.arch, "samples": args.samples, "batch_size": args.batch_size, "repeats": args.repeats}
+    report = {"device": args.device, "arch": args.arch, "samples": args.samples, "batch_size": args.batch_size,
+              "repeats": args.repeats}
     for mode, rs in runs.items():
         report[mode] = {"samples_per_s": round(args.samples / statistics.median(r["seconds"] for r in rs), 1),
                         "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs), 1)}

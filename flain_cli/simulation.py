@@ -279,6 +279,8 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
                                             task.target if task else None, cfg, gen, device))
                 weights.append(float(len(clients[k].indices)))
                 listener.client_done(rnd, k)
+            if device.type == "cuda":  # kernels run asynchronously: the round's training is done when they are
+                torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - started
             state = apply_update(state, aggregate(updates, weights, settings))
             acc = asr = None
