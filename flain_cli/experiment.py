@@ -293,10 +293,7 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
     """
     listener = listener or ExperimentListener()
     exp.out.mkdir(parents=True, exist_ok=True)
-    _write(exp.out / "experiment.json", {"name": exp.name, "cache": str(exp.cache), "train": exp.base,
-                                         "grid": exp.grid,
-                                         "defenses": [{"label": d.label} | dataclasses.asdict(d.settings)
-                                                      for d in exp.defenses]})
+    _write(exp.out / "experiment.json", _definition(exp) | {"cache": str(exp.cache)})
     datasets = datasets if datasets is not None else {}
     for name in sorted({exp.config(p).dataset for p in exp.points()}):  # a missing dataset fails once, up front
         _dataset(name, data_dir, datasets)
@@ -430,13 +427,59 @@ def result_paths(exp: Experiment) -> dict[str, Path]:
     return {"md": exp.out / "results.md", "csv": exp.out / "results.csv", "json": exp.out / "results.json"}
 
 
+def _definition(exp: Experiment) -> dict[str, Any]:
+    """The grid as experiment.json records it (without where its cache is)."""
+    return {"name": exp.name, "train": exp.base, "grid": exp.grid,
+            "defenses": [{"label": d.label} | dataclasses.asdict(d.settings) for d in exp.defenses]}
+
+
+def _fingerprint(exp: Experiment) -> str:
+    """Names the grid definition, so that results written for another definition of it are never merged."""
+    return hashlib.sha256(json.dumps(_definition(exp), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _with_others(exp: Experiment, cells: list[Cell]) -> list[Cell]:
+    """``cells`` completed by what other workers on the same grid already wrote to its results.
+
+    A worker rewrites the results after each of its cells; without this, one that is behind (or is
+    stopped while it waits for another's training) would overwrite a table that a faster worker had
+    finished with its own view, where those cells are still busy or not reached.
+    """
+    try:
+        written = json.loads(result_paths(exp)["json"].read_text())
+    except (OSError, ValueError):
+        return cells
+    if not isinstance(written, dict) or written.get("fingerprint") != _fingerprint(exp):
+        return cells
+
+    def key(point: dict[str, Any], defense: Any) -> str:
+        return json.dumps([point.get(k) for k in exp.grid] + [defense], default=str)
+
+    theirs = {key(row, row.get("defense")): row for row in written.get("rows", []) if isinstance(row, dict)}
+    mine = {key(cell.point, cell.defense): cell for cell in cells}
+    merged = []
+    for point in exp.points():
+        for defense in exp.defenses:
+            cell, row = mine.get(key(point, defense.label)), theirs.get(key(point, defense.label))
+            if row is not None and row.get("status") in ("done", "cached") and (cell is None or cell.status == "busy"):
+                detail = {k: v for k, v in row.items()
+                          if k not in point and k not in ("defense", "acc", "asr", "status", "error")}
+                cell = Cell(point, defense.label, "cached", row.get("acc"), row.get("asr"), detail)
+            if cell is not None:
+                merged.append(cell)
+    return merged
+
+
 def write_results(exp: Experiment, cells: list[Cell]) -> dict[str, Path]:
+    """Rewrite the grid's results (json, csv, md) atomically: ``cells``, and the finished cells that another
+    worker on the same grid has written and these do not have yet."""
+    cells = _with_others(exp, cells)
     rows = [cell.row() for cell in cells]
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
     paths = result_paths(exp)
-    _write(paths["json"], {"name": exp.name, "rows": rows})
+    _write(paths["json"], {"name": exp.name, "fingerprint": _fingerprint(exp), "rows": rows})
 
     def csv_text() -> str:
         import csv

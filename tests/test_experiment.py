@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from flain_cli.cli.app import app
 from flain_cli.errors import ConfigError
-from flain_cli.experiment import load_experiment
+from flain_cli.experiment import Cell, load_experiment, write_results
 
 runner = CliRunner()
 
@@ -167,6 +167,25 @@ def test_defense_settings_may_vary_on_one_training(tmp_path, fmnist_dir):
     for bad in ("rho = []", "rho = [0.1, 0.1]"):
         with pytest.raises(ConfigError, match="distinct values"):
             load_experiment(write(tmp_path, TINY.format(per_class=3).replace("rho = 0.05", bad), "bad.toml"))
+
+
+def test_a_worker_behind_does_not_overwrite_finished_results(tmp_path):
+    """Workers on one grid each rewrite its results; a late one keeps what a faster one finished."""
+    grid = TINY.format(per_class=3).replace('attack = ["0:5"]', 'attack = ["0:5", "0:6"]')
+    exp = load_experiment(write(tmp_path, grid), out=tmp_path / "out")
+    cells = [Cell({"attack": a}, d.label, "done", 0.9, 0.01 * i, {"flipped": i})
+             for i, (a, d) in enumerate((a, d) for a in ("0:5", "0:6") for d in exp.defenses)]
+    write_results(exp, cells)
+    behind = [Cell({"attack": "0:5"}, exp.defenses[0].label, "busy", error="its training is under way")]
+    write_results(exp, behind)
+    rows = json.loads((exp.out / "results.json").read_text())["rows"]
+    assert [(r["attack"], r["defense"], r["asr"], r["flipped"]) for r in rows] == [
+        (c.point["attack"], c.defense, c.asr, c.detail["flipped"]) for c in cells]
+    assert "busy" not in (exp.out / "results.md").read_text()
+    # results written for another definition of the grid are not merged
+    other = load_experiment(write(tmp_path, grid.replace("rho = 0.05", "rho = 0.04")), out=tmp_path / "out")
+    write_results(other, [Cell({"attack": "0:5"}, other.defenses[0].label, "busy")])
+    assert [r["status"] for r in json.loads((exp.out / "results.json").read_text())["rows"]] == ["busy"]
 
 
 def test_named_settings_may_vary_too(tmp_path):
