@@ -30,7 +30,7 @@ class DemoReport:
     test_source: str
     n_test: int
     before: dict[str, Any]
-    after: dict[str, Any]  # the default rule (Algorithm 1, then the repair)
+    after: dict[str, Any]  # the default rule (the search stopped at kl 0.07, then the repair)
     paper: dict[str, Any]  # Algorithm 1 exactly (--preset paper)
     defense: dict[str, Any]
     seconds: dict[str, float]
@@ -96,7 +96,9 @@ def run_demo(samples_dir: Path, sample: str, out: Path, *, paper_out: Path | Non
     return DemoReport(
         sample, source, before.n_clean,
         {"acc": before.acc, "asr": before.asr, "aux_acc": d.aux_acc_before},
-        {"acc": after.acc, "asr": after.asr, "aux_acc": d.aux_acc_after, "rule": d.config.rule},
-        {"acc": after_paper.acc, "asr": after_paper.asr, "aux_acc": p.aux_acc_after, "rule": p.config.rule},
+        {"acc": after.acc, "asr": after.asr, "aux_acc": d.aux_acc_after, "rule": d.config.rule,
+         "flipped": d.flipped, "lambda": d.lam},
+        {"acc": after_paper.acc, "asr": after_paper.asr, "aux_acc": p.aux_acc_after, "rule": p.config.rule,
+         "flipped": p.flipped, "lambda": p.lam},
         {"lambda": d.lam, "flipped": d.flipped, "of": d.of, "silent_neurons": int((scan.means == 0).sum())},
         seconds, out, paper_out)

@@ -14,8 +14,8 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class, repair may be lists;
                        # prune and flain run once per combination
     repair = ["none", "distill"]  # without and with the repair (the default: distill)
-    stop = ["accuracy", "kl"]     # the paper's stop (the default here, as in `flain defend`) and
-                                  # ours (`flain defend --stop kl`)
+    stop = ["accuracy", "kl"]     # the paper's stop (the default where rho is given, as in
+                                  # `flain defend`) and ours (`flain defend`'s default)
 
 Every distinct training configuration is trained once into ``CACHE/train-<hash>/`` (CACHE: the
 file's ``cache``, by default its results folder ``out``; several grid files may share one); the
@@ -68,8 +68,8 @@ class DefenseSettings:
     step: float = PAPER_STEP
     rho: float = PAPER_RHO
     select: str = "crossing"
-    stop: str = "accuracy"  # the paper's; "kl" is `flain defend`'s default (a grid's own default is kept, so
-    kl: float = KL_BUDGET   # its cached results keep their meaning)
+    stop: str = "kl"  # as `flain defend`; a grid that gives rho and no stop means the accuracy stop (_defense_variants)
+    kl: float = KL_BUDGET
     holdout: float = 0.0
     repair: str = "distill"  # as `flain defend`: the distillation repair after the search, or none (the paper)
 
@@ -238,6 +238,11 @@ def _defense_variants(dset: dict[str, Any]) -> tuple[DefenseSettings, ...]:
     bad = [r for r in lists.get("repair", [fixed.get("repair", "distill")]) if r not in REPAIRS]
     if bad:
         raise ConfigError(f"[defense] repair {bad[0]!r} unknown; choose from {', '.join(REPAIRS)}")
+    if "stop" not in dset and ("rho" in dset or "kl" in dset):  # a budget names its stop, as in `flain defend`
+        if "rho" in dset and "kl" in dset:
+            raise ConfigError("[defense] gives rho and kl, the budgets of two different stops; add stop = "
+                              '"accuracy" or "kl" (or a list of both)')
+        fixed["stop"] = "accuracy" if "rho" in dset else "kl"
     keys = list(lists)
     return tuple(DefenseSettings(**fixed, **dict(zip(keys, values)))
                  for values in itertools.product(*(lists[k] for k in keys)))

@@ -60,7 +60,9 @@ def test_non_finite_weights_are_refused(tiny_run, aux_dir, tmp_path, which, tens
     (["--rho", "-0.1"], "Error: --rho must be in [0, 1], got -0.1"),
     (["--stop", "kl", "--kl", "-1"], "Error: --kl must be in (0, 10], got -1.0"),
     (["--stop", "kl", "--rho", "0.02"], "Error: --rho is the accuracy stop's budget and has no effect with --stop kl"),
-    (["--kl", "0.1"], "Error: --kl is the kl stop's budget and has no effect with --stop accuracy"),
+    (["--stop", "accuracy", "--kl", "0.1"],
+     "Error: --kl is the kl stop's budget and has no effect with --stop accuracy"),
+    (["--rho", "0.02", "--kl", "0.1"], "Error: --rho and --kl are the budgets of two different stops"),
 ])
 def test_search_settings_out_of_range(tiny_run, aux_dir, tmp_path, options, start):
     run, _ = tiny_run

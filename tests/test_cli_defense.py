@@ -15,7 +15,7 @@ def test_defend_json_contract_trace_and_checkpoint(tiny_run, aux_dir, tmp_path):
     run, _ = tiny_run
     out, trace = tmp_path / "clean.safetensors", tmp_path / "trace.csv"
     res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
-                 "--rho", "0.05", "--out", out, "--trace", trace, "--json")
+                 "--rho", "0.05", "--out", out, "--trace", trace, "--json")  # --rho alone: the accuracy stop
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert {"method", "lambda", "flipped", "of", "aux_acc_before", "aux_acc_after", "steps", "out"} <= set(report)
@@ -37,7 +37,7 @@ def test_defend_stop_kl_records_and_traces_the_divergence(tiny_run, aux_dir, tmp
     run, _ = tiny_run
     out, trace = tmp_path / "kl.safetensors", tmp_path / "trace.csv"
     res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
-                 "--stop", "kl", "--kl", "0.01", "--repair", "none", "--out", out, "--trace", trace, "--json")
+                 "--kl", "0.01", "--repair", "none", "--out", out, "--trace", trace, "--json")  # the default stop
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["stop"] == "kl" and report["kl"] == 0.01 and report["rho"] is None and report["rule"] == "flain+kl"

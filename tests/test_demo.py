@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from flain_cli.checkpoint import load_checkpoint
 from flain_cli.cli.app import app
 
 from .conftest import make_images, write_aux_folder
@@ -34,7 +35,7 @@ def test_demo_before_and_after(samples, tmp_path):
     report = json.loads(res.stdout)
     assert report["n_test"] == 100 and report["test"].endswith("fmnist-test-2000.npz")
     assert {"acc", "asr"} <= set(report["before"]) and {"acc", "asr"} <= set(report["after"])
-    assert report["after"]["rule"] == "flain+distill" and report["paper"]["rule"] == "flain"
+    assert report["after"]["rule"] == "flain+kl+distill" and report["paper"]["rule"] == "flain"
     assert report["defense"]["of"] == 3136 and (tmp_path / "demo" / "tiny-cba.flain.safetensors").is_file()
     assert report["paper_out"] == str(tmp_path / "demo" / "tiny-cba.flain-paper.safetensors")
     # both rows are what eval says of the written models
@@ -42,6 +43,7 @@ def test_demo_before_and_after(samples, tmp_path):
         ev = json.loads(runner.invoke(app, ["eval", path, "--test", str(samples / "fmnist-test-2000.npz"),
                                             "--json"]).stdout)
         assert ev["acc"] == pytest.approx(report[key]["acc"]) and ev["asr"] == pytest.approx(report[key]["asr"])
+        assert report[key]["flipped"] == load_checkpoint(path).meta["defense"]["flipped"]  # each row its own count
     # the same numbers as eval --test on the same files
     ev = json.loads(runner.invoke(app, ["eval", str(samples / "tiny-cba" / "final.safetensors"), "--test",
                                         str(samples / "fmnist-test-2000.npz"), "--json"]).stdout)
@@ -49,7 +51,9 @@ def test_demo_before_and_after(samples, tmp_path):
     table = runner.invoke(app, ["demo", "--samples-dir", str(samples), "--sample", "tiny-cba", "--out",
                                 str(tmp_path / "demo"), "--test-subset", "--force"], env={"COLUMNS": "200"})
     assert table.exit_code == 0 and "FLAIN --preset paper" in table.stdout
-    assert "FLAIN (default rule)" in table.stdout
+    rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if line.count("│") > 2}
+    assert f"{report['paper']['flipped']} of 3136" in rows["FLAIN --preset paper"]
+    assert f"{report['after']['flipped']} of 3136" in rows["FLAIN (default rule)"]
 
 
 def test_demo_unknown_sample(samples, tmp_path):

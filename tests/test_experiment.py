@@ -197,6 +197,17 @@ def test_named_settings_may_vary_too(tmp_path):
                       "flain stop=kl repair=none", "flain stop=kl repair=distill"]
 
 
+def test_a_budget_names_its_stop_as_in_defend(tmp_path):
+    """No stop and no budget: flain defend's kl stop; rho alone: the accuracy stop; both: refused."""
+    base = TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
+    stops = {name: [d.settings.stop for d in load_experiment(write(tmp_path, text, f"{name}.toml")).defenses]
+             for name, text in (("rho", base), ("none", base.replace("rho = 0.05\n", "")),
+                                ("kl", base.replace("rho = 0.05", "kl = 0.1")))}
+    assert stops == {"rho": ["accuracy", "accuracy"], "none": ["kl", "kl"], "kl": ["kl", "kl"]}
+    with pytest.raises(ConfigError, match="rho and kl, the budgets of two different stops"):
+        load_experiment(write(tmp_path, base.replace("rho = 0.05", "rho = 0.05\nkl = 0.1"), "both.toml"))
+
+
 def test_experiments_sharing_a_cache_train_once(tmp_path, fmnist_dir):
     """A second grid over the same trainings (here: other aux sizes) only runs its defenses."""
     cache = tmp_path / "trainings"

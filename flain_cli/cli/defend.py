@@ -56,8 +56,15 @@ def build_config(preset: str, method: str | None, step: float | None, rho: float
                  holdout: float | None, rescale: bool | None, repair: str | None,
                  repair_settings: dict[str, float | int | None], stop: str | None = None,
                  kl: float | None = None) -> DefenseConfig:
-    """The preset, with every option the user gave in its place."""
+    """The preset, with every option the user gave in its place.
+
+    A budget without ``--stop`` picks its stop: ``--rho`` the accuracy stop, ``--kl`` the kl stop.
+    """
     base = PRESETS[preset]
+    if stop is None and rho is not None and kl is not None:
+        raise ConfigError("--rho and --kl are the budgets of two different stops; give one, or --stop to choose")
+    if stop is None and (rho is not None or kl is not None):
+        stop = "accuracy" if rho is not None else "kl"
     given: dict[str, Any] = {k: v for k, v in repair_settings.items() if v is not None}
     repair_on = base.repair is not None if repair is None else repair == "distill"
     if given and not repair_on:
@@ -90,8 +97,9 @@ def defend(
         help="The initial checkpoint W0 of the same run (init.safetensors); needed by FLAIN, not by --method prune.",
         show_default=False)] = None,
     preset: Annotated[Preset, typer.Option(
-        help="default: Algorithm 1 (step 0.001, rho 0.03, crossing) then the distillation repair, which keeps more "
-             "clean accuracy; paper: Algorithm 1 exactly, no repair. The options below override the preset.")
+        help="default: Algorithm 1's search (step 0.001, crossing) stopped at --kl 0.07, then the distillation "
+             "repair, which keeps more clean accuracy; paper: Algorithm 1 exactly (rho 0.03), no repair. The options "
+             "below override the preset.")
     ] = Preset("default"),
     method: Annotated[str | None, typer.Option(help=f"{'|'.join(METHODS.names())}: flip the selected neurons' "
                                                     "updates, or zero their weights (preset: flain).",
@@ -99,15 +107,15 @@ def defend(
     step: Annotated[float | None, typer.Option(help="Threshold step (preset: 0.001, the paper's).",
                                                show_default=False)] = None,
     stop: Annotated[Stop | None, typer.Option(
-        help="accuracy: stop where the aux accuracy dropped by --rho (line 17 of Algorithm 1; both presets). "
-             "kl (not in the paper): stop where the mean KL divergence of the outputs from the original model's on "
-             "the aux set reaches --kl.", show_default=False)] = None,
+        help="kl (not in the paper; preset default): stop where the mean KL divergence of the outputs from the "
+             "original model's on the aux set reaches --kl. accuracy: stop where the aux accuracy dropped by --rho "
+             "(line 17 of Algorithm 1; preset paper).", show_default=False)] = None,
     rho: Annotated[float | None, typer.Option(
-        help=f"Tolerated aux accuracy drop, for --stop accuracy ({PAPER_RHO}, the paper's largest).",
-        show_default=False)] = None,
+        help=f"Tolerated aux accuracy drop of the accuracy stop ({PAPER_RHO}, the paper's largest); "
+             "without --stop it selects that stop.", show_default=False)] = None,
     kl: Annotated[float | None, typer.Option(
-        help=f"Tolerated mean KL divergence from the original outputs, for --stop kl ({KL_BUDGET}, chosen on our "
-             "tuning trainings).", show_default=False)] = None,
+        help=f"Tolerated mean KL divergence from the original outputs, for the kl stop ({KL_BUDGET}, chosen on our "
+             "tuning trainings); without --stop it selects that stop.", show_default=False)] = None,
     select: Annotated[Select | None, typer.Option(help=f"{'|'.join(SELECTS)}: keep the model at which the stop rule "
                                                     "first fired (preset, the paper), or the last one before it.",
                                                show_default=False)] = None,

@@ -46,10 +46,13 @@ def demo(
     table.add_row("backdoored (final)", fmt(report.before["acc"]), fmt(report.before["asr"]),
                   fmt(report.before["aux_acc"]), "-", f"scan {seconds['scan']}")
     table.add_row("FLAIN --preset paper", fmt(report.paper["acc"]), fmt(report.paper["asr"]),
-                  fmt(report.paper["aux_acc"]), f"{d['flipped']} of {d['of']}", f"defend {seconds['defend_paper']}")
+                  fmt(report.paper["aux_acc"]), f"{report.paper['flipped']} of {d['of']}",
+                  f"defend {seconds['defend_paper']}")
     table.add_row("FLAIN (default rule)", fmt(report.after["acc"]), fmt(report.after["asr"]),
-                  fmt(report.after["aux_acc"]), f"{d['flipped']} of {d['of']}", f"defend {seconds['defend']}")
+                  fmt(report.after["aux_acc"]), f"{report.after['flipped']} of {d['of']}",
+                  f"defend {seconds['defend']}")
     out.print(table)
     out.print("The default rule's aux accuracy is on the images its repair trained on; judge it by ACC and ASR.")
-    out.print(f"lambda {d['lambda']:.4f}; {d['silent_neurons']} inputs of fc1 are never active on the aux set; "
+    out.print(f"lambda {report.paper['lambda']:.4f} (paper), {d['lambda']:.4f} (default); "
+              f"{d['silent_neurons']} inputs of fc1 are never active on the aux set; "
               f"evaluation took {seconds['eval']} s; wrote {target} and {paper_path(target)}")
