@@ -50,6 +50,7 @@ from .events import ExperimentListener
 from .files import atomic_write, read_text
 from .settings import KL_BUDGET, MAX_POINTS, PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
 from .simulation import TrainConfig
+from .tables import FINISHED, results_csv
 from .training import RunBusy, run_lock, train_to_dir
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -466,7 +467,7 @@ def _with_others(exp: Experiment, cells: list[Cell]) -> list[Cell]:
     for point in exp.points():
         for defense in exp.defenses:
             cell, row = mine.get(key(point, defense.label)), theirs.get(key(point, defense.label))
-            if row is not None and row.get("status") in ("done", "cached") and (cell is None or cell.status == "busy"):
+            if row is not None and row.get("status") in FINISHED and (cell is None or cell.status == "busy"):
                 detail = {k: v for k, v in row.items()
                           if k not in point and k not in ("defense", "acc", "asr", "status", "error")}
                 cell = Cell(point, defense.label, "cached", row.get("acc"), row.get("asr"), detail)
@@ -480,22 +481,9 @@ def write_results(exp: Experiment, cells: list[Cell]) -> dict[str, Path]:
     worker on the same grid has written and these do not have yet."""
     cells = _with_others(exp, cells)
     rows = [cell.row() for cell in cells]
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
     paths = result_paths(exp)
     _write(paths["json"], {"name": exp.name, "fingerprint": _fingerprint(exp), "rows": rows})
-
-    def csv_text() -> str:
-        import csv
-        import io
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-        return buf.getvalue()
-
-    text = csv_text()
+    text = results_csv(rows)
     atomic_write(paths["csv"], lambda tmp: tmp.write_text(text))
     md = f"## {exp.name}\n\n" + markdown_table(exp, cells)
     atomic_write(paths["md"], lambda tmp: tmp.write_text(md))

@@ -1,11 +1,14 @@
-"""The CSV files the commands write (`defend --trace`, `scan --csv`, `sweep --csv`) and `flain plot`
-reads: each format's writer beside its reader, with its columns named once."""
+"""The CSV files the commands write (`defend --trace`, `scan --csv`, `sweep --csv`, `experiment`'s
+results.csv) and `flain plot` reads: each format's writer beside its reader, with its columns named once."""
 
 from __future__ import annotations
 
 import csv
 import io
+import json
+import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +50,69 @@ def read_csv(path: Path, columns: tuple[str, ...], optional: tuple[str, ...] = (
                 for c in columns + optional}
     except ValueError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+# `flain experiment`'s results: one row per cell, the grid's keys first (in the grid's order), then these.
+RESULT_COLUMNS = ("defense", "acc", "asr", "status")
+FINISHED = ("done", "cached")  # the statuses of a cell with a result (the others: busy, failed)
+
+
+def results_csv(rows: list[dict[str, Any]]) -> str:
+    """results.csv: every key any row has, in first-seen order (the grid's keys, then RESULT_COLUMNS, then details)."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class GridRow:
+    point: dict[str, str]  # the grid's keys and their values, as text
+    defense: str
+    acc: float | None
+    asr: float | None
+    status: str
+
+
+@dataclass(frozen=True)
+class GridResults:
+    keys: tuple[str, ...]  # the grid's keys, in the file's order
+    rows: tuple[GridRow, ...]
+
+    def finished(self) -> list[GridRow]:
+        return [r for r in self.rows if r.status in FINISHED and r.acc is not None and r.asr is not None]
+
+
+def read_results(path: Path) -> GridResults:
+    """`flain experiment`'s results.csv or results.json: the grid's keys are the columns before ``defense``."""
+    text = read_text(path, "results file")
+    records: list[dict[str, Any]]
+    if Path(path).suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+            records = data["rows"]
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path} is not a `flain experiment` results.json (no rows)") from None
+    else:
+        records = list(csv.DictReader(io.StringIO(text, newline="")))
+    if not records or not all(isinstance(r, dict) and set(RESULT_COLUMNS) <= set(r) for r in records):
+        raise ConfigError(f"{path} is not a `flain experiment` results file with columns {', '.join(RESULT_COLUMNS)}")
+    names = list(records[0])
+    keys = tuple(names[:names.index("defense")])
+
+    def number(value: Any) -> float | None:
+        if value in ("", None):
+            return None
+        try:
+            result = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: acc and asr must be numbers, got {value!r}") from None
+        return result if math.isfinite(result) else None
+
+    rows = tuple(GridRow({k: "" if r.get(k) is None else str(r[k]) for k in keys}, str(r["defense"]),
+                         number(r["acc"]), number(r["asr"]), str(r["status"])) for r in records)
+    return GridResults(keys, rows)

@@ -114,3 +114,64 @@ def test_each_csv_writer_round_trips_through_its_reader(tmp_path):
     (tmp_path / "s.csv").write_text(sweep_csv(rows))
     back = read_csv(tmp_path / "s.csv", ("changed", "aux_acc", "acc"), ("lambda", "asr", "asr_clean"))
     assert back["lambda"] == [None] and back["asr"] == [None] and back["acc"] == [1.0]
+
+
+def grid_rows():
+    """results rows as `flain experiment` writes them: seeds x tasks x defenses, one cell still busy."""
+    rows = []
+    for seed in (1, 2, 3):
+        for attack in ("0:5", "0:6"):
+            for defense, acc, asr in (("none", 0.90, 0.99), ("flain", 0.80 + seed / 100, 0.01 * seed)):
+                status = "busy" if (seed, attack, defense) == (3, "0:6", "flain") else "cached"
+                done = status != "busy"
+                rows.append({"seed": seed, "attack": attack, "defense": defense, "acc": acc if done else None,
+                             "asr": asr if done else None, "status": status, "error": None, "flipped": 7})
+    return rows
+
+
+def test_results_round_trip_and_grid_curves(tmp_path):
+    from flain_cli.errors import ConfigError
+    from flain_cli.plots import grid_curves
+    from flain_cli.tables import read_results, results_csv
+    (tmp_path / "results.csv").write_text(results_csv(grid_rows()))
+    (tmp_path / "results.json").write_text(json.dumps({"name": "g", "rows": grid_rows()}))
+    from_csv, from_json = read_results(tmp_path / "results.csv"), read_results(tmp_path / "results.json")
+    assert from_csv == from_json and from_csv.keys == ("seed", "attack") and len(from_csv.rows) == 12
+    assert from_csv.rows[0].point == {"seed": "1", "attack": "0:5"} and len(from_csv.finished()) == 11
+
+    x, over, curves = grid_curves(from_csv)  # seed is folded by default, attack is the axis
+    assert (x, over) == ("attack", "seed") and [c.defense for c in curves] == ["none", "flain"]
+    flain = curves[1]
+    assert flain.x == ("0:5", "0:6") and flain.n == (3, 2)  # the busy cell is left out
+    assert flain.acc[0] == pytest.approx((0.82, 0.81, 0.83)) and flain.acc[1] == pytest.approx((0.815, 0.81, 0.82))
+    assert flain.asr[1] == pytest.approx((0.015, 0.01, 0.02)) and curves[0].asr[0] == pytest.approx((0.99,) * 3)
+
+    x, over, curves = grid_curves(from_csv, x="seed", over="attack", defenses=["flain"])
+    assert [c.x for c in curves] == [("1", "2", "3")] and curves[0].n == (2, 2, 1)
+    x, over, curves = grid_curves(from_csv, x="seed", defenses=["flain"])  # over given as x: attack is a panel row
+    assert over is None and [c.facet for c in curves] == [(("attack", "0:5"),), (("attack", "0:6"),)]
+    for kwargs, message in (({"x": "pdr"}, "x pdr is not a key of this grid; its keys: seed, attack"),
+                            ({"x": "seed", "over": "seed"}, "over seed cannot be both the x axis and folded"),
+                            ({"defenses": ["rlr"]}, "defense 'rlr' is not a column of these results")):
+        with pytest.raises(ConfigError, match=message):
+            grid_curves(from_csv, **kwargs)
+
+
+def test_grid_plot_cli(tmp_path):
+    from flain_cli.tables import results_csv
+    results = tmp_path / "results.csv"
+    results.write_text(results_csv(grid_rows()))
+    out = tmp_path / "grid.png"
+    res = invoke("plot", "grid", results, "--defense", "flain", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert out.read_bytes()[:8] == PNG and out.stat().st_size > 5000
+    res = invoke("plot", "grid", results, "--x", "pdr", "--out", tmp_path / "x.png")
+    assert res.exit_code == 1
+    assert res.stderr.strip() == "Error: --x pdr is not a key of this grid; its keys: seed, attack"
+    results.write_text("lambda,selected\n0.1,3\n")
+    res = invoke("plot", "grid", results, "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "is not a `flain experiment` results file" in res.stderr
+    busy = [r | {"status": "busy", "acc": None, "asr": None} for r in grid_rows()]
+    results.write_text(results_csv(busy))
+    res = invoke("plot", "grid", results, "--out", tmp_path / "x.png")
+    assert res.exit_code == 1 and "hold no finished cell yet" in res.stderr and not (tmp_path / "x.png").exists()

@@ -52,7 +52,7 @@ aux_cmd.app.command("export")(handle_errors(aux_cmd.export))
 app.add_typer(aux_cmd.app, name="aux")
 app.command("experiment")(handle_errors(experiment.experiment))
 for _name, _command in (("training", plot.training), ("trace", plot.trace), ("sweep", plot.sweep),
-                        ("activations", plot.activations)):
+                        ("activations", plot.activations), ("grid", plot.grid)):
     plot.app.command(_name)(handle_errors(_command))
 app.add_typer(plot.app, name="plot")
 

@@ -1,4 +1,4 @@
-"""`flain plot`: PNG figures from the files train, defend, sweep and scan write (needs matplotlib)."""
+"""`flain plot`: PNG figures from the files train, defend, sweep, scan and experiment write (needs matplotlib)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..files import FilePlan
-from ..plots import check_png, plot_activations, plot_sweep, plot_trace, plot_training
+from ..plots import check_png, plot_activations, plot_grid, plot_sweep, plot_trace, plot_training
 from .common import ForceOpt, JsonOpt, out, print_json
 
 app = typer.Typer(help="Draw PNG figures (needs matplotlib, the optional 'plot' extra of flain-cli).",
@@ -66,4 +66,23 @@ def activations(means_csv: Annotated[Path, typer.Argument(metavar="MEANS.csv", h
     """Histogram of the mean activations of the defended layer's inputs."""
     with FilePlan({"MEANS.csv": means_csv}, {"--out": check_png(out_path)}, force=force).writing() as stage:
         plot_activations(means_csv, stage["--out"], bins, title)
+    _done(out_path, as_json)
+
+
+def grid(results: Annotated[Path, typer.Argument(
+             metavar="RESULTS", help="A `flain experiment` results.csv or results.json.", show_default=False)],
+         out_path: OutOpt,
+         x: Annotated[str | None, typer.Option(
+             "--x", help="Grid key on the x axis (default: the first key of the grid other than --over).",
+             show_default=False)] = None,
+         over: Annotated[str | None, typer.Option(
+             help="Grid key folded into mean and min-max bars (default: seed, when the grid varies it).",
+             show_default=False)] = None,
+         defenses: Annotated[list[str] | None, typer.Option(
+             "--defense", help="Draw only this column of the results (repeat it; default: every column).",
+             show_default=False)] = None,
+         title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
+    """ACC and ASR of each defense against a grid key: one row of panels per value of the other keys."""
+    with FilePlan({"RESULTS": results}, {"--out": check_png(out_path)}, force=force).writing() as stage:
+        plot_grid(results, stage["--out"], x, over, defenses, title)
     _done(out_path, as_json)
