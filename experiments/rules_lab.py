@@ -178,13 +178,17 @@ if __name__ == "__main__":
 
 
 def paper_mask(lab, step=0.001, rho=0.03, select="crossing"):
+    import dataclasses
+
     from flain_cli.defense import search_fast
+    from flain_cli.settings import PRESETS
     F, Y = lab.F["aux"], lab.Y["aux"]
 
     def ev(w, changed=None):
         return float((lab.rest(torch.addmm(lab.b, F, w.double().T)).argmax(1) == Y).double().mean())
     with torch.no_grad():
-        res = search_fast(lab.W, lab.W0, lab.xbar, ev, step=step, rho=rho, select=select)
+        res = search_fast(lab.W, lab.W0, lab.xbar, ev, dataclasses.replace(PRESETS["paper"], step=step, rho=rho,
+                                                                                 select=select))
     return res
 
 

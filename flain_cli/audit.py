@@ -276,8 +276,8 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
     if all(torch.equal(model.tensors[name], init.tensors[name]) for name in names_m):
         raise CheckpointError(f"{model.path} and --init {init.path} hold the same weights: there are no "
                               f"updates to flip; pass the model before training as --init")
-    recorded: str | None = (model.meta.get("parents") or {}).get("init")
-    if recorded and model.meta.get("role") == "final" and init.sha256 is not None and recorded != init.sha256:
+    recorded = model.parent_init
+    if recorded and model.role == "final" and init.sha256 is not None and recorded != init.sha256:
         raise CheckpointError(f"{model.path} was trained from an initial checkpoint with sha256 {recorded[:16]}..., "
                               f"but --init {init.path} has sha256 {init.sha256[:16]}...; pass the "
                               f"init.safetensors written by the same `flain train` run")
@@ -332,9 +332,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     init_weight = init.tensors[f"{layer}.weight"] if init is not None else torch.zeros_like(weight)
     search = search_plain if plain else search_fast  # plain: Algorithm 1 as written (slow; for verification)
     evaluate = feats.accuracy_full if plain else feats.accuracy
-    result = search(weight, init_weight, x, evaluate, step=config.step, rho=config.rho, method=config.method,
-                    select=config.select, rescale_layer=config.rescale, stop=config.stop, kl=config.kl,
-                    divergence=feats.divergence)
+    result = search(weight, init_weight, x, evaluate, config, divergence=feats.divergence)
     if result.all_selected:
         budget = f"the aux accuracy dropped by rho={config.rho}" if config.stop == "accuracy" else \
             f"the outputs' divergence reached kl={config.kl}"

@@ -46,6 +46,7 @@ class Checkpoint:
     dtype: str = "float32"  # the floating dtype as read; after conform() the tensors are float32
     notes: tuple[str, ...] = ()  # what reading it took (a prefix stripped, a dtype cast...)
 
+    # The metadata fields read outside this module, by name (docs/checkpoint-format.md); None when not recorded.
     @property
     def arch(self) -> str | None:
         return self.meta.get("arch")
@@ -53,6 +54,27 @@ class Checkpoint:
     @property
     def dataset(self) -> str | None:
         return self.meta.get("dataset")
+
+    @property
+    def role(self) -> str | None:
+        """init, final or defended (ROLES)."""
+        return self.meta.get("role")
+
+    @property
+    def num_classes(self) -> int | None:
+        value = self.meta.get("num_classes")
+        return None if value is None else int(value)
+
+    @property
+    def parent_init(self) -> str | None:
+        """The sha256 of the initial checkpoint this one was trained or defended from."""
+        return (self.meta.get("parents") or {}).get("init")
+
+    @property
+    def attack(self) -> tuple[str | None, str | None]:
+        """The recorded attack: its task (SRC:TGT) and trigger name."""
+        known = self.meta.get("attack") or {}
+        return known.get("task"), known.get("trigger")
 
 
 @dataclass(frozen=True)

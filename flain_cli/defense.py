@@ -30,7 +30,7 @@ import torch
 
 from .catalog import METHODS
 from .errors import ConfigError
-from .settings import PAPER_RHO, PAPER_STEP, PRESETS, SELECTS, STOPS, DefenseConfig  # noqa: F401 - PRESETS, DefenseConfig: their import path before settings.py
+from .settings import PRESETS, DefenseConfig
 
 # (weight of the defended layer, changed) -> aux accuracy. ``changed``, when not None, holds the
 # only columns in which ``weight`` can differ from the weight of the previous call (a hint that
@@ -89,10 +89,7 @@ class SearchStep:
 
 @dataclass(frozen=True)
 class SearchResult:
-    method: str
-    select: str
-    step: float
-    rho: float
+    config: DefenseConfig  # the settings the search ran with (its repair plays no part here)
     mu: float
     acc0: float
     lam: float  # threshold of the kept model (mu for last-safe when even the first step crossed)
@@ -102,8 +99,6 @@ class SearchResult:
     all_selected: bool  # every neuron was selected before the stop rule fired
     evaluations: int  # network evaluations, acc0 included
     trace: list[SearchStep] = field(default_factory=list)
-    stop: str = "accuracy"
-    kl: float | None = None  # the divergence budget (stop="kl")
     kl_kept: float | None = None  # the kept model's divergence (stop="kl"; None when it is the original)
 
     @property
@@ -113,18 +108,15 @@ class SearchResult:
     @property
     def steps(self) -> int:
         """Thresholds Algorithm 1 visits (k of the last lambda evaluated), whichever loop ran."""
-        return round((self.trace[-1].lam - self.mu) / self.step)
+        return round((self.trace[-1].lam - self.mu) / self.config.step)
 
 
-def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, step: float, rho: float,
-           method: str, select: str, stop: str = "accuracy", kl: float | None = None,
-           divergence: Divergence | None = None) -> None:
-    METHODS.get(method)
-    if stop not in STOPS:
-        raise ConfigError(f"must be one of {', '.join(STOPS)}, got {stop!r}", param="stop")
-    if stop == "kl" and (kl is None or not (math.isfinite(kl) and kl > 0)):
-        raise ConfigError(f"must be a number > 0 for the kl stop, got {kl!r}", param="kl")
-    if stop == "kl" and divergence is None:
+def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, config: DefenseConfig,
+           divergence: Divergence | None) -> None:
+    """The settings (``config.check``), then what they are applied to: shapes, finite activations, the step's reach."""
+    config.check()
+    step = config.step
+    if config.stop == "kl" and divergence is None:
         raise ConfigError("is needed for the kl stop: a function giving the divergence of the last scored outputs",
                           param="divergence")
     if weight.shape != init.shape or weight.dim() != 2:
@@ -132,8 +124,6 @@ def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, step: floa
                           f"{tuple(init.shape)} must be the same 2-D shape")
     if x.shape != (weight.shape[1],):
         raise ConfigError(f"{tuple(x.shape)} activations for a layer with {weight.shape[1]} inputs")
-    if not step > 0 or not math.isfinite(step):
-        raise ConfigError(f"must be > 0, got {step}", param="step")
     if not bool(torch.isfinite(x).all()):
         raise ConfigError("the mean activations hold NaN or Inf; the model's layers before the defended one "
                           "are not finite on the aux set")
@@ -146,10 +136,6 @@ def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, step: floa
         raise ConfigError(f"{step:g} selects all {x.numel()} inputs at the first threshold (the mean "
                           f"activations span {span:.4g}); choose a step well below that, e.g. the paper's 0.001",
                           param="step")
-    if not 0 <= rho <= 1:
-        raise ConfigError(f"must be in [0, 1], got {rho}", param="rho")
-    if select not in SELECTS:
-        raise ConfigError(f"must be one of {', '.join(SELECTS)}, got {select!r}", param="select")
 
 
 def threshold(mu: float, k: int, step: float) -> float:
@@ -162,16 +148,15 @@ def _crossed(acc0: float, step: SearchStep, rho: float, kl: float | None) -> boo
     return rho <= acc0 - step.acc if step.kl is None or kl is None else kl <= step.kl
 
 
-def _finish(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, trace: list[SearchStep], acc0: float,
-            crossed: bool, k_last: int, *, method: str, select: str, step: float, rho: float, mu: float,
-            evaluations: int, rescale_layer: bool = True, stop: str = "accuracy",
-            kl: float | None = None) -> SearchResult:
+def _finish(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, config: DefenseConfig, trace: list[SearchStep],
+            acc0: float, mu: float, crossed: bool, k_last: int, evaluations: int) -> SearchResult:
     """Pick the kept model, rebuild it and rescale it (flain only).
 
     ``crossing`` keeps the model at ``lambda_{k_last}``; ``last-safe`` (when rho was crossed) the
     one at ``lambda_{k_last - 1}``, the largest threshold whose drop stayed below rho.
     """
-    if crossed and select == "last-safe":
+    method, step = config.method, config.step
+    if crossed and config.select == "last-safe":
         if k_last == 1:  # the very first threshold already cost rho: keep the model as it was
             lam, acc_kept, kl_kept, mask = mu, acc0, None, torch.zeros_like(x, dtype=torch.bool)
         else:
@@ -181,23 +166,30 @@ def _finish(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, trace: li
         lam, acc_kept, kl_kept = trace[-1].lam, trace[-1].acc, trace[-1].kl
         mask = x.double() <= lam
     new = apply_mask(weight, METHODS.get(method)(weight, init), mask)
-    if method == "flain" and rescale_layer and bool(mask.any()):
+    if method == "flain" and config.rescale and bool(mask.any()):
         new = rescale(new, float(torch.linalg.matrix_norm(weight.double())))
-    return SearchResult(method, select, step, rho, mu, acc0, lam, mask, new, acc_kept,
-                        not crossed, evaluations, trace, stop, kl if stop == "kl" else None, kl_kept)
+    return SearchResult(config, mu, acc0, lam, mask, new, acc_kept, not crossed, evaluations, trace, kl_kept)
 
 
-def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
-                 step: float = PAPER_STEP, rho: float = PAPER_RHO, method: str = "flain", select: str = "crossing",
-                 max_steps: int = 10_000_000, rescale_layer: bool = True, stop: str = "accuracy",
-                 kl: float | None = None, divergence: Divergence | None = None) -> SearchResult:
+PAPER_SEARCH = PRESETS["paper"]  # the search functions' default: Algorithm 1 as written
+
+
+def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate,
+                 config: DefenseConfig = PAPER_SEARCH, *, divergence: Divergence | None = None,
+                 max_steps: int = MAX_THRESHOLDS) -> SearchResult:
     """Algorithm 1, one lambda at a time (the reference for :func:`search_fast`).
 
-    ``stop="kl"`` (ours) replaces line 17's accuracy test by ``divergence() >= kl``.
+    Args: the defended layer's ``weight`` and ``init`` (W0), the mean activations ``x`` of its inputs,
+    ``evaluate`` (aux accuracy of a weight); ``config``: method, step, rho, select, stop, kl and rescale
+    (its holdout and repair are the caller's); ``divergence``: needed by ``stop="kl"`` (ours), which
+    replaces line 17's accuracy test by ``divergence() >= kl``. Returns the kept model and the curve.
+
+    Example: ``search_plain(W, W0, x, evaluate, dataclasses.replace(PRESETS["paper"], step=0.01))``.
     """
-    _check(weight, init, x, step, rho, method, select, stop, kl, divergence)
-    measure = divergence if stop == "kl" else None
-    replacement = METHODS.get(method)(weight, init)
+    _check(weight, init, x, config, divergence)
+    step, rho, kl = config.step, config.rho, config.kl
+    measure = divergence if config.stop == "kl" else None
+    replacement = METHODS.get(config.method)(weight, init)
     xd = x.double()
     mu = float(xd.min())
     acc0 = evaluate(weight, None)  # line 5
@@ -213,8 +205,7 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
             break
         if bool(mask.all()):  # every neuron selected and rho never reached: stop
             break
-    return _finish(weight, init, x, trace, acc0, crossed, k, method=method, select=select, step=step,
-                   rho=rho, mu=mu, evaluations=evaluations, rescale_layer=rescale_layer, stop=stop, kl=kl)
+    return _finish(weight, init, x, config, trace, acc0, mu, crossed, k, evaluations)
 
 
 def first_k_covering(mu: float, value: float, step: float) -> int:
@@ -227,14 +218,13 @@ def first_k_covering(mu: float, value: float, step: float) -> int:
     return k
 
 
-def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate, *,
-                step: float = PAPER_STEP, rho: float = PAPER_RHO, method: str = "flain", select: str = "crossing",
-                rescale_layer: bool = True, stop: str = "accuracy", kl: float | None = None,
-                divergence: Divergence | None = None) -> SearchResult:
-    """Algorithm 1, evaluating only the thresholds at which the selected set grows (``stop`` as in search_plain)."""
-    _check(weight, init, x, step, rho, method, select, stop, kl, divergence)
-    measure = divergence if stop == "kl" else None
-    replacement = METHODS.get(method)(weight, init)
+def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate,
+                config: DefenseConfig = PAPER_SEARCH, *, divergence: Divergence | None = None) -> SearchResult:
+    """Algorithm 1, evaluating only the thresholds at which the selected set grows (arguments as search_plain's)."""
+    _check(weight, init, x, config, divergence)
+    step, rho, kl = config.step, config.rho, config.kl
+    measure = divergence if config.stop == "kl" else None
+    replacement = METHODS.get(config.method)(weight, init)
     xd = x.double()
     values = torch.sort(xd).values.tolist()
     mu = values[0]
@@ -258,5 +248,4 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
         if count == z:
             break
         k = first_k_covering(mu, values[count], step)  # the next lambda that takes in a new neuron
-    return _finish(weight, init, x, trace, acc0, crossed, k, method=method, select=select, step=step,
-                   rho=rho, mu=mu, evaluations=evaluations, rescale_layer=rescale_layer, stop=stop, kl=kl)
+    return _finish(weight, init, x, config, trace, acc0, mu, crossed, k, evaluations)

@@ -27,11 +27,11 @@ def resolve_attack(ckpt: Checkpoint, num_classes: int, attack: str | None = None
     """The attack to measure: the options if given ("none" turns it off), else the metadata's."""
     if attack is not None and attack.lower() == "none":
         return None
-    known = ckpt.meta.get("attack") or {}
-    text = attack or known.get("task")
+    task, recorded_trigger = ckpt.attack
+    text = attack or task
     if text is None:
         return None
-    return AttackSpec(AttackTask.parse(text, num_classes), trigger or known.get("trigger") or "cba")
+    return AttackSpec(AttackTask.parse(text, num_classes), trigger or recorded_trigger or "cba")
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ class Inspection:
 
 def _class_guesses(ckpt: Checkpoint) -> list[int]:
     """Numbers of classes worth trying: the metadata's, else the lengths of the 1-D tensors."""
-    if ckpt.meta.get("num_classes"):
-        return [int(ckpt.meta["num_classes"])]
+    if ckpt.num_classes:
+        return [ckpt.num_classes]
     lengths = sorted({int(t.shape[0]) for t in ckpt.tensors.values() if t.dim() == 1 and 2 <= t.shape[0] <= 1000})
     return lengths[:MAX_CLASS_GUESSES]
 

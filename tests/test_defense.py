@@ -1,6 +1,8 @@
 """FLAIN and pruning on hand-made layers where the right answer is known by hand, and the
 fast search against Algorithm 1 followed step by step."""
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -8,10 +10,16 @@ from hypothesis import strategies as st
 
 from flain_cli.defense import first_k_covering, flip_updates, prune_columns, rescale, search_fast, search_plain
 from flain_cli.errors import ConfigError
+from flain_cli.settings import PRESETS
 
 W0 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 W = torch.tensor([[2.0, 0.0, 3.5], [3.0, 5.5, 8.0]])  # dW = [[1, -2, .5], [-1, .5, 2]]
 X = torch.tensor([0.0, 0.5, 2.0])
+
+
+def cfg(**settings):
+    """The paper's search settings with some replaced."""
+    return dataclasses.replace(PRESETS["paper"], **settings)
 
 
 def losing(per_column: float = 0.02):
@@ -29,7 +37,7 @@ def losing(per_column: float = 0.02):
 
 @pytest.mark.parametrize("search", [search_plain, search_fast])
 def test_flain_stops_where_the_drop_reaches_rho_and_rescales(search):
-    res = search(W, W0, X, losing(), step=0.1, rho=0.03)
+    res = search(W, W0, X, losing(), cfg(step=0.1, rho=0.03))
     # lambda 0.1 flips column 0 (drop 0.02 < rho); lambda 0.5 adds column 1 (drop 0.04 >= rho): stop
     assert res.lam == pytest.approx(0.5) and res.mask.tolist() == [True, True, False]
     assert res.acc0 == 1.0 and res.acc_kept == pytest.approx(0.96) and not res.all_selected
@@ -42,8 +50,8 @@ def test_flain_stops_where_the_drop_reaches_rho_and_rescales(search):
 
 def test_the_fast_search_evaluates_only_where_the_selection_changes():
     plain, fast = losing(), losing()
-    search_plain(W, W0, X, plain, step=0.1, rho=0.03)
-    search_fast(W, W0, X, fast, step=0.1, rho=0.03)
+    search_plain(W, W0, X, plain, cfg(step=0.1, rho=0.03))
+    search_fast(W, W0, X, fast, cfg(step=0.1, rho=0.03))
     assert len(plain.calls) == 1 + 5  # acc0, then lambda = 0.1 .. 0.5
     assert len(fast.calls) == 1 + 2  # acc0, lambda = 0.1 and 0.5
 
@@ -55,42 +63,42 @@ def test_the_kl_stop_fires_at_the_first_divergence_over_its_budget(search):
     def divergence():  # of the weight last evaluated: 0.3 per changed column
         return 0.3 * int((evaluate.calls[-1] != W).any(dim=0).sum())
 
-    res = search(W, W0, X, evaluate, step=0.1, rho=0.03, stop="kl", kl=0.5, divergence=divergence)
+    res = search(W, W0, X, evaluate, cfg(step=0.1, rho=0.03, stop="kl", kl=0.5), divergence=divergence)
     # lambda 0.1 flips column 0 (0.3 < 0.5); lambda 0.5 adds column 1 (0.6 >= 0.5): stop there
     assert res.lam == pytest.approx(0.5) and res.mask.tolist() == [True, True, False] and not res.all_selected
-    assert res.kl_kept == pytest.approx(0.6) and res.stop == "kl" and res.kl == 0.5
+    assert res.kl_kept == pytest.approx(0.6) and res.config.stop == "kl" and res.config.kl == 0.5
     assert [s.kl for s in res.trace][-1] == pytest.approx(0.6) and all(s.kl < 0.5 for s in res.trace[:-1])
-    assert search(W, W0, X, losing(per_column=0.0), step=0.1, rho=0.03).all_selected
-    last_safe = search(W, W0, X, evaluate, step=0.1, rho=0.03, stop="kl", kl=0.5, divergence=divergence,
-                       select="last-safe")
+    assert search(W, W0, X, losing(per_column=0.0), cfg(step=0.1, rho=0.03)).all_selected
+    last_safe = search(W, W0, X, evaluate, cfg(step=0.1, rho=0.03, stop="kl", kl=0.5, select="last-safe"),
+                       divergence=divergence)
     assert last_safe.mask.tolist() == [True, False, False] and last_safe.kl_kept == pytest.approx(0.3)
     with pytest.raises(ConfigError, match="^divergence is needed for the kl stop") as caught:
-        search(W, W0, X, evaluate, step=0.1, stop="kl", kl=0.5)  # no divergence measure
+        search(W, W0, X, evaluate, cfg(step=0.1, stop="kl", kl=0.5))  # no divergence measure
     assert caught.value.param == "divergence"
     # the library names its parameters (the CLI says --stop: tests/test_bad_input.py)
     with pytest.raises(ConfigError, match="^stop must be one of accuracy, kl, got 'loss'$") as caught:
-        search(W, W0, X, evaluate, step=0.1, stop="loss")
+        search(W, W0, X, evaluate, cfg(step=0.1, stop="loss"))
     assert (caught.value.param, caught.value.detail) == ("stop", "must be one of accuracy, kl, got 'loss'")
 
 
 @pytest.mark.parametrize("search", [search_plain, search_fast])
 def test_last_safe_keeps_the_model_before_the_crossing(search):
-    res = search(W, W0, X, losing(), step=0.1, rho=0.03, select="last-safe")
+    res = search(W, W0, X, losing(), cfg(step=0.1, rho=0.03, select="last-safe"))
     assert res.lam == pytest.approx(0.4) and res.mask.tolist() == [True, False, False]
     assert res.acc_kept == pytest.approx(0.98)
 
 
 @pytest.mark.parametrize("search", [search_plain, search_fast])
 def test_rho_zero_stops_at_the_first_threshold(search):
-    res = search(W, W0, X, losing(), step=0.1, rho=0.0)
+    res = search(W, W0, X, losing(), cfg(step=0.1, rho=0.0))
     assert res.lam == pytest.approx(0.1) and res.mask.tolist() == [True, False, False]
-    safe = search(W, W0, X, losing(), step=0.1, rho=0.0, select="last-safe")
+    safe = search(W, W0, X, losing(), cfg(step=0.1, rho=0.0, select="last-safe"))
     assert safe.changed == 0 and torch.equal(safe.weight, W)  # nothing changed, bit for bit
 
 
 @pytest.mark.parametrize("search", [search_plain, search_fast])
 def test_every_neuron_flipped_before_rho_is_reached(search):
-    res = search(W, W0, X, lambda w, changed=None: 1.0, step=0.1, rho=0.03)
+    res = search(W, W0, X, lambda w, changed=None: 1.0, cfg(step=0.1, rho=0.03))
     assert res.all_selected and res.mask.all() and res.lam == pytest.approx(2.0)
     unscaled = 2 * W0 - W
     assert torch.allclose(res.weight, unscaled * torch.linalg.matrix_norm(W) / torch.linalg.matrix_norm(unscaled))
@@ -98,7 +106,7 @@ def test_every_neuron_flipped_before_rho_is_reached(search):
 
 @pytest.mark.parametrize("search", [search_plain, search_fast])
 def test_pruning_zeroes_the_selected_columns_without_rescale(search):
-    res = search(W, W0, X, losing(), step=0.1, rho=0.03, method="prune")
+    res = search(W, W0, X, losing(), cfg(step=0.1, rho=0.03, method="prune"))
     assert res.mask.tolist() == [True, True, False]
     assert torch.equal(res.weight, torch.tensor([[0.0, 0.0, 3.5], [0.0, 0.0, 8.0]]))
 
@@ -135,7 +143,7 @@ def test_first_k_covering_matches_the_plain_thresholds():
 def test_bad_parameters():
     for kwargs in ({"step": 0}, {"rho": 1.5}, {"select": "best"}, {"method": "erase"}):
         with pytest.raises(ConfigError):
-            search_fast(W, W0, X, losing(), **kwargs)
+            search_fast(W, W0, X, losing(), cfg(**kwargs))
     with pytest.raises(ConfigError):
         search_fast(W, W0[:, :2], X, losing())
 
@@ -163,8 +171,8 @@ def test_fast_search_equals_algorithm_1_step_by_step(z, seed, step, rho, method,
 
     last = [w]
 
-    plain = search_plain(w, w0, x, evaluate, step=step, rho=rho, method=method, select=select)
-    fast = search_fast(w, w0, x, evaluate, step=step, rho=rho, method=method, select=select)
+    plain = search_plain(w, w0, x, evaluate, cfg(step=step, rho=rho, method=method, select=select))
+    fast = search_fast(w, w0, x, evaluate, cfg(step=step, rho=rho, method=method, select=select))
     assert fast.lam == plain.lam
     assert torch.equal(fast.mask, plain.mask)
     assert torch.equal(fast.weight, plain.weight)
