@@ -19,7 +19,7 @@ from torch.func import functional_call
 from .auxdata import AuxSet, load_aux
 from .checkpoint import Checkpoint, ModelMeta, ModelSource, conform, conformed_model, load_checkpoint
 from .defense import SearchResult, search_fast, search_plain
-from .errors import AuxError, CheckpointError, ConfigError
+from .errors import AuxError, CheckpointError, ConfigError, opt
 from .modeldef import get_linear, split_model
 from .records import AuxRecord, DefenseRecord
 from .repair import distill_repair
@@ -48,7 +48,7 @@ def load_model(path: Path, source: ModelSource = ModelSource(), device: torch.de
 def load_aux_for(loaded: LoadedModel, aux_path: Path) -> AuxSet:
     meta = loaded.meta
     if meta.normalization is None:
-        raise AuxError(f"{loaded.ckpt.path} does not say how its inputs are normalized; pass --dataset")
+        raise AuxError(f"{loaded.ckpt.path} does not say how its inputs are normalized; pass {opt('dataset')}")
     return load_aux(aux_path, meta.input_shape, meta.num_classes, list(meta.class_names) if meta.class_names else None)
 
 
@@ -191,7 +191,7 @@ def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, sou
                     device: torch.device | str = "cpu") -> ScanResult:
     """Mean activation of each input of ``layer`` (default: the defended one) over the aux set."""
     loaded = load_model(path, source, device)
-    check_finite(loaded.ckpt, "MODEL")
+    check_finite(loaded.ckpt, opt("path"))
     layer = layer or loaded.meta.defended_layer
     aux = load_aux_for(loaded, aux_path)
     feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
@@ -255,9 +255,9 @@ def load_init(path: Path, loaded: LoadedModel, *, strict: bool = True) -> Checkp
     init = load_checkpoint(path)
     model = loaded.ckpt
     if model.arch and init.arch and model.arch != init.arch:
-        raise CheckpointError(f"{model.path} is a {model.arch} but --init {init.path} is a {init.arch}")
+        raise CheckpointError(f"{model.path} is a {model.arch} but {opt('init_path')} {init.path} is a {init.arch}")
     init = conform(init, loaded.meta, strict=strict)
-    check_finite(init, "--init")
+    check_finite(init, opt("init_path"))
     check_pair(model, init)
     return init
 
@@ -267,19 +267,19 @@ def check_pair(model: Checkpoint, init: Checkpoint) -> None:
     names_m, names_i = set(model.tensors), set(init.tensors)
     if names_m != names_i:
         diff = sorted(names_m ^ names_i)
-        raise CheckpointError(f"{model.path} and --init {init.path} hold different tensors "
+        raise CheckpointError(f"{model.path} and {opt('init_path')} {init.path} hold different tensors "
                               f"(e.g. {', '.join(diff[:3])}); pass the initial checkpoint of the same run")
     for name in sorted(names_m):
         if model.tensors[name].shape != init.tensors[name].shape:
             raise CheckpointError(f"{name} is {tuple(model.tensors[name].shape)} in {model.path} but "
-                                  f"{tuple(init.tensors[name].shape)} in --init {init.path}")
+                                  f"{tuple(init.tensors[name].shape)} in {opt('init_path')} {init.path}")
     if all(torch.equal(model.tensors[name], init.tensors[name]) for name in names_m):
-        raise CheckpointError(f"{model.path} and --init {init.path} hold the same weights: there are no "
-                              f"updates to flip; pass the model before training as --init")
+        raise CheckpointError(f"{model.path} and {opt('init_path')} {init.path} hold the same weights: there are "
+                              f"no updates to flip; pass the model before training as {opt('init_path')}")
     recorded = model.parent_init
     if recorded and model.role == "final" and init.sha256 is not None and recorded != init.sha256:
         raise CheckpointError(f"{model.path} was trained from an initial checkpoint with sha256 {recorded[:16]}..., "
-                              f"but --init {init.path} has sha256 {init.sha256[:16]}...; pass the "
+                              f"but {opt('init_path')} {init.path} has sha256 {init.sha256[:16]}...; pass the "
                               f"init.safetensors written by the same `flain train` run")
 
 
@@ -308,7 +308,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         raise ConfigError(f"is needed for method {config.method}: FLAIN flips the updates W - W0, so it needs "
                           "W0, the model before training (only method prune works without it)", param="init_path")
     loaded = load_model(path, source, device)
-    check_finite(loaded.ckpt, "MODEL")
+    check_finite(loaded.ckpt, opt("path"))
     init = None
     if init_path is not None:
         init = load_init(init_path, loaded, strict=source.strict)

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .datasets import Split, load_dataset, normalize
-from .errors import AuxError, ConfigError
+from .errors import AuxError, ConfigError, opt
 from .files import atomic_write, read_text, regular_file
 from .splits import balanced_subset
 
@@ -201,8 +201,8 @@ def exported_indices(path: Path) -> list[int]:
         if path.is_dir():
             if not (path / "aux.json").is_file():
                 raise KeyError("aux.json")
-            return json.loads(read_text(path / "aux.json", "--exclude manifest"))["indices"]
-        with np.load(regular_file(path, "--exclude"), allow_pickle=False) as f:
+            return json.loads(read_text(path / "aux.json", f"{opt('exclude')} manifest"))["indices"]
+        with np.load(regular_file(path, opt("exclude")), allow_pickle=False) as f:
             return f["indices"].tolist()
     except (OSError, KeyError, ValueError, json.JSONDecodeError):
         raise ConfigError(f"{path} is not a `flain aux export` output (folder with aux.json, "
@@ -232,7 +232,7 @@ def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", 
         raise ConfigError(f"must be at least 1, got {per_class}", param="per_class")
     out = export_path(out, fmt)
     if out.exists() and not overwrite:
-        raise ConfigError(f"{out} already exists; pass --force to replace it or choose another --out")
+        raise ConfigError(f"{out} already exists; pass {opt('overwrite')} to replace it or choose another {opt('out')}")
     if split not in ("train", "test"):
         raise ConfigError(f"must be train or test, got {split!r}", param="split")
     data = load_dataset(dataset, data_dir)
@@ -244,7 +244,7 @@ def export_aux(dataset: str, per_class: int, out: Path, *, split: str = "test", 
     counts = torch.bincount(source.labels[pool_idx], minlength=data.spec.num_classes)
     if int(counts.min()) < per_class:
         raise ConfigError(f"the {split} split has only {int(counts.min())} images of class "
-                          f"{int(counts.argmin())}; ask for at most that many --per-class")
+                          f"{int(counts.argmin())}; ask for at most that many with {opt('per_class')}")
     chosen = pool_idx[balanced_subset(source.labels[pool_idx], per_class * data.spec.num_classes,
                                       np.random.default_rng(seed))]
     manifest = {"dataset": dataset, "split": split, "per_class": per_class, "seed": seed,

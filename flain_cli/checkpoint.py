@@ -26,7 +26,7 @@ from safetensors.torch import save
 
 from . import __version__
 from .datasets import DATASETS, DatasetSpec
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, opt
 from .files import atomic_write, regular_file
 from .formats import align, read_npz, read_torch, sniff
 from .modeldef import build_from_def, first_linear, model_def_record
@@ -106,7 +106,7 @@ class ModelMeta:
     def test_dataset(self, path: Path | None) -> str:
         """The dataset whose test split measures the model of ``path``, or a clear error when none is known."""
         if self.dataset is None:
-            raise ConfigError(f"{path} does not say which dataset it was trained on; pass --dataset "
+            raise ConfigError(f"{path} does not say which dataset it was trained on; pass {opt('dataset')} "
                               f"({', '.join(DATASETS.names())})")
         return self.dataset
 
@@ -114,7 +114,8 @@ class ModelMeta:
     def norm(self) -> Normalization:
         """The normalization, or a clear error when nothing tells it."""
         if self.normalization is None:
-            raise ConfigError("the model's input normalization is unknown: pass --dataset, or --mean and --std")
+            raise ConfigError(f"the model's input normalization is unknown: pass {opt('dataset')}, or "
+                              f"{opt('mean')} and {opt('std')}")
         return self.normalization
 
     def to_json(self) -> dict[str, Any]:
@@ -277,7 +278,7 @@ def resolve_model_meta(ckpt: Checkpoint, arch: str | None = None, dataset: str |
     recorded = ckpt.meta.get("normalization")
     if normalization is not None:
         meta = dataclasses.replace(meta, normalization=_normalization(list(normalization[0]), list(normalization[1]),
-                                                                      meta, "--mean/--std"))
+                                                                      meta, f"{opt('mean')}/{opt('std')}"))
     elif recorded:
         meta = dataclasses.replace(meta, normalization=_normalization(recorded.get("mean"), recorded.get("std"), meta,
                                                                       f"{ckpt.path}: metadata normalization"))
@@ -298,7 +299,7 @@ def _normalization(mean: Any, std: Any, meta: ModelMeta, what: str) -> Normaliza
 def dataset_spec(meta: ModelMeta) -> DatasetSpec:
     """The dataset of ``meta``, normalizing as ``meta`` says (which may differ from the dataset's standard)."""
     if meta.dataset is None:
-        raise ConfigError("the model's dataset is unknown: pass --dataset")
+        raise ConfigError(f"the model's dataset is unknown: pass {opt('dataset')}")
     spec = DATASETS.get(meta.dataset)
     norm = meta.normalization
     if norm and (norm.mean, norm.std) != (tuple(spec.mean), tuple(spec.std)):
@@ -318,25 +319,25 @@ def _resolve(ckpt: Checkpoint, arch: str | None, dataset: str | None, num_classe
     recorded = ckpt.meta.get("model_def")
     if model_def is None and recorded and arch is None:
         raise ConfigError(f"{ckpt.path} was written for the model class {recorded['spec']}; pass "
-                          f"--model-def {recorded['spec']} (flain runs that file's code to rebuild the model)")
+                          f"{opt('model_def')} {recorded['spec']} (flain runs that file's code to rebuild the model)")
     if model_def is not None:
         if arch is not None:
-            raise ConfigError("and --model-def both name the architecture; pass one of them", param="arch")
+            raise ConfigError(f"and {opt('model_def')} both name the architecture; pass one of them", param="arch")
         return _model_def_meta(ckpt, model_def, dataset, num_classes)
     arch = arch or ckpt.arch
     if arch is None:
-        raise CheckpointError(f"{ckpt.path} carries no flain-cli metadata; pass --arch "
-                              f"({', '.join(ARCHITECTURES.names())}) and --dataset")
+        raise CheckpointError(f"{ckpt.path} carries no flain-cli metadata; pass {opt('arch')} "
+                              f"({', '.join(ARCHITECTURES.names())}) and {opt('dataset')}")
     if num_classes is None:
         num_classes = ckpt.meta.get("num_classes")
     if num_classes is None and dataset is not None:
         num_classes = DATASETS.get(dataset).num_classes
     if num_classes is None:
-        raise ConfigError(f"cannot tell how many classes {ckpt.path} has; pass --dataset")
+        raise ConfigError(f"cannot tell how many classes {ckpt.path} has; pass {opt('dataset')}")
     meta = model_meta(arch, int(num_classes), dataset)
     if dataset is not None and tuple(DATASETS.get(dataset).shape) != meta.input_shape:
         raise ConfigError(f"{ckpt.path}: dataset {dataset} has {tuple(DATASETS.get(dataset).shape)} images but "
-                          f"architecture {arch} takes {meta.input_shape}; pass the --dataset the model "
+                          f"architecture {arch} takes {meta.input_shape}; pass the {opt('dataset')} the model "
                           "was trained on")
     if ckpt.meta.get("defended_layer"):
         meta = dataclasses.replace(meta, defended_layer=ckpt.meta["defended_layer"])
@@ -347,7 +348,7 @@ def _model_def_meta(ckpt: Checkpoint, spec: str, dataset: str | None, num_classe
     """Metadata for the user's own model class: shapes and normalization from the dataset, the
     defended layer from the checkpoint or a probe (the first nn.Linear the forward pass reaches)."""
     if dataset is None:
-        raise ConfigError(f"needs --dataset for {ckpt.path}: its input size, normalization and classes",
+        raise ConfigError(f"needs {opt('dataset')} for {ckpt.path}: its input size, normalization and classes",
                           param="model_def")
     ds = DATASETS.get(dataset)
     n = int(num_classes or ckpt.meta.get("num_classes") or ds.num_classes)

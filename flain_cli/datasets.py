@@ -26,7 +26,7 @@ import numpy.typing as npt
 import torch
 
 from .catalog import DATASETS
-from .errors import DataError
+from .errors import DataError, opt
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -57,7 +57,6 @@ class DatasetSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     default_arch: str
-    how_to_get: str
     load: Callable[[list[Path]], tuple[Split, Split]] = field(repr=False)
     subdir: str = ""  # torchvision's folder name under the root
     system_dirs: tuple[Path, ...] = ()
@@ -192,21 +191,21 @@ _EMNIST_CLASSES = _DIGITS + tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
     chr(c) for c in range(ord("a"), ord("z") + 1))
 
 _FMNIST_HOW = ("install Debian's package (apt-get install dataset-fashion-mnist) or put the four "
-               "Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...) in --data-dir")
+               f"Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...) in {opt('data_dir')}")
 DATASETS.register("fmnist")(DatasetSpec(
     "fmnist", "Fashion-MNIST", (1, 28, 28), _FMNIST_CLASSES, (0.2860,), (0.3530,), "cnn-fmnist",
-    _FMNIST_HOW, _idx_loader("", "Fashion-MNIST", _FMNIST_HOW), "FashionMNIST", (DEBIAN_FMNIST,)))
+    _idx_loader("", "Fashion-MNIST", _FMNIST_HOW), "FashionMNIST", (DEBIAN_FMNIST,)))
 
-_MNIST_HOW = "put the four MNIST IDX files (train-images-idx3-ubyte.gz, ...) in --data-dir"
+_MNIST_HOW = f"put the four MNIST IDX files (train-images-idx3-ubyte.gz, ...) in {opt('data_dir')}"
 DATASETS.register("mnist")(DatasetSpec(
     "mnist", "MNIST", (1, 28, 28), _DIGITS, (0.1307,), (0.3081,), "cnn-mnist",
-    _MNIST_HOW, _idx_loader("", "MNIST", _MNIST_HOW), "MNIST"))
+    _idx_loader("", "MNIST", _MNIST_HOW), "MNIST"))
 
 _EMNIST_HOW = ("put the EMNIST byclass IDX files (emnist-byclass-train-images-idx3-ubyte.gz, ...) "
-               "from the EMNIST 'gzip' archive in --data-dir")
+               f"from the EMNIST 'gzip' archive in {opt('data_dir')}")
 DATASETS.register("emnist")(DatasetSpec(
     "emnist", "EMNIST byclass", (1, 28, 28), _EMNIST_CLASSES, (0.1736,), (0.3317,), "cnn-mnist",
-    _EMNIST_HOW, _idx_loader("emnist-byclass-", "EMNIST byclass", _EMNIST_HOW, transpose=True),
+    _idx_loader("emnist-byclass-", "EMNIST byclass", _EMNIST_HOW, transpose=True),
     "EMNIST"))
 
 
@@ -253,7 +252,7 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 _CIFAR_HOW = ("download 'CIFAR-10 python version' (cifar-10-python.tar.gz) and unpack it in "
-              "--data-dir, so that --data-dir/cifar-10-batches-py/data_batch_1 exists")
+              f"{opt('data_dir')}, so that {opt('data_dir')}/cifar-10-batches-py/data_batch_1 exists")
 
 
 def _load_cifar(dirs: list[Path]) -> tuple[Split, Split]:
@@ -273,4 +272,4 @@ def _load_cifar(dirs: list[Path]) -> tuple[Split, Split]:
 DATASETS.register("cifar10")(DatasetSpec(
     "cifar10", "CIFAR-10", (3, 32, 32),
     ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
-    (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cnn-cifar", _CIFAR_HOW, _load_cifar))
+    (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), "cnn-cifar", _load_cifar))

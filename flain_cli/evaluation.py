@@ -11,7 +11,7 @@ from .attack import AttackTask
 from .auxdata import load_aux
 from .checkpoint import Checkpoint, ModelMeta, ModelSource, conformed_model, dataset_spec, load_checkpoint
 from .datasets import Split, load_dataset
-from .errors import ConfigError
+from .errors import ConfigError, opt
 from .metrics import EvalResult, evaluate
 from .triggers import AnyTrigger, load_trigger_image, make_trigger
 
@@ -59,9 +59,10 @@ def evaluate_checkpoint(path: Path, *, source: ModelSource = ModelSource(), data
     measured for the task of ``attack`` (SRC:TGT or all:TGT), instead of a built-in one.
     """
     if trigger_image is not None and (attack is None or attack.lower() == "none"):
-        raise ConfigError("needs --attack SRC:TGT (or all:TGT): the target class its ASR counts", param="trigger_image")
+        raise ConfigError(f"needs {opt('attack')} SRC:TGT (or all:TGT): the target class its ASR counts",
+                          param="trigger_image")
     if trigger_mask is not None and trigger_image is None:
-        raise ConfigError("goes with --trigger-image", param="trigger_mask")
+        raise ConfigError(f"goes with {opt('trigger_image')}", param="trigger_mask")
     ckpt = load_checkpoint(path)
     meta = source.meta_for(ckpt)
     dataset = meta.test_dataset(path)

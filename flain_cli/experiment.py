@@ -44,7 +44,7 @@ from .audit import defend_checkpoint
 from .auxdata import export_aux
 from .checkpoint import save_checkpoint
 from .datasets import DATASETS, Dataset, load_dataset
-from .errors import ConfigError, FlainError
+from .errors import ConfigError, FlainError, opt
 from .evaluation import evaluate_checkpoint
 from .events import ExperimentListener
 from .files import atomic_write, read_text
@@ -208,7 +208,7 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
     size = math.prod(len(v) for v in grid.values())
     if size > max_points:
         raise ConfigError(f"{path}: the grid has {size:,} points, more than {max_points:,}; "
-                          "shrink it, or raise the limit with --max-points if you mean it")
+                          f"shrink it, or raise the limit with {opt('max_points')} if you mean it")
     for point in experiment.points():  # fail early on a bad option, before hours of training
         try:
             cfg = experiment.config(point)

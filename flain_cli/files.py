@@ -29,7 +29,7 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from .errors import ConfigError, FlainError
+from .errors import ConfigError, FlainError, opt
 
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
 _received: int | None = None
@@ -192,7 +192,7 @@ class FilePlan:
         if not (path.exists() or path.is_symlink()):
             return
         if not self.force:
-            raise ConfigError(f"{name} {path} already exists; pass --force to replace it or choose another path")
+            raise ConfigError(f"{name} {path} already exists; pass {opt('force')} to replace it or choose another path")
         if name not in self.folders and path.is_dir():
             raise ConfigError(f"{name} {path} is a folder; give a file name")
         if name in self.folders and not path.is_dir():

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .errors import ConfigError
+from .errors import ConfigError, opt
 from .files import regular_file
 from .models import LayerStack
 
@@ -45,13 +45,13 @@ def model_def_file(spec: str | None) -> Path | None:
 def model_def_record(spec: str) -> dict[str, str]:
     """What the metadata keeps of a model definition: the spec as given and the file's sha256."""
     path, _ = parse_model_def(spec)
-    return {"spec": spec, "sha256": hashlib.sha256(regular_file(path, "--model-def").read_bytes()).hexdigest()}
+    return {"spec": spec, "sha256": hashlib.sha256(regular_file(path, opt("model_def")).read_bytes()).hexdigest()}
 
 
 def build_from_def(spec: str, num_classes: int | None) -> nn.Module:
     """Run FILE.py and build NAME (see the module's docstring)."""
     path, name = parse_model_def(spec)
-    regular_file(path, "--model-def")
+    regular_file(path, opt("model_def"))
     module_name = f"flain_model_def_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
     if module_name not in sys.modules:
         loader = importlib.util.spec_from_file_location(module_name, path)
@@ -108,7 +108,7 @@ def first_linear(model: nn.Module, input_shape: tuple[int, ...]) -> str:
         model.eval()(torch.zeros(2, *input_shape, device=next(model.parameters()).device))
     except Exception as exc:  # noqa: BLE001
         raise ConfigError(f"the model does not run on {list(input_shape)} inputs ({type(exc).__name__}: {exc}); "
-                          "check --dataset or the input size") from None
+                          f"check {opt('dataset')} or the input size") from None
     finally:
         for hook in hooks:
             hook.remove()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, FlainError
+from .errors import ConfigError, FlainError, opt
 from .events import read_train_log
 from .files import atomic_write
 from .tables import MEANS_COLUMNS, TRACE_COLUMNS, GridResults, read_csv, read_results
@@ -43,8 +43,8 @@ def _save(fig: Any, out: Path) -> None:
 def plot_training(runs: list[Path], out: Path, title: str | None = None, labels: list[str] | None = None) -> None:
     """ACC and ASR per round; several trainings share the axes, one colour each (ACC solid, ASR dashed)."""
     if labels and len(labels) != len(runs):
-        raise ConfigError(f"{len(labels)} --label for {len(runs)} trainings; give one per training, in the same "
-                          "order, or none")
+        raise ConfigError(f"{len(labels)} {opt('labels')} for {len(runs)} trainings; give one per training, in the "
+                          "same order, or none")
     histories = [read_train_log(run) for run in runs]
     names = labels or [run.parent.name if run.name == "train.json" else run.name for run in runs]
     single = len(runs) == 1

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .catalog import SPLITS
-from .errors import ConfigError
+from .errors import ConfigError, opt
 
 
 @SPLITS.register("iid")
@@ -41,7 +41,7 @@ def dirichlet_split(labels: torch.Tensor, clients: int, rng: np.random.Generator
         if min(sizes) >= min_size:
             return [torch.from_numpy(np.sort(np.concatenate(p))) for p in parts]
     raise ConfigError(f"a Dirichlet split with alpha={alpha} left a client with fewer than {min_size} "
-                      f"samples in {tries} draws; use a larger --alpha or fewer --clients")
+                      f"samples in {tries} draws; use a larger {opt('alpha')} or fewer {opt('clients')}")
 
 
 def balanced_subset(labels: torch.Tensor, n: int, rng: np.random.Generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ from .catalog import METHODS
 from .checkpoint import ModelSource
 from .datasets import load_dataset
 from .defense import apply_mask, rescale_factor, threshold
-from .errors import ConfigError
+from .errors import ConfigError, opt
 from .evaluation import load_test_file, resolve_attack
 from .settings import PAPER_STEP
 from .triggers import make_trigger
@@ -60,7 +60,7 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
     if points < 1:
         raise ConfigError(f"must be at least 1, got {points}", param="points")
     loaded = load_model(path, source, device)
-    check_finite(loaded.ckpt, "MODEL")
+    check_finite(loaded.ckpt, opt("path"))
     init = load_init(init_path, loaded, strict=source.strict)
     meta = loaded.meta
     dataset = meta.test_dataset(path)

@@ -25,7 +25,7 @@ from safetensors import SafetensorError, safe_open
 from .catalog import LOCK_FILE, RESUME_FILE
 from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
 from .datasets import Dataset
-from .errors import CheckpointError, ConfigError, FlainError
+from .errors import CheckpointError, ConfigError, FlainError, opt
 from .events import Listener, RoundLog, round_record
 from .files import atomic_write, missing_folders, remove_empty
 from .simulation import SimulationResult, Snapshot, TrainConfig, simulate
@@ -155,7 +155,7 @@ def resuming(out_dir: Path, *, resume: bool, force: bool) -> bool:
         return False
     if not (resume or force):
         raise ConfigError(f"{out_dir} holds a run interrupted after round {load_snapshot(path).round}; "
-                          "pass --resume to continue it, or --force to start over")
+                          f"pass {opt('resume')} to continue it, or {opt('force')} to start over")
     return resume
 
 

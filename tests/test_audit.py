@@ -102,7 +102,7 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
     other = tmp_path / "other.safetensors"
     save_checkpoint(other, build_model("cnn-fmnist", 10).state_dict(),
                     model_meta("cnn-fmnist", 10, "fmnist").to_json() | {"role": "init"})
-    with pytest.raises(CheckpointError, match="is a cnn-mnist but --init .* is a cnn-fmnist"):
+    with pytest.raises(CheckpointError, match="is a cnn-mnist but init_path .* is a cnn-fmnist"):
         defend_checkpoint(out / "final.safetensors", other, aux_dir, PAPER)
     with pytest.raises(CheckpointError, match="hold the same weights"):
         defend_checkpoint(out / "final.safetensors", out / "final.safetensors", aux_dir)

@@ -176,7 +176,7 @@ def test_two_writers_of_one_output_cannot_both_succeed(tmp_path):
                 pass
         stage["--out"].write_text("first")
     assert out.read_text() == "first"
-    with pytest.raises(ConfigError, match="already exists; pass --force"):
+    with pytest.raises(ConfigError, match="already exists; pass force"):
         with FilePlan({}, {"--out": out}).writing():
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.txt"]  # no lock, no temp file left

@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from flain_cli.checkpoint import build_from, load_checkpoint, model_meta, resolve_model_meta, save_checkpoint
+from flain_cli.cli.common import cli_message
 from flain_cli.errors import CheckpointError
 from flain_cli.models import build_model
 
@@ -44,8 +45,11 @@ def test_foreign_safetensors_needs_an_architecture(tmp_path):
     save_file({k: v.contiguous() for k, v in build_model("cnn-mnist", 10).state_dict().items()}, str(path))
     ckpt = load_checkpoint(path)
     assert ckpt.meta == {}
-    with pytest.raises(CheckpointError, match="pass --arch"):
+    with pytest.raises(CheckpointError, match="pass arch ") as caught:  # the library says its parameters' names
         resolve_model_meta(ckpt)
+    assert str(caught.value).endswith("and dataset")
+    said = cli_message(caught.value)  # and the CLI its options'
+    assert said.endswith("and --dataset") and "pass --arch (cnn-mnist, " in said
     model = build_from(ckpt, resolve_model_meta(ckpt, arch="cnn-mnist", dataset="mnist"))
     assert model.fc1.in_features == 3136
 

@@ -160,14 +160,18 @@ class Settings:
 
 
 # library parameters whose option is not their name in kebab case
-FLAGS = {"init_path": "--init", "aux_path": "--aux", "fmt": "--format", "path": "MODEL"}
+FLAGS = {"init_path": "--init", "aux_path": "--aux", "fmt": "--format", "path": "MODEL", "overwrite": "--force",
+         "labels": "--label", "defenses": "--defense"}
+
+
+def flag(param: str) -> str:
+    """The option (or argument) the CLI takes for the library parameter ``param``."""
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
 
 
 def cli_message(error: FlainError) -> str:
-    """The error as the CLI says it: the library parameter it starts with becomes the option."""
-    if error.param is None:
-        return str(error)
-    return f"{FLAGS.get(error.param, '--' + error.param.replace('_', '-'))} {error.detail}"
+    """The error as the CLI says it: every library parameter it names becomes the option."""
+    return error.render(flag)
 
 
 def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
