@@ -189,7 +189,15 @@ class ScanResult:
 
 def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, source: ModelSource = ModelSource(),
                     device: torch.device | str = "cpu") -> ScanResult:
-    """Mean activation of each input of ``layer`` (default: the defended one) over the aux set."""
+    """Mean activation of each input of ``layer`` over the aux set: the statistic FLAIN thresholds.
+
+    Args: the checkpoint, the aux set (folder or file, :func:`flain_cli.auxdata.load_aux`);
+    ``layer`` (default: the checkpoint's defended layer); ``source`` for what the file does not say.
+    Returns a `ScanResult` (``means``: one float per input of the layer, in column order).
+
+    Example: ``scan_checkpoint(Path("final.safetensors"), Path("aux")).means.argsort()[:10]``, the
+    ten most silent inputs.
+    """
     loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, opt("path"))
     layer = layer or loaded.meta.defended_layer

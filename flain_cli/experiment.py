@@ -180,8 +180,15 @@ def _keys(table: dict[str, Any], where: str) -> dict[str, Any]:
 
 def load_experiment(path: Path, out: Path | None = None, cache: Path | None = None, *,
                     max_points: int = MAX_POINTS) -> Experiment:
-    """Read a grid file; ``out``/``cache`` override its ``out``/``cache`` keys (cache defaults to out).
-    A grid of more than ``max_points`` points is refused (each point is one or two trainings)."""
+    """Read and check a grid file (docs/experiments.md) before anything runs.
+
+    Args: the TOML file; ``out``/``cache`` override its ``out``/``cache`` keys (cache defaults to
+    out); a grid of more than ``max_points`` points is refused (each point is one or two trainings).
+    Returns the `Experiment`: its points, its defense columns and where results and cache go.
+    Raises ConfigError naming the key at fault.
+
+    Example: ``run_experiment(load_experiment(Path("experiments/table1-fmnist.toml")))``.
+    """
     try:
         raw = tomllib.loads(read_text(path, "experiment file", max_bytes=1 << 20))
     except tomllib.TOMLDecodeError as exc:

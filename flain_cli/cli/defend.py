@@ -13,7 +13,7 @@ from rich.table import Table
 from ..catalog import METHODS
 from ..errors import ConfigError
 from ..files import FilePlan
-from ..settings import KL_BUDGET, PAPER_RHO, PRESETS, SELECTS, STOPS, DefenseConfig, RepairSettings
+from ..settings import KL_BUDGET, PAPER_RHO, PAPER_STEP, PRESETS, SELECTS, STOPS, DefenseConfig, RepairSettings
 from ..tables import trace_csv
 from .common import (
     ArchOpt,
@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)  # type: ignore[misc]
 Select = Enum("Select", {name: name for name in SELECTS}, type=str)  # type: ignore[misc]
 Stop = Enum("Stop", {name: name for name in STOPS}, type=str)  # type: ignore[misc]
+
+
+_REPAIR = RepairSettings()  # the repair's defaults, for the help
 
 
 class Repair(str, Enum):
@@ -97,14 +100,14 @@ def defend(
         help="The initial checkpoint W0 of the same run (init.safetensors); needed by FLAIN, not by --method prune.",
         show_default=False)] = None,
     preset: Annotated[Preset, typer.Option(
-        help="default: Algorithm 1's search (step 0.001, crossing) stopped at --kl 0.07, then the distillation "
-             "repair, which keeps more clean accuracy; paper: Algorithm 1 exactly (rho 0.03), no repair. The options "
-             "below override the preset.")
+        help=f"default: Algorithm 1's search (step {PAPER_STEP}, crossing) stopped at --kl {KL_BUDGET}, then the "
+             f"distillation repair, which keeps more clean accuracy; paper: Algorithm 1 exactly (rho {PAPER_RHO}), no "
+             "repair. The options below override the preset.")
     ] = Preset("default"),
     method: Annotated[str | None, typer.Option(help=f"{'|'.join(METHODS.names())}: flip the selected neurons' "
                                                     "updates, or zero their weights (preset: flain).",
                                                show_default=False)] = None,
-    step: Annotated[float | None, typer.Option(help="Threshold step (preset: 0.001, the paper's).",
+    step: Annotated[float | None, typer.Option(help=f"Threshold step (preset: {PAPER_STEP}, the paper's).",
                                                show_default=False)] = None,
     stop: Annotated[Stop | None, typer.Option(
         help="kl (not in the paper; preset default): stop where the mean KL divergence of the outputs from the "
@@ -129,24 +132,25 @@ def defend(
         help="Not in the paper: after the search, distil the original model into the defended one on the aux set "
              "(the flipped columns stay as flipped): distill (preset default) or none (preset paper).",
         show_default=False)] = None,
-    repair_steps: Annotated[int | None, typer.Option(help="Repair: full-batch Adam steps (default 100).",
+    repair_steps: Annotated[int | None, typer.Option(help=f"Repair: full-batch Adam steps (default {_REPAIR.steps}).",
                                                      show_default=False)] = None,
-    repair_lr: Annotated[float | None, typer.Option(help="Repair: Adam learning rate (default 0.001).",
+    repair_lr: Annotated[float | None, typer.Option(help=f"Repair: Adam learning rate (default {_REPAIR.lr:g}).",
                                                     show_default=False)] = None,
     repair_alpha: Annotated[float | None, typer.Option(
-        help="Repair: weight of the distillation loss, 1-alpha on the labels (default 0.8).",
+        help=f"Repair: weight of the distillation loss, 1-alpha on the labels (default {_REPAIR.alpha:g}).",
         show_default=False)] = None,
     repair_temperature: Annotated[float | None, typer.Option(
-        help="Repair: distillation temperature (default 4).", show_default=False)] = None,
+        help=f"Repair: distillation temperature (default {_REPAIR.temperature:g}).", show_default=False)] = None,
     repair_guard: Annotated[float | None, typer.Option(
         help="Repair, not in the paper: weight of the silent-neuron guard, which asks for the original outputs also "
              "when random low-activation inputs fire (default 0: off; 1 is the setting measured in "
              "docs/results.md).", show_default=False)] = None,
     repair_guard_ratio: Annotated[float | None, typer.Option(
-        help="Guard: candidates are this many times the flipped count of lowest-activation inputs (default 2).",
+        help=f"Guard: candidates are this many times the flipped count of lowest-activation inputs (default "
+             f"{_REPAIR.guard_ratio:g}).",
         show_default=False)] = None,
     repair_guard_rate: Annotated[float | None, typer.Option(
-        help="Guard: share of the candidates switched on in each perturbed copy (default 0.01).",
+        help=f"Guard: share of the candidates switched on in each perturbed copy (default {_REPAIR.guard_rate:g}).",
         show_default=False)] = None,
     seed: SeedOpt = 0,
     layer: LayerOpt = None,
