@@ -13,6 +13,7 @@ stopped. training.py stores it on disk; this module does no I/O.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -28,7 +29,7 @@ from torch import nn
 from .aggregation import AGGREGATORS, AggregatorSettings, Update, apply_update
 from .attack import AttackTask, choose_poisoned
 from .catalog import PRECISIONS
-from .datasets import Dataset
+from .datasets import Dataset, Split
 from .errors import ConfigError
 from .events import Listener, RoundLog
 from .metrics import evaluate
@@ -177,15 +178,21 @@ def make_clients(cfg: TrainConfig, dataset: Dataset, rng: np.random.Generator) -
 
 def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, target: int | None,
                    batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Shuffled (uint8 images, labels) batches; poisoned samples stamped and relabelled."""
-    perm = torch.randperm(len(client.indices), generator=gen)
+    """Shuffled (uint8 images, labels) batches; poisoned samples stamped and relabelled.
+
+    The batches are gathered where ``dataset.train`` lives (`simulate` puts it on the training
+    device once), so on a GPU only the batch order crosses from the host.
+    """
+    where = dataset.train.images.device
+    perm = torch.randperm(len(client.indices), generator=gen)  # on the CPU generator: the same order on any device
     for start in range(0, len(perm), batch_size):
         pos = perm[start:start + batch_size]
-        idx = client.indices[pos]
+        idx = client.indices[pos].to(where)
         x, y = dataset.train.images[idx], dataset.train.labels[idx]
         if client.poisoned is not None and target is not None:
             hit = client.poisoned[pos]
-            if bool(hit.any()):
+            if bool(hit.any()):  # asked on the host: no device sync per batch
+                hit = hit.to(where)
                 x[hit] = trigger.stamp(x[hit], client.trigger_part)
                 y[hit] = target
         yield x, y
@@ -257,6 +264,8 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
     task = cfg.task(dataset.spec.num_classes)
     trigger = make_trigger(cfg.trigger, *dataset.spec.shape[1:])
     clients = make_clients(cfg, dataset, rng)
+    # the training split on the device once (uint8): batches are gathered, stamped and normalized there
+    local = dataclasses.replace(dataset, train=Split(dataset.train.images.to(device), dataset.train.labels.to(device)))
     gen = torch.Generator().manual_seed(cfg.seed)
     aggregate = AGGREGATORS.get(cfg.aggregator)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -275,7 +284,7 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
             listener.round_start(rnd, sampled)
             updates, weights = [], []
             for k in sampled:
-                updates.append(train_client(model, state, clients[k], dataset, trigger,
+                updates.append(train_client(model, state, clients[k], local, trigger,
                                             task.target if task else None, cfg, gen, device))
                 weights.append(float(len(clients[k].indices)))
                 listener.client_done(rnd, k)
