@@ -346,7 +346,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
             f"the outputs' divergence reached kl={config.kl}"
         warnings.append(f"all {result.mask.numel()} inputs of {layer} were selected before {budget}; the whole "
                         f"layer was {'flipped' if config.method == 'flain' else 'pruned'}")
-    elif result.acc0 - result.acc_kept > config.rho + 0.1:
+    elif config.stop == "accuracy" and result.acc0 - result.acc_kept > config.rho + 0.1:  # rho: that stop's budget
         warnings.append(f"the kept threshold cost {100 * (result.acc0 - result.acc_kept):.1f} points of aux accuracy "
                         f"(rho {config.rho}): the search jumped far past rho at one step; try a smaller --step "
                         f"or --select last-safe")
