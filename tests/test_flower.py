@@ -1,0 +1,95 @@
+"""FLAIN for a Flower deployment: the strategy wrapper, and the example app end to end (Flower + Ray).
+
+Needs the optional extra (`bash scripts/setup.sh --flower`: .venv-flower); skipped without it,
+except where FLAIN_REQUIRE_FLOWER is set (CI), where a missing Flower fails.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+if not os.environ.get("FLAIN_REQUIRE_FLOWER"):
+    pytest.importorskip("flwr")
+
+from flwr.app import ArrayRecord  # noqa: E402
+from flwr.serverapp.strategy import FedAvg, Result  # noqa: E402
+
+from flain_cli.checkpoint import load_checkpoint, sha256_file  # noqa: E402
+from flain_cli.errors import CheckpointError, ConfigError  # noqa: E402
+from flain_cli.flower import SaveForFlain  # noqa: E402
+from flain_cli.models import build_model  # noqa: E402
+
+from .conftest import invoke, real_fmnist  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Recording(FedAvg):
+    """A strategy whose `start` trains nothing: it checks W0 is on disk already and returns given arrays."""
+
+    def __init__(self, out: Path, final: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.out, self.final, self.calls = out, final, []
+
+    def start(self, grid, initial_arrays, num_rounds=3, timeout=3600, train_config=None, evaluate_config=None,
+              evaluate_fn=None):
+        self.calls.append((grid, num_rounds, timeout))
+        assert (self.out / "init.safetensors").is_file() and not (self.out / "final.safetensors").exists()
+        return Result(arrays=ArrayRecord(self.final))
+
+
+def test_the_wrapper_saves_w0_before_round_1_and_the_final_model_after(tmp_path):
+    torch.manual_seed(1)
+    init = build_model("cnn-mnist", 10).state_dict()
+    final = {k: v + 0.01 if v.is_floating_point() else v for k, v in init.items()}
+    inner = Recording(tmp_path / "fl", final)
+    wrapper = SaveForFlain(inner, tmp_path / "fl", arch="cnn-mnist", dataset="fmnist", attack="0:5", trigger="dba")
+    result = wrapper.start("GRID", ArrayRecord(init), num_rounds=7, timeout=9)
+    assert inner.calls == [("GRID", 7, 9)] and result.arrays is not None  # the inner strategy ran as asked
+    w0, last = (load_checkpoint(tmp_path / "fl" / f"{role}.safetensors") for role in ("init", "final"))
+    assert all(torch.equal(w0.tensors[k], init[k].float()) for k in init)
+    assert all(torch.equal(last.tensors[k], final[k].float()) for k in final)
+    assert (w0.role, last.role) == ("init", "final") and last.arch == "cnn-mnist" and last.dataset == "fmnist"
+    assert last.parent_init == sha256_file(tmp_path / "fl" / "init.safetensors") == wrapper.init_sha256
+    assert last.attack == ("0:5", "dba") and last.meta["flower"] == {"strategy": "Recording", "num_rounds": 7}
+    assert last.meta["normalization"]["mean"] == [0.286]
+
+    again = SaveForFlain(Recording(tmp_path / "fl", final), tmp_path / "fl", arch="cnn-mnist", dataset="fmnist")
+    with pytest.raises(ConfigError, match="init.safetensors already exists; pass overwrite"):
+        again.start("GRID", ArrayRecord(init))  # nothing the user had is replaced without asking
+    assert load_checkpoint(tmp_path / "fl" / "final.safetensors").meta == last.meta
+
+
+def test_the_wrapper_refuses_a_model_that_is_not_the_architecture_before_training(tmp_path):
+    inner = Recording(tmp_path, {})
+    wrong = SaveForFlain(inner, tmp_path, arch="cnn-fmnist", dataset="fmnist")
+    with pytest.raises(CheckpointError, match="does not fit the architecture"):
+        wrong.start("GRID", ArrayRecord(build_model("cnn-mnist", 10).state_dict()))
+    assert inner.calls == []  # refused before round 1
+    with pytest.raises(ConfigError, match="arch .* or model_def"):
+        SaveForFlain(inner, tmp_path)
+    with pytest.raises(ConfigError):
+        SaveForFlain(inner, tmp_path, arch="cnn-mnist", trigger="nope")
+
+
+@real_fmnist
+def test_the_example_flower_app_trains_and_flain_defend_cleans_its_model(tmp_path):
+    """Flower's simulation engine on Ray: 2 clients, 1 round, 300 images each; then the CLI on its files."""
+    out = tmp_path / "flower"
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "flower_flain.py"), "--out", str(out),
+                          "--clients", "2", "--rounds", "1", "--per-client", "300"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    aux = tmp_path / "aux"
+    assert invoke("aux", "export", "--dataset", "fmnist", "--per-class", "5", "--out", aux).exit_code == 0
+    res = invoke("defend", out / "final.safetensors", "--init", out / "init.safetensors", "--aux", aux,
+                 "--out", out / "clean.safetensors", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["of"] == 3136
+    report = json.loads(invoke("eval", out / "clean.safetensors", "--json").stdout)
+    assert report["n_clean"] == 10000 and report["n_triggered"] == 1000  # the attack travelled in the metadata
