@@ -38,6 +38,7 @@ METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Regist
 # how clients train: float32, or autocast to bfloat16/float16 (the model and optimizer stay float32);
 # "auto" picks bf16 where the device supports it and is resolved before a run starts (simulation.py)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+ENGINES = ("builtin", "flower")  # flain-cli's own round loop, or Flower's simulation engine (flain_cli.flower)
 
 # file names of a `flain train` run folder
 RESUME_FILE = "resume.safetensors"

@@ -10,6 +10,7 @@ advisory ``flock``: the system drops it when its process ends, however it ends).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import socket
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .catalog import LOCK_FILE, RESUME_FILE
+from .catalog import ENGINES, LOCK_FILE, RESUME_FILE
 from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
 from .datasets import Dataset
 from .errors import CheckpointError, ConfigError, FlainError, opt
@@ -43,6 +44,7 @@ class TrainOutcome:
     result: SimulationResult
     seconds: float
     resumed_from_round: int = 0
+    engine: str = "builtin"
 
     def summary(self, cfg: TrainConfig) -> dict[str, Any]:
         history = self.result.history
@@ -51,6 +53,7 @@ class TrainOutcome:
         return {"init": str(self.init_path), "final": str(self.final_path), "init_sha256": self.init_sha256,
                 "final_sha256": self.final_sha256, "acc": history[-1].acc, "asr": history[-1].asr,
                 "rounds": cfg.rounds, "seconds": round(self.seconds, 2), "resumed_from_round": self.resumed_from_round,
+                "engine": self.engine,
                 "samples_per_second": round(samples / max(train_seconds, 1e-9), 1),
                 "malicious_clients": cfg.malicious,
                 "poisoned_samples": sum(c.n_poisoned for c in self.result.clients),
@@ -160,19 +163,35 @@ def resuming(out_dir: Path, *, resume: bool, force: bool) -> bool:
 
 
 def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.device | str = "cpu",
-                 listener: Listener | None = None, *, resume: bool = True) -> TrainOutcome:
+                 listener: Listener | None = None, *, resume: bool = True, engine: str = "builtin",
+                 data_dir: Path | None = None) -> TrainOutcome:
     """Simulate, then write ``out_dir/init.safetensors`` and ``out_dir/final.safetensors``.
 
     With ``resume`` an interrupted run found in ``out_dir`` continues; otherwise it starts over.
+    ``engine="flower"`` runs the federation on Flower's simulation engine (needs the 'flower'
+    extra; no resume: it keeps no per-round snapshot); its nodes load the dataset from ``data_dir``.
     """
+    if engine not in ENGINES:
+        raise ConfigError(f"must be one of {', '.join(ENGINES)}, got {engine!r}", param="engine")
     started = time.perf_counter()
     resume_path = Path(out_dir) / RESUME_FILE
     snapshot = load_snapshot(resume_path) if resume and resume_path.is_file() else None
-    result = simulate(cfg, data, device, listener, resume=snapshot,
-                      on_round=lambda snap: save_snapshot(resume_path, snap))
+    if engine == "flower":
+        if snapshot is not None:
+            raise ConfigError(f"{out_dir} holds a run of the builtin engine interrupted after round {snapshot.round}; "
+                              f"resume it with that engine, or pass {opt('force')} to start over", param="engine")
+        if importlib.util.find_spec("flwr") is None:
+            raise ConfigError("flower needs Flower: bash scripts/setup.sh --flower (then .venv-flower/bin/flain), "
+                              "or pip install 'flain-cli[flower]'", param="engine")
+        from .flower import simulate_flower
+        result = simulate_flower(cfg, data, device, listener, data_dir=data_dir)
+    else:
+        result = simulate(cfg, data, device, listener, resume=snapshot,
+                          on_round=lambda snap: save_snapshot(resume_path, snap))
     spec = data.spec
     base = model_meta(cfg.arch, spec.num_classes, spec.name).to_json() | {
-        "train_config": cfg.to_dict(), "seed": cfg.seed, "attack": attack_meta(cfg, spec.num_classes)}
+        "train_config": cfg.to_dict(), "seed": cfg.seed, "attack": attack_meta(cfg, spec.num_classes)} | (
+        {"engine": engine} if engine != "builtin" else {})  # the builtin engine's files read as before engines
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
     init_sha = save_checkpoint(init_path, result.init_state, base | {"role": "init"})
     last = result.history[-1]
@@ -180,4 +199,4 @@ def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.d
         "role": "final", "parents": {"init": init_sha}, "metrics": {"acc": last.acc, "asr": last.asr}})
     resume_path.unlink(missing_ok=True)
     return TrainOutcome(init_path, final_path, init_sha, final_sha, result, time.perf_counter() - started,
-                        snapshot.round if snapshot else 0)
+                        snapshot.round if snapshot else 0, engine)

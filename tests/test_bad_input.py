@@ -238,6 +238,17 @@ def test_train_options_out_of_range(fmnist_dir, tmp_path, args, code, start):
     assert not (tmp_path / "t" / "final.safetensors").exists()
 
 
+def test_the_flower_engine_without_flower_is_one_clear_error(fmnist_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flwr" else real(name, *a))
+    res = invoke("train", "--engine", "flower", "--data-dir", fmnist_dir, "--rounds", "1", "--out", tmp_path / "t")
+    one_error_line(res, "Error: --engine flower needs Flower: bash scripts/setup.sh --flower")
+    assert not (tmp_path / "t" / "final.safetensors").exists()
+    assert invoke("train", "--engine", "ray", "--out", tmp_path / "t").exit_code == 2  # not a choice: usage error
+
+
 @pytest.mark.parametrize(("args", "code", "start"), [
     (["scan", "{final}", "--aux", "{aux}", "--lowest", "-5"], 2, "Usage: "),
     (["sweep", "{final}", "--init", "{init}", "--aux", "{aux}", "--step", "nan"], 1,

@@ -93,3 +93,38 @@ def test_the_example_flower_app_trains_and_flain_defend_cleans_its_model(tmp_pat
     assert json.loads(res.stdout)["of"] == 3136
     report = json.loads(invoke("eval", out / "clean.safetensors", "--json").stdout)
     assert report["n_clean"] == 10000 and report["n_triggered"] == 1000  # the attack travelled in the metadata
+
+
+@real_fmnist
+def test_flain_train_on_the_flower_engine_is_the_builtin_federation(tmp_path):
+    """Same W0, clients, poisoned sets and sampling; the batch order is drawn per client, so results differ a little."""
+    args = ["--dataset", "fmnist", "--arch", "cnn-mnist", "--clients", "3", "--mcr", "0.34", "--pdr", "0.5",
+            "--trigger", "dba", "--rounds", "2", "--train-samples", "900", "--seed", "3", "--json"]
+    run = subprocess.run([sys.executable, "-m", "flain_cli", "train", *args, "--engine", "flower",
+                          "--out", str(tmp_path / "flower")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    flower = json.loads(run.stdout)
+    builtin = json.loads(invoke("train", *args, "--out", tmp_path / "builtin").stdout)
+    assert (flower["engine"], builtin["engine"]) == ("flower", "builtin")
+    for key in ("malicious_clients", "poisoned_samples", "rounds"):
+        assert flower[key] == builtin[key]
+    w0 = [load_checkpoint(tmp_path / name / "init.safetensors") for name in ("flower", "builtin")]
+    assert all(torch.equal(w0[0].tensors[k], w0[1].tensors[k]) for k in w0[1].tensors)
+    finals = [load_checkpoint(tmp_path / name / "final.safetensors") for name in ("flower", "builtin")]
+    assert finals[0].meta["engine"] == "flower" and "engine" not in finals[1].meta
+    assert finals[0].meta["train_config"] == finals[1].meta["train_config"]
+    assert abs(flower["acc"] - builtin["acc"]) < 0.1  # two rounds on 900 images: the same federation, other batches
+    assert [h["round"] for h in flower["history"]] == [h["round"] for h in builtin["history"]] == [1, 2]
+
+
+def test_the_flower_engine_does_not_resume_a_builtin_run(tmp_path, monkeypatch):
+    import types
+
+    from flain_cli import training
+
+    (tmp_path / "resume.safetensors").write_bytes(b"x")
+    monkeypatch.setattr(training, "load_snapshot", lambda path: types.SimpleNamespace(round=2))
+    with pytest.raises(ConfigError, match="^engine .* interrupted after round 2; resume it with that engine"):
+        training.train_to_dir(None, None, tmp_path, resume=True, engine="flower")
+    with pytest.raises(ConfigError, match="^engine must be one of builtin, flower"):
+        training.train_to_dir(None, None, tmp_path, engine="ray")

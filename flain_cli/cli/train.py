@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..catalog import AGGREGATORS, DATASETS, PRECISIONS, RESUME_FILE, SPLITS, TRIGGERS
+from ..catalog import AGGREGATORS, DATASETS, ENGINES, PRECISIONS, RESUME_FILE, SPLITS, TRIGGERS
 from ..events import Listener, RoundLog, round_record
 from ..files import FilePlan
 from .common import (
@@ -42,6 +42,7 @@ def _choice(registry: Registry[Any]) -> str:
 
 
 Precision = Enum("Precision", {name: name for name in PRECISIONS}, type=str)  # type: ignore[misc]
+Engine = Enum("Engine", {name: name for name in ENGINES}, type=str)  # type: ignore[misc]
 
 
 class _RichListener(Listener):
@@ -110,6 +111,10 @@ def train(
     ] = Precision["fp32"],
     seed: SeedOpt = 0,
     device: DeviceOpt = "cpu",
+    engine: Annotated[Engine, typer.Option(
+        help="builtin: flain-cli's own round loop. flower: the same federation on Flower's simulation engine "
+             "(Ray), one node per sampled client (needs the 'flower' extra: bash scripts/setup.sh --flower; "
+             "no --resume). docs/scale.md compares the two.")] = Engine["builtin"],
     out_dir: Annotated[Path, typer.Option(
         "--out", help="Output folder for init.safetensors and final.safetensors.")] = Path("runs/latest"),
     log: Annotated[Path | None, typer.Option(help="Write one JSON line per round (round, acc, asr, seconds).",
@@ -136,7 +141,7 @@ def train(
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
     _plan(data_dir, out_dir, log, force=True).check()  # clashes with inputs, before the lock creates --out
     with run_lock(out_dir, tidy=True):  # held from the checks to the last checkpoint: one trainer per folder
-        outcome = _train_locked(cfg, data_dir, out_dir, torch_device, log, resume, force)
+        outcome = _train_locked(cfg, data_dir, out_dir, torch_device, log, resume, force, engine.value)
     summary = outcome.summary(cfg)
     result = outcome.result
     if as_json:
@@ -166,7 +171,7 @@ def _plan(data_dir: Path | None, out_dir: Path, log: Path | None, *, force: bool
 
 
 def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device: torch.device,
-                  log: Path | None, resume: bool, force: bool) -> TrainOutcome:
+                  log: Path | None, resume: bool, force: bool, engine: str = "builtin") -> TrainOutcome:
     """Everything between taking and releasing the folder's lock: the checks, the data, the run."""
     from ..datasets import load_dataset
     from ..training import resuming, train_to_dir
@@ -182,10 +187,12 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
                       TimeElapsedColumn(),
                       console=err, transient=True) as progress:
             listener = _RichListener(progress, cfg.rounds, log)
-            outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=continuing)
+            outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=continuing, engine=engine,
+                                   data_dir=data_dir)
     except KeyboardInterrupt as exc:
         done = (f"round {listener.last_round} is kept in {resume_path}; rerun the same command with --resume "
-                "to continue") if listener and listener.last_round else "no round finished"
+                "to continue") if listener and listener.last_round and engine == "builtin" else (
+            "the flower engine keeps no snapshot: rerun to start over" if engine != "builtin" else "no round finished")
         err.print(f"Interrupted ({interrupt_name(exc)}): {done}.", soft_wrap=True)
         raise typer.Exit(interrupt_code(exc)) from None
     finally:
