@@ -45,7 +45,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Result, Strategy
+from flwr.serverapp.strategy import FedAvg, Result, Strategy
 from flwr.simulation import run_simulation
 
 from .aggregation import AGGREGATORS, AggregatorSettings, apply_update
@@ -145,6 +145,48 @@ class SaveForFlain(Strategy):
     def summary(self) -> None:
         self.strategy.summary()
 
+
+
+BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")  # BatchNorm statistics: averaged, not voted
+
+
+class RobustLR(FedAvg):
+    """FedAvg with the robust learning rate (RLR, Ozdayi et al. 2021) as flain-cli computes it, for any Flower app.
+
+    Per coordinate, the server step is negated where fewer than ``threshold`` sampled clients agree on
+    the sign of their update (default: floor(m/2)+1 of m). ``server_lr`` scales it; arrays whose names
+    end in ``buffers`` (BatchNorm statistics) are averaged without a vote. Replies carry each client's
+    whole model, as with FedAvg; the update is that model minus the global one sent this round.
+    Other arguments are FedAvg's.
+    """
+
+    def __init__(self, *, threshold: int | None = None, server_lr: float = 1.0,
+                 buffers: tuple[str, ...] = BUFFER_SUFFIXES, **fedavg: Any) -> None:
+        super().__init__(**fedavg)
+        if threshold is not None and threshold < 1:
+            raise ConfigError(f"must be at least 1, got {threshold}", param="threshold")
+        self.threshold, self.server_lr, self.buffer_suffixes = threshold, server_lr, buffers
+        self._global: dict[str, torch.Tensor] = {}
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = arrays.to_torch_state_dict()  # what this round's updates are measured from
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        averaged, metrics = super().aggregate_train(server_round, replies)  # FedAvg's checks and metrics
+        if averaged is None:
+            return None, metrics
+        contents = [r.content for r in replies if not r.has_error()]
+        updates = [{name: t - self._global[name]
+                    for name, t in c.array_records[self.arrayrecord_key].to_torch_state_dict().items()}
+                   for c in contents]
+        weights = [float(_whole(next(iter(c.metric_records.values()))[self.weighted_by_key])) for c in contents]
+        buffers = {name for name in self._global if name.endswith(self.buffer_suffixes)}
+        step = AGGREGATORS.get("rlr")(updates, weights, AggregatorSettings(self.server_lr, self.threshold, buffers))
+        return ArrayRecord(apply_update(self._global, step)), metrics
 
 # ---- flain-cli's federation on Flower's simulation engine (`flain train --engine flower`)
 

@@ -128,3 +128,33 @@ def test_the_flower_engine_does_not_resume_a_builtin_run(tmp_path, monkeypatch):
         training.train_to_dir(None, None, tmp_path, resume=True, engine="flower")
     with pytest.raises(ConfigError, match="^engine must be one of builtin, flower"):
         training.train_to_dir(None, None, tmp_path, engine="ray")
+
+
+def test_robust_lr_negates_the_step_where_clients_disagree(monkeypatch):
+    """RobustLR for a user's own app: flain-cli's RLR on each client's model minus the global one."""
+    from flwr.app import Message, MessageType, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from flain_cli.flower import RobustLR
+
+    for name in ("_run_id", "_task_id", "_node_id"):  # Flower's messages need a run outside a simulation too
+        monkeypatch.setattr(TaskIdentity, name, 1)
+    current = {"w": torch.zeros(4), "bn.running_mean": torch.zeros(2)}
+    models = [{"w": torch.tensor([1.0, 1.0, -1.0, 1.0]), "bn.running_mean": torch.tensor([1.0, 0.0])},
+              {"w": torch.tensor([1.0, -1.0, -1.0, 1.0]), "bn.running_mean": torch.tensor([3.0, 0.0])},
+              {"w": torch.tensor([1.0, 1.0, 1.0, -1.0]), "bn.running_mean": torch.tensor([2.0, 0.0])}]
+    strategy = RobustLR(threshold=3, fraction_evaluate=0.0, min_train_nodes=3, min_available_nodes=3)
+    strategy._global = current  # as configure_train keeps it
+    replies = []
+    for node, model in enumerate(models, start=1):
+        sent = Message(content=RecordDict({"arrays": ArrayRecord(current)}), dst_node_id=node,
+                       message_type=MessageType.TRAIN)
+        replies.append(Message(content=RecordDict({"arrays": ArrayRecord(model),
+                                                   "metrics": MetricRecord({"num-examples": 10})}), reply_to=sent))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    new = arrays.to_torch_state_dict()
+    # coordinate 0: all three agree (+1), the mean step stands; 1-3: a 2-1 split (< 3 votes), the mean step is negated
+    assert torch.allclose(new["w"], torch.tensor([1.0, -1 / 3, 1 / 3, -1 / 3]))
+    assert torch.equal(new["bn.running_mean"], torch.tensor([2.0, 0.0]))  # statistics averaged, no vote
+    with pytest.raises(ConfigError, match="threshold must be at least 1"):
+        RobustLR(threshold=0)
