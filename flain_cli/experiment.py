@@ -305,8 +305,7 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
     Example: ``run_experiment(load_experiment(Path("experiments/table1-fmnist.toml")))``.
     """
     listener = listener or ExperimentListener()
-    exp.out.mkdir(parents=True, exist_ok=True)
-    _write(exp.out / "experiment.json", _definition(exp) | {"cache": str(exp.cache)})
+    start_results(exp)
     datasets = datasets if datasets is not None else {}
     for name in sorted({exp.config(p).dataset for p in exp.points()}):  # a missing dataset fails once, up front
         _dataset(name, data_dir, datasets)
@@ -317,7 +316,7 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
             cell = Cell(point, defense.label)
             label = ", ".join(f"{k}={v}" for k, v in point.items()) + f", {defense.label}"
             cells.append(cell)
-            finished = _attempt(exp, cell, defense, device, data_dir, datasets, listener, wait=False)
+            finished = attempt_cell(exp, cell, defense, device, data_dir, datasets, listener, wait=False)
             write_results(exp, cells)  # an interrupted grid still leaves what it finished
             if finished:
                 listener.cell(label, cell.status)
@@ -328,13 +327,19 @@ def run_experiment(exp: Experiment, *, device: torch.device | str = "cpu", data_
     # wait for each, then take its checkpoint from the cache
     for index, defense, label in deferred:
         cells[index] = Cell(cells[index].point, defense.label)
-        _attempt(exp, cells[index], defense, device, data_dir, datasets, listener, wait=True)
+        attempt_cell(exp, cells[index], defense, device, data_dir, datasets, listener, wait=True)
         write_results(exp, cells)
         listener.cell(label, cells[index].status)
     return cells
 
 
-def _attempt(exp: Experiment, cell: Cell, defense: Defense, device: torch.device | str, data_dir: Path | None,
+def start_results(exp: Experiment) -> None:
+    """Create the results folder and record the grid's definition in it (experiment.json)."""
+    exp.out.mkdir(parents=True, exist_ok=True)
+    _write(exp.out / "experiment.json", _definition(exp) | {"cache": str(exp.cache)})
+
+
+def attempt_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.device | str, data_dir: Path | None,
              datasets: dict[str, Dataset], listener: ExperimentListener, *, wait: bool) -> bool:
     """Run one cell, recording a failure on it; False when its training is busy elsewhere."""
     try:

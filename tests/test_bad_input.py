@@ -238,7 +238,7 @@ def test_train_options_out_of_range(fmnist_dir, tmp_path, args, code, start):
     assert not (tmp_path / "t" / "final.safetensors").exists()
 
 
-def test_the_flower_engine_without_flower_is_one_clear_error(fmnist_dir, tmp_path, monkeypatch):
+def test_the_flower_engine_and_ray_without_the_extra_are_one_clear_error(fmnist_dir, tmp_path, monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
@@ -247,6 +247,12 @@ def test_the_flower_engine_without_flower_is_one_clear_error(fmnist_dir, tmp_pat
     one_error_line(res, "Error: --engine flower needs Flower: bash scripts/setup.sh --flower")
     assert not (tmp_path / "t" / "final.safetensors").exists()
     assert invoke("train", "--engine", "ray", "--out", tmp_path / "t").exit_code == 2  # not a choice: usage error
+    grid = tmp_path / "g.toml"
+    grid.write_text('[train]\nrounds = 1\n[grid]\nattack = ["0:5"]\n[defense]\nmethods = ["none"]\n')
+    missing = ("flwr", "ray")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
+    res = invoke("experiment", grid, "--out", tmp_path / "e", "--data-dir", fmnist_dir, "--ray", "local")
+    one_error_line(res, "Error: --ray needs Ray: bash scripts/setup.sh --flower")
 
 
 @pytest.mark.parametrize(("args", "code", "start"), [

@@ -56,11 +56,19 @@ def experiment(
                     "confirm a larger grid.")] = MAX_POINTS,
     data_dir: DataDirOpt = None,
     device: DeviceOpt = "cpu",
+    ray: Annotated[str | None, typer.Option(
+        "--ray", metavar="ADDRESS", help="Run each training of the grid (with its defenses) as a Ray task: local (a "
+        "new Ray instance on this machine), auto (the running cluster) or ray://HOST:PORT. Every node must see "
+        "--out, the cache and the data at the same paths. Needs the 'flower' extra (docs/scale.md).",
+        show_default=False)] = None,
+    ray_cpus: Annotated[int, typer.Option(min=1, help="With --ray: CPUs (and torch threads) each task takes.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Train each configuration of a grid once, apply every defense, and tabulate ACC and ASR."""
     from ..experiment import load_experiment, markdown_table, result_paths, run_experiment
+    from ..rayrun import check_address, run_experiment_ray
 
+    address = check_address(ray) if ray is not None else None
     exp = load_experiment(config, out_dir, cache, max_points=max_points)
     # both folders are added to as the grid runs (and resumed), so they may exist: no --force here
     FilePlan({"CONFIG.toml": config, "--data-dir": data_dir},
@@ -86,8 +94,13 @@ def experiment(
         with Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(),
                       console=err, transient=True) as progress:
-            cells = run_experiment(exp, device=torch_device, data_dir=data_dir,
-                                   listener=_RichListener(progress, total))
+            listener = _RichListener(progress, total)
+            if address is None:
+                cells = run_experiment(exp, device=torch_device, data_dir=data_dir, listener=listener)
+            else:
+                cells = run_experiment_ray(exp, address=address, device=torch_device, data_dir=data_dir,
+                                           listener=listener, cpus=ray_cpus,
+                                           gpus=1.0 if torch_device.type == "cuda" else 0.0)
     except KeyboardInterrupt as exc:
         err.print(f"Interrupted ({interrupt_name(exc)}): finished cells and training rounds are kept; rerun the same "
                   "command to resume.")
