@@ -188,6 +188,7 @@ class RobustLR(FedAvg):
         step = AGGREGATORS.get("rlr")(updates, weights, AggregatorSettings(self.server_lr, self.threshold, buffers))
         return ArrayRecord(apply_update(self._global, step)), metrics
 
+
 # ---- flain-cli's federation on Flower's simulation engine (`flain train --engine flower`)
 
 def _draw_seed(seed: int, rnd: int, client: int) -> int:
