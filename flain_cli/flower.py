@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -376,6 +377,8 @@ def simulate_flower(cfg: TrainConfig, dataset: Dataset, device: torch.device | s
         strategy.start(grid, ArrayRecord(init), cfg.rounds)
 
     client_app.train()(_train_on_node)
+    # Ray's future default (keep the GPU list of nodes that ask for no GPU) and no FutureWarning about it
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     gpus = 1.0 / max(1, cfg.sampled_per_round) if device.type == "cuda" else 0.0
     init_args: dict[str, Any] = {"include_dashboard": False} | ({"num_cpus": cpus} if cpus else {})
     backend: Any = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}, "init_args": init_args}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,7 @@ def run_experiment_ray(exp: Experiment, *, address: str = "local", device: torch
             cells.append(Cell(point, defense.label, "busy", error="queued on Ray"))
     pairs = [(cell.point, next(d for d in exp.defenses if d.label == cell.defense)) for cell in cells]
     started = not ray.is_initialized()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future default, without its warning
     if started:
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
