@@ -162,6 +162,15 @@ def resuming(out_dir: Path, *, resume: bool, force: bool) -> bool:
     return resume
 
 
+def check_engine(engine: str) -> None:
+    """Refuse an unknown engine, or the flower engine where Flower is not installed, before any work."""
+    if engine not in ENGINES:
+        raise ConfigError(f"must be one of {', '.join(ENGINES)}, got {engine!r}", param="engine")
+    if engine == "flower" and importlib.util.find_spec("flwr") is None:
+        raise ConfigError("flower needs Flower: bash scripts/setup.sh --flower (then .venv-flower/bin/flain), "
+                          "or pip install 'flain-cli[flower]'", param="engine")
+
+
 def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.device | str = "cpu",
                  listener: Listener | None = None, *, resume: bool = True, engine: str = "builtin",
                  data_dir: Path | None = None) -> TrainOutcome:
@@ -171,8 +180,7 @@ def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.d
     ``engine="flower"`` runs the federation on Flower's simulation engine (needs the 'flower'
     extra; no resume: it keeps no per-round snapshot); its nodes load the dataset from ``data_dir``.
     """
-    if engine not in ENGINES:
-        raise ConfigError(f"must be one of {', '.join(ENGINES)}, got {engine!r}", param="engine")
+    check_engine(engine)
     started = time.perf_counter()
     resume_path = Path(out_dir) / RESUME_FILE
     snapshot = load_snapshot(resume_path) if resume and resume_path.is_file() else None
@@ -180,9 +188,6 @@ def train_to_dir(cfg: TrainConfig, data: Dataset, out_dir: Path, device: torch.d
         if snapshot is not None:
             raise ConfigError(f"{out_dir} holds a run of the builtin engine interrupted after round {snapshot.round}; "
                               f"resume it with that engine, or pass {opt('force')} to start over", param="engine")
-        if importlib.util.find_spec("flwr") is None:
-            raise ConfigError("flower needs Flower: bash scripts/setup.sh --flower (then .venv-flower/bin/flain), "
-                              "or pip install 'flain-cli[flower]'", param="engine")
         from .flower import simulate_flower
         result = simulate_flower(cfg, data, device, listener, data_dir=data_dir)
     else:

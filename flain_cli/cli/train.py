@@ -127,7 +127,7 @@ def train(
 ) -> None:
     """Simulate federated learning with backdoor attackers and write the initial and final global models."""
     from ..simulation import TrainConfig, resolve_precision
-    from ..training import run_lock
+    from ..training import check_engine, run_lock
 
     spec = DATASETS.get(dataset)
     torch_device = resolve_device(device)
@@ -138,6 +138,7 @@ def train(
                       rlr_threshold=rlr_threshold, train_samples=train_samples, seed=seed, eval_every=eval_every,
                       precision=resolve_precision(precision.value, torch_device))  # auto: this device's
     cfg.validate(spec.num_classes)
+    check_engine(engine.value)
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
     _plan(data_dir, out_dir, log, force=True).check()  # clashes with inputs, before the lock creates --out
     with run_lock(out_dir, tidy=True):  # held from the checks to the last checkpoint: one trainer per folder
@@ -190,9 +191,13 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
             outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=continuing, engine=engine,
                                    data_dir=data_dir)
     except KeyboardInterrupt as exc:
-        done = (f"round {listener.last_round} is kept in {resume_path}; rerun the same command with --resume "
-                "to continue") if listener and listener.last_round and engine == "builtin" else (
-            "the flower engine keeps no snapshot: rerun to start over" if engine != "builtin" else "no round finished")
+        if engine != "builtin":
+            done = f"the {engine} engine keeps no snapshot: rerun to start over"
+        elif listener and listener.last_round:
+            done = (f"round {listener.last_round} is kept in {resume_path}; rerun the same command with --resume "
+                    "to continue")
+        else:
+            done = "no round finished"
         err.print(f"Interrupted ({interrupt_name(exc)}): {done}.", soft_wrap=True)
         raise typer.Exit(interrupt_code(exc)) from None
     finally:
