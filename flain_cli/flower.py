@@ -55,10 +55,9 @@ from .catalog import TRIGGERS
 from .checkpoint import Checkpoint, conform, resolve_model_meta, save_checkpoint
 from .datasets import Dataset, Split, load_dataset
 from .errors import ConfigError, FlainError, opt
-from .events import Listener, RoundLog
-from .metrics import evaluate
+from .events import Listener
 from .models import build_model
-from .simulation import ClientData, SimulationResult, TrainConfig, make_clients, train_client
+from .simulation import ClientData, Server, SimulationResult, TrainConfig, make_clients, train_client
 from .triggers import make_trigger
 
 
@@ -268,18 +267,13 @@ class FlainFederation(Strategy):
         cfg, spec = self.cfg, self.dataset.spec
         rng = np.random.default_rng(cfg.seed)
         clients = make_clients(cfg, self.dataset, rng)  # advances rng as the built-in loop does before round 1
-        task = cfg.task(spec.num_classes)
-        trigger = make_trigger(cfg.trigger, *spec.shape[1:])
-        model = build_model(cfg.arch, spec.num_classes).to(self.device)
+        server = Server(cfg, self.dataset, build_model(cfg.arch, spec.num_classes).to(self.device), self.device)
         state = {name: t.to(self.device) for name, t in initial_arrays.to_torch_state_dict().items()}
-        buffers = {name for name, _ in model.named_buffers()}
-        settings = AggregatorSettings(cfg.server_lr, cfg.rlr_threshold, buffers)
-        aggregate = AGGREGATORS.get(cfg.aggregator)
         result = SimulationResult({k: v.cpu() for k, v in state.items()}, {}, clients)
         nodes = self._nodes(grid, cfg.sampled_per_round, timeout)
         for rnd in range(1, num_rounds + 1):
             started = time.perf_counter()
-            sampled = sorted(rng.choice(cfg.clients, size=cfg.sampled_per_round, replace=False).tolist())
+            sampled = server.sample(rng)
             self.listener.round_start(rnd, sampled)
             arrays = ArrayRecord({name: t.cpu() for name, t in state.items()})
             messages = [Message(content=RecordDict({"arrays": arrays, "config": ConfigRecord({
@@ -306,14 +300,8 @@ class FlainFederation(Strategy):
                        for k in sampled]
             weights = [float(_whole(replies[k].content.metric_records["metrics"]["num-examples"])) for k in sampled]
             train_seconds = time.perf_counter() - started
-            state = apply_update(state, aggregate(updates, weights, settings))
-            acc = asr = None
-            if rnd % cfg.eval_every == 0 or rnd == num_rounds:
-                model.load_state_dict(state)
-                res = evaluate(model, self.dataset.test, spec, task, trigger, self.device)
-                acc, asr = res.acc, res.asr
-            log = RoundLog(rnd, acc, asr, time.perf_counter() - started, train_seconds,
-                           int(sum(weights)) * cfg.local_epochs)
+            state = server.step(state, updates, weights)
+            log = server.log(rnd, state, started, train_seconds, weights)
             result.history.append(log)
             self.listener.round_end(log)
         result.final_state = {k: v.cpu() for k, v in state.items()}

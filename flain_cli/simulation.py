@@ -246,6 +246,41 @@ def train_client(model: nn.Module, global_state: Update, client: ClientData, dat
     return {name: t.detach() - global_state[name] for name, t in model.state_dict().items()}
 
 
+class Server:
+    """The server's side of every round, for the built-in loop and the Flower engine alike: which clients
+    train, how their updates are aggregated (FedAvg or RLR, BatchNorm buffers averaged), when ACC/ASR are measured.
+    """
+
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, model: nn.Module, device: torch.device) -> None:
+        self.cfg, self.dataset, self.model, self.device = cfg, dataset, model, device
+        self.task = cfg.task(dataset.spec.num_classes)
+        self.trigger = make_trigger(cfg.trigger, *dataset.spec.shape[1:])
+        self.aggregate = AGGREGATORS.get(cfg.aggregator)
+        self.settings = AggregatorSettings(cfg.server_lr, cfg.rlr_threshold, {n for n, _ in model.named_buffers()})
+
+    @property
+    def target(self) -> int | None:
+        return self.task.target if self.task else None
+
+    def sample(self, rng: np.random.Generator) -> list[int]:
+        """This round's clients, in index order."""
+        return sorted(rng.choice(self.cfg.clients, size=self.cfg.sampled_per_round, replace=False).tolist())
+
+    def step(self, state: Update, updates: list[Update], weights: list[float]) -> Update:
+        """The next global model: the updates (in client order) aggregated and applied."""
+        return apply_update(state, self.aggregate(updates, weights, self.settings))
+
+    def log(self, rnd: int, state: Update, started: float, train_seconds: float, weights: list[float]) -> RoundLog:
+        """The round's record, with ACC/ASR on the test split when this round is evaluated."""
+        acc = asr = None
+        if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
+            self.model.load_state_dict(state)
+            res = evaluate(self.model, self.dataset.test, self.dataset.spec, self.task, self.trigger, self.device)
+            acc, asr = res.acc, res.asr
+        return RoundLog(rnd, acc, asr, time.perf_counter() - started, train_seconds,
+                        int(sum(weights)) * self.cfg.local_epochs)
+
+
 def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "cpu",
              listener: Listener | None = None, *, resume: Snapshot | None = None,
              on_round: Callable[[Snapshot], None] | None = None) -> SimulationResult:
@@ -261,18 +296,14 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
     listener = listener or Listener()
     device = torch.device(device)
     rng = np.random.default_rng(cfg.seed)
-    task = cfg.task(dataset.spec.num_classes)
-    trigger = make_trigger(cfg.trigger, *dataset.spec.shape[1:])
     clients = make_clients(cfg, dataset, rng)
     # the training split on the device once (uint8): batches are gathered, stamped and normalized there
     local = dataclasses.replace(dataset, train=Split(dataset.train.images.to(device), dataset.train.labels.to(device)))
     gen = torch.Generator().manual_seed(cfg.seed)
-    aggregate = AGGREGATORS.get(cfg.aggregator)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # seeded init and dropout, without touching the caller's RNG
         model = build_model(cfg.arch, dataset.spec.num_classes).to(device)
-        buffers = {name for name, _ in model.named_buffers()}
-        settings = AggregatorSettings(cfg.server_lr, cfg.rlr_threshold, buffers)
+        server = Server(cfg, dataset, model, device)
         state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         result = SimulationResult({k: v.cpu() for k, v in state.items()}, {}, clients)
         if resume is not None:
@@ -280,25 +311,19 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
             listener.resumed(list(result.history))
         for rnd in range(len(result.history) + 1, cfg.rounds + 1):
             started = time.perf_counter()
-            sampled = sorted(rng.choice(cfg.clients, size=cfg.sampled_per_round, replace=False).tolist())
+            sampled = server.sample(rng)
             listener.round_start(rnd, sampled)
             updates, weights = [], []
             for k in sampled:
-                updates.append(train_client(model, state, clients[k], local, trigger,
-                                            task.target if task else None, cfg, gen, device))
+                updates.append(train_client(model, state, clients[k], local, server.trigger, server.target, cfg, gen,
+                                            device))
                 weights.append(float(len(clients[k].indices)))
                 listener.client_done(rnd, k)
             if device.type == "cuda":  # kernels run asynchronously: the round's training is done when they are
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - started
-            state = apply_update(state, aggregate(updates, weights, settings))
-            acc = asr = None
-            if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
-                model.load_state_dict(state)
-                res = evaluate(model, dataset.test, dataset.spec, task, trigger, device)
-                acc, asr = res.acc, res.asr
-            log = RoundLog(rnd, acc, asr, time.perf_counter() - started, train_seconds,
-                           int(sum(weights)) * cfg.local_epochs)
+            state = server.step(state, updates, weights)
+            log = server.log(rnd, state, started, train_seconds, weights)
             result.history.append(log)
             if on_round is not None:
                 on_round(Snapshot(cfg.to_dict(), rnd, result.init_state, {k: v.cpu() for k, v in state.items()},
