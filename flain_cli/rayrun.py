@@ -63,13 +63,11 @@ def run_experiment_ray(exp: Experiment, *, address: str = "local", device: torch
     exp = dataclasses.replace(exp, out=exp.out.resolve(), cache=exp.cache.resolve())  # the same on every node
     data_dir = data_dir.resolve() if data_dir is not None else None
     start_results(exp)
-    cells: list[Cell] = []
-    groups: dict[str, list[int]] = {}  # training (its run folder) -> the indices of its cells
-    for point in exp.points():
-        for defense in exp.defenses:
-            groups.setdefault(str(exp.run_dir(exp.config(point, defense.aggregator))), []).append(len(cells))
-            cells.append(Cell(point, defense.label, "busy", error="queued on Ray"))
-    pairs = [(cell.point, next(d for d in exp.defenses if d.label == cell.defense)) for cell in cells]
+    pairs = [(point, defense) for point in exp.points() for defense in exp.defenses]  # the cells, in grid order
+    cells = [Cell(point, defense.label, "busy", error="queued on Ray") for point, defense in pairs]
+    groups: dict[Path, list[int]] = {}  # training (its run folder) -> the indices of its cells
+    for i, (point, defense) in enumerate(pairs):
+        groups.setdefault(exp.run_dir(exp.config(point, defense.aggregator)), []).append(i)
     started = not ray.is_initialized()
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # Ray's future default, without its warning
     if started:
