@@ -109,6 +109,9 @@ class SaveForFlain(Strategy):
         self.init_sha256 = self._save(initial_arrays, "init", {})
         result = self.strategy.start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config,
                                      evaluate_fn)
+        if len(result.arrays) == 0:  # a Flower strategy keeps no model when no round could be aggregated
+            raise FlainError(f"{type(self.strategy).__name__} ended without a global model (no round was "
+                             f"aggregated; Flower's log above says why); {self.paths()['final']} is not written")
         self._save(result.arrays, "final", {"parents": {"init": self.init_sha256},
                                             "flower": {"strategy": type(self.strategy).__name__,
                                                        "num_rounds": num_rounds}})

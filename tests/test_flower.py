@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord  # noqa: E402
 from flwr.serverapp.strategy import FedAvg, Result  # noqa: E402
 
 from flain_cli.checkpoint import load_checkpoint, sha256_file  # noqa: E402
-from flain_cli.errors import CheckpointError, ConfigError  # noqa: E402
+from flain_cli.errors import CheckpointError, ConfigError, FlainError  # noqa: E402
 from flain_cli.flower import SaveForFlain  # noqa: E402
 from flain_cli.models import build_model  # noqa: E402
 
@@ -63,6 +63,14 @@ def test_the_wrapper_saves_w0_before_round_1_and_the_final_model_after(tmp_path)
     with pytest.raises(ConfigError, match="init.safetensors already exists; pass overwrite"):
         again.start("GRID", ArrayRecord(init))  # nothing the user had is replaced without asking
     assert load_checkpoint(tmp_path / "fl" / "final.safetensors").meta == last.meta
+
+
+def test_a_run_that_aggregated_nothing_writes_no_final_model(tmp_path):
+    inner = Recording(tmp_path, {})  # its Result has no arrays, as FedAvg's when every round failed
+    with pytest.raises(FlainError, match="Recording ended without a global model"):
+        SaveForFlain(inner, tmp_path, arch="cnn-mnist", dataset="fmnist").start(
+            "GRID", ArrayRecord(build_model("cnn-mnist", 10).state_dict()))
+    assert (tmp_path / "init.safetensors").is_file() and not (tmp_path / "final.safetensors").exists()
 
 
 def test_the_wrapper_refuses_a_model_that_is_not_the_architecture_before_training(tmp_path):
