@@ -270,7 +270,9 @@ class FlainFederation(Strategy):
         cfg, spec = self.cfg, self.dataset.spec
         rng = np.random.default_rng(cfg.seed)
         clients = make_clients(cfg, self.dataset, rng)  # advances rng as the built-in loop does before round 1
-        server = Server(cfg, self.dataset, build_model(cfg.arch, spec.num_classes).to(self.device), self.device)
+        with torch.random.fork_rng(devices=[]):  # the evaluation model's random init must not move the caller's RNG
+            model = build_model(cfg.arch, spec.num_classes).to(self.device)
+        server = Server(cfg, self.dataset, model, self.device)
         state = {name: t.to(self.device) for name, t in initial_arrays.to_torch_state_dict().items()}
         result = SimulationResult({k: v.cpu() for k, v in state.items()}, {}, clients)
         nodes = self._nodes(grid, cfg.sampled_per_round, timeout)
