@@ -53,11 +53,19 @@ from .aggregation import AGGREGATORS, AggregatorSettings, apply_update
 from .attack import AttackTask
 from .catalog import TRIGGERS
 from .checkpoint import Checkpoint, conform, resolve_model_meta, save_checkpoint
-from .datasets import Dataset, Split, load_dataset
+from .datasets import Dataset, load_dataset
 from .errors import ConfigError, FlainError, opt
 from .events import Listener
 from .models import build_model
-from .simulation import ClientData, Server, SimulationResult, TrainConfig, make_clients, train_client
+from .simulation import (
+    ClientData,
+    Server,
+    SimulationResult,
+    TrainConfig,
+    make_clients,
+    train_client,
+    with_train_on,
+)
 from .triggers import make_trigger
 
 
@@ -225,9 +233,7 @@ def _node_setup(config_json: str, data_dir: str, device: torch.device) -> tuple[
         cfg = TrainConfig(**json.loads(config_json))
         dataset = load_dataset(cfg.dataset, Path(data_dir) if data_dir else None)
         clients = make_clients(cfg, dataset, np.random.default_rng(cfg.seed))  # the server's partitions
-        local = dataclasses.replace(dataset, train=Split(dataset.train.images.to(device),
-                                                         dataset.train.labels.to(device)))
-        _NODE[key] = (cfg, local, clients)
+        _NODE[key] = (cfg, with_train_on(dataset, device), clients)
     return _NODE[key]
 
 

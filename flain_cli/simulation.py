@@ -246,6 +246,12 @@ def train_client(model: nn.Module, global_state: Update, client: ClientData, dat
     return {name: t.detach() - global_state[name] for name, t in model.state_dict().items()}
 
 
+def with_train_on(dataset: Dataset, device: torch.device) -> Dataset:
+    """``dataset`` with its training split (uint8) on ``device``, once: batches are gathered, stamped and
+    normalized there (`client_batches`); on the CPU it is the same tensors."""
+    return dataclasses.replace(dataset, train=Split(dataset.train.images.to(device), dataset.train.labels.to(device)))
+
+
 class Server:
     """The server's side of every round, for the built-in loop and the Flower engine alike: which clients
     train, how their updates are aggregated (FedAvg or RLR, BatchNorm buffers averaged), when ACC/ASR are measured.
@@ -297,8 +303,7 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
     device = torch.device(device)
     rng = np.random.default_rng(cfg.seed)
     clients = make_clients(cfg, dataset, rng)
-    # the training split on the device once (uint8): batches are gathered, stamped and normalized there
-    local = dataclasses.replace(dataset, train=Split(dataset.train.images.to(device), dataset.train.labels.to(device)))
+    local = with_train_on(dataset, device)
     gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # seeded init and dropout, without touching the caller's RNG
