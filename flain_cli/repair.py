@@ -10,8 +10,13 @@ images, as fine-pruning fine-tunes after pruning:
 - loss: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)``, the
   teacher being the model before the defense (it classifies clean images well; the trigger,
   which the aux set does not hold, is what it must not pass on);
-- ``steps`` full-batch Adam steps at ``lr``, in eval mode (no dropout) and float64: no data
-  order and no randomness, so the result is a function of its inputs;
+- ``steps`` full-batch steps at ``lr``, in eval mode (no dropout) and float64: no data order and
+  no randomness, so the result is a function of its inputs;
+- the optimizer: Adam (the default), or SGD with momentum (``optimizer="sgd"``, ours, opt-in).
+  Adam scales each parameter's step by its own gradient history, so the weights of an input that
+  is nearly silent on the aux set move as much as those of a busy one; those near-silent inputs
+  the search left unflipped are where a backdoor can come back. Under SGD each input's weights
+  move in proportion to its activation (docs/results.md, "The repair's optimizer");
 - the guard (opt-in, ``guard`` > 0): a second term, ``guard * T^2 * KL``, asks for the teacher's
   outputs also on perturbed copies of the aux inputs in which random low-activation inputs (the
   ``guard_ratio`` x flipped inputs of lowest mean activation, each with probability
@@ -35,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
-from .settings import RepairSettings
+from .settings import SGD_MOMENTUM, RepairSettings
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,7 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
             without bias, which keeps none).
         head: the layers after the defended layer (an activation first); copied, never changed.
         frozen: bool ``[in]``, the flipped columns, which keep their values bit for bit.
-        settings: steps, learning rate, alpha and temperature, and the guard's.
+        settings: steps, optimizer, learning rate, alpha and temperature, and the guard's.
         activations: the mean activation of each input on the aux set, ``[in]`` (the search's);
             needed by the guard only.
 
@@ -105,7 +110,9 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
     w = weight.detach().double().clone().requires_grad_(True)
     b = (torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if bias is None
          else bias.detach().double().clone()).requires_grad_(bias is not None)
-    opt = torch.optim.Adam([w, *([b] if bias is not None else []), *head.parameters()], lr=settings.lr)
+    params = [w, *([b] if bias is not None else []), *head.parameters()]
+    opt = (torch.optim.SGD(params, lr=settings.lr, momentum=SGD_MOMENTUM) if settings.optimizer == "sgd"
+           else torch.optim.Adam(params, lr=settings.lr))
 
     guard = None
     if settings.guard and activations is not None:
@@ -127,7 +134,7 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
         opt.zero_grad()
         value = loss()
         value.backward()
-        # Adam leaves a parameter whose gradient (hence moments) stays zero exactly where it is
+        # Adam and momentum SGD leave a parameter whose gradient (hence moments) stays zero exactly where it is
         if w.grad is not None:  # always set by backward(); the check is for the type checker
             w.grad.masked_fill_(frozen.view(1, -1), 0.0)
         opt.step()

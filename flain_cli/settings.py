@@ -14,6 +14,9 @@ from .errors import ConfigError
 
 SELECTS = ("crossing", "last-safe")
 STOPS = ("accuracy", "kl")  # the paper's stop on the aux accuracy drop, or ours on the output divergence
+REPAIR_OPTIMIZERS = ("adam", "sgd")  # the repair's optimizer (repair.py)
+REPAIR_LR = {"adam": 1e-3, "sgd": 0.1}  # each optimizer's learning rate when none is given
+SGD_MOMENTUM = 0.9
 MAX_POINTS = 100  # grid points of `flain experiment` before --max-points must confirm a larger grid
 
 
@@ -22,7 +25,7 @@ class RepairSettings:
     """How the repair trains (the defaults are the setting fixed on the tuning trainings)."""
 
     steps: int = 100
-    lr: float = 1e-3
+    lr: float = REPAIR_LR["adam"]
     alpha: float = 0.8  # weight of the distillation term; 1 - alpha goes to the labels
     temperature: float = 4.0
     # the silent-neuron guard (ours, opt-in: weight 0 is off; repair.py): the repaired model must also
@@ -30,6 +33,10 @@ class RepairSettings:
     guard: float = 0.0  # weight of that term
     guard_ratio: float = 2.0  # candidates: the guard_ratio x flipped inputs of lowest mean activation
     guard_rate: float = 0.01  # share of the candidates switched on in each perturbed copy
+    # ours, opt-in: "sgd" (momentum SGD_MOMENTUM) moves each input's weights in proportion to its
+    # activation, where Adam moves near-silent inputs' weights as much as busy ones' (repair.py);
+    # give it its own learning rate, REPAIR_LR["sgd"] (the CLI does when --repair-lr is not given)
+    optimizer: str = "adam"
 
     def check(self) -> None:
         if not (isinstance(self.steps, int) and 1 <= self.steps <= 100_000):
@@ -46,10 +53,16 @@ class RepairSettings:
             raise ConfigError(f"repair guard_ratio must be in (0, 100], got {self.guard_ratio}")
         if not 0 < self.guard_rate <= 1:
             raise ConfigError(f"repair guard_rate must be in (0, 1], got {self.guard_rate}")
+        if self.optimizer not in REPAIR_OPTIMIZERS:
+            raise ConfigError(f"repair optimizer must be one of {', '.join(REPAIR_OPTIMIZERS)}, "
+                              f"got {self.optimizer!r}")
 
     def record(self) -> dict[str, float | int]:
-        """Its settings; the guard's only when it is on, so records without it read as before it existed."""
+        """Its settings; the guard's only when it is on and the optimizer only when it is not Adam, so
+        records without them read (and key caches) as before they existed."""
         values = asdict(self)
+        if self.optimizer == "adam":
+            del values["optimizer"]
         return values if self.guard else {k: v for k, v in values.items() if not k.startswith("guard")}
 
 
@@ -82,9 +95,12 @@ class DefenseConfig:
 
     @property
     def rule(self) -> str:
-        """A short name: the method, '+kl' for the kl stop, '+distill' when the repair runs, '+guard' with its guard."""
-        return (self.method + ("+kl" if self.stop == "kl" else "") + ("+distill" if self.repair is not None else "")
-                + ("+guard" if self.repair is not None and self.repair.guard else ""))
+        """A short name: the method, '+kl' for the kl stop, '+distill' when the repair runs, '+guard' with its
+        guard, '+sgd' when it trains with SGD."""
+        repair = self.repair
+        return (self.method + ("+kl" if self.stop == "kl" else "") + ("+distill" if repair is not None else "")
+                + ("+guard" if repair is not None and repair.guard else "")
+                + ("+sgd" if repair is not None and repair.optimizer == "sgd" else ""))
 
     def check(self) -> None:
         """Refuse settings out of range before any work (those that need the activations are checked later)."""

@@ -161,6 +161,17 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     mask = torch.zeros(3136, dtype=torch.bool)
     mask[g.meta["defense"]["neurons"]] = True  # the guard trains the same columns as the repair
     assert torch.equal(g.tensors["fc1.weight"][:, mask], d.tensors["fc1.weight"][:, mask])
+    sgd = json.loads(invoke("defend", *common, "--repair-steps", "20", "--repair-optimizer", "sgd", "--out",
+                            tmp_path / "s.safetensors").stdout)
+    assert sgd["rule"] == "flain+distill+sgd" and sgd["flipped"] == default["flipped"]
+    assert (sgd["repair"]["optimizer"], sgd["repair"]["lr"]) == ("sgd", 0.1)  # SGD's own learning rate
+    s = load_checkpoint(tmp_path / "s.safetensors")
+    assert s.meta["defense"]["repair"]["optimizer"] == "sgd" and "optimizer" not in meta["repair"]
+    assert torch.equal(s.tensors["fc1.weight"][:, mask], d.tensors["fc1.weight"][:, mask])
+    assert not torch.equal(s.tensors["fc2.weight"], d.tensors["fc2.weight"])
+    lr = json.loads(invoke("defend", *common, "--repair-steps", "20", "--repair-optimizer", "sgd", "--repair-lr",
+                           "0.02", "--out", tmp_path / "s2.safetensors").stdout)
+    assert lr["repair"]["lr"] == 0.02
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -176,6 +187,8 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     (["--repair-guard-rate", "0.1"], "Error: --repair-guard-ratio and --repair-guard-rate shape the guard, which is "
                                      "off; drop them or pass --repair-guard 1"),
     (["--repair-guard", "1", "--repair-guard-rate", "2"], "Error: repair guard_rate must be in (0, 1], got 2.0"),
+    (["--preset", "paper", "--repair-optimizer", "sgd"],
+     "Error: --repair-optimizer has no effect without the repair; drop it or pass --repair distill"),
 ])
 def test_bad_repair_settings_are_one_error_line(tiny_run, aux_dir, tmp_path, options, message):
     run, _ = tiny_run

@@ -9,7 +9,7 @@ from torch import nn
 
 from flain_cli.errors import ConfigError
 from flain_cli.repair import GUARD_COPIES, distill_repair, guard_inputs, repair_loss
-from flain_cli.settings import RepairSettings
+from flain_cli.settings import REPAIR_LR, SGD_MOMENTUM, DefenseConfig, RepairSettings
 
 
 def problem(seed=0, n=48, d=12, h=6, k=4):
@@ -29,13 +29,14 @@ def problem(seed=0, n=48, d=12, h=6, k=4):
 
 
 def reference(features, labels, teacher, weight, bias, head, frozen, settings):
-    """A plain training loop: a whole network, Adam on everything, frozen columns put back after each step."""
+    """A plain training loop: a whole network, the optimizer on everything, frozen columns put back after each step."""
     layer = nn.Linear(weight.shape[1], weight.shape[0]).double()
     with torch.no_grad():
         layer.weight.copy_(weight)
         layer.bias.copy_(bias)
     net = nn.Sequential(layer, *copy.deepcopy(head))
-    opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
+    opt = (torch.optim.SGD(net.parameters(), lr=settings.lr, momentum=SGD_MOMENTUM) if settings.optimizer == "sgd"
+           else torch.optim.Adam(net.parameters(), lr=settings.lr))
     kept = weight[:, frozen].clone()
     for _ in range(settings.steps):
         opt.zero_grad()
@@ -57,10 +58,11 @@ def test_frozen_columns_stay_bit_for_bit_and_the_rest_moves():
     assert torch.equal(head[1].weight, problem()[5][1].weight)
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.8, 1.0])
-def test_equals_a_plain_training_loop(alpha):
+@pytest.mark.parametrize(("alpha", "optimizer", "lr"), [(0.0, "adam", 0.01), (0.8, "adam", 0.01), (1.0, "adam", 0.01),
+                                                        (0.8, "sgd", 0.1), (0.0, "sgd", 0.05)])
+def test_equals_a_plain_training_loop(alpha, optimizer, lr):
     features, labels, teacher, weight, bias, head, frozen = problem(seed=3)
-    settings = RepairSettings(steps=25, lr=0.01, alpha=alpha, temperature=3.0)
+    settings = RepairSettings(steps=25, lr=lr, alpha=alpha, temperature=3.0, optimizer=optimizer)
     res = distill_repair(features, labels, teacher, weight, bias, head, frozen, settings)
     net = reference(features, labels, teacher, weight, bias, head, frozen, settings)
     assert torch.allclose(res.weight, net[0].weight, atol=1e-10)
@@ -80,11 +82,31 @@ def test_deterministic_and_without_bias():
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": 2.5}, {"lr": 0.0}, {"lr": float("nan")}, {"alpha": 1.5},
                                  {"alpha": -0.1}, {"temperature": 0.0}, {"temperature": float("inf")},
                                  {"guard": -1.0}, {"guard": float("nan")}, {"guard_ratio": 0.0},
-                                 {"guard_rate": 0.0}, {"guard_rate": 1.5}])
+                                 {"guard_rate": 0.0}, {"guard_rate": 1.5}, {"optimizer": "rmsprop"}])
 def test_bad_settings_are_refused(bad):
     features, labels, teacher, weight, bias, head, frozen = problem()
     with pytest.raises(ConfigError, match="repair"):
         distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(**bad))
+
+
+def test_sgd_moves_the_weights_of_a_near_silent_input_less_than_adam():
+    features, labels, teacher, weight, bias, head, frozen = problem(seed=7)
+    features[:, 0] *= 1e-4  # an input nearly silent on these images, not flipped
+    moved = {}
+    for optimizer in ("adam", "sgd"):
+        res = distill_repair(features, labels, teacher, weight, bias, head, frozen,
+                             RepairSettings(steps=30, optimizer=optimizer, lr=REPAIR_LR[optimizer]))
+        change = (res.weight - weight).abs()
+        moved[optimizer] = float(change[:, 0].mean() / change[:, ~frozen].mean())
+        assert torch.equal(res.weight[:, frozen], weight[:, frozen])
+    assert moved["sgd"] < 1e-3 < 0.1 < moved["adam"]  # Adam moves it about as much as a busy input
+
+
+def test_the_optimizer_is_recorded_only_when_it_is_sgd():
+    assert "optimizer" not in RepairSettings().record()
+    assert RepairSettings(optimizer="sgd").record()["optimizer"] == "sgd"
+    assert DefenseConfig(repair=RepairSettings(optimizer="sgd")).rule == "flain+kl+distill+sgd"
+    assert DefenseConfig().rule == "flain+kl+distill"
 
 
 def test_a_mask_of_the_wrong_size_is_refused():

@@ -13,7 +13,18 @@ from rich.table import Table
 from ..catalog import METHODS
 from ..errors import ConfigError
 from ..files import FilePlan
-from ..settings import KL_BUDGET, PAPER_RHO, PAPER_STEP, PRESETS, SELECTS, STOPS, DefenseConfig, RepairSettings
+from ..settings import (
+    KL_BUDGET,
+    PAPER_RHO,
+    PAPER_STEP,
+    PRESETS,
+    REPAIR_LR,
+    REPAIR_OPTIMIZERS,
+    SELECTS,
+    STOPS,
+    DefenseConfig,
+    RepairSettings,
+)
 from ..tables import trace_csv
 from .common import (
     ArchOpt,
@@ -45,6 +56,7 @@ if TYPE_CHECKING:
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)  # type: ignore[misc]
 Select = Enum("Select", {name: name for name in SELECTS}, type=str)  # type: ignore[misc]
 Stop = Enum("Stop", {name: name for name in STOPS}, type=str)  # type: ignore[misc]
+Optimizer = Enum("Optimizer", {name: name for name in REPAIR_OPTIMIZERS}, type=str)  # type: ignore[misc]
 
 
 _REPAIR = RepairSettings()  # the repair's defaults, for the help
@@ -57,11 +69,12 @@ class Repair(str, Enum):
 
 def build_config(preset: str, method: str | None, step: float | None, rho: float | None, select: str | None,
                  holdout: float | None, rescale: bool | None, repair: str | None,
-                 repair_settings: dict[str, float | int | None], stop: str | None = None,
+                 repair_settings: dict[str, float | int | str | None], stop: str | None = None,
                  kl: float | None = None) -> DefenseConfig:
     """The preset, with every option the user gave in its place.
 
     A budget without ``--stop`` picks its stop: ``--rho`` the accuracy stop, ``--kl`` the kl stop.
+    ``--repair-optimizer`` without ``--repair-lr`` brings that optimizer's learning rate.
     """
     base = PRESETS[preset]
     if stop is None and rho is not None and kl is not None:
@@ -69,6 +82,8 @@ def build_config(preset: str, method: str | None, step: float | None, rho: float
     if stop is None and (rho is not None or kl is not None):
         stop = "accuracy" if rho is not None else "kl"
     given: dict[str, Any] = {k: v for k, v in repair_settings.items() if v is not None}
+    if "optimizer" in given and "lr" not in given and given["optimizer"] in REPAIR_LR:
+        given["lr"] = REPAIR_LR[given["optimizer"]]
     repair_on = base.repair is not None if repair is None else repair == "distill"
     if given and not repair_on:
         raise ConfigError(f"--repair-{next(iter(given)).replace('_', '-')} has no effect without the repair; "
@@ -132,10 +147,15 @@ def defend(
         help="Not in the paper: after the search, distil the original model into the defended one on the aux set "
              "(the flipped columns stay as flipped): distill (preset default) or none (preset paper).",
         show_default=False)] = None,
-    repair_steps: Annotated[int | None, typer.Option(help=f"Repair: full-batch Adam steps (default {_REPAIR.steps}).",
+    repair_steps: Annotated[int | None, typer.Option(help=f"Repair: full-batch steps (default {_REPAIR.steps}).",
                                                      show_default=False)] = None,
-    repair_lr: Annotated[float | None, typer.Option(help=f"Repair: Adam learning rate (default {_REPAIR.lr:g}).",
-                                                    show_default=False)] = None,
+    repair_optimizer: Annotated[Optimizer | None, typer.Option(
+        help="Repair: adam (default) or sgd (momentum 0.9; not in the paper, ours: it moves the weights of "
+             "near-silent inputs less, so less of a backdoor comes back; docs/results.md).",
+        show_default=False)] = None,
+    repair_lr: Annotated[float | None, typer.Option(
+        help=f"Repair: learning rate (default {REPAIR_LR['adam']:g} with adam, {REPAIR_LR['sgd']:g} with sgd).",
+        show_default=False)] = None,
     repair_alpha: Annotated[float | None, typer.Option(
         help=f"Repair: weight of the distillation loss, 1-alpha on the labels (default {_REPAIR.alpha:g}).",
         show_default=False)] = None,
@@ -181,7 +201,8 @@ def defend(
 
     config = build_config(preset.value, method, step, rho, select and select.value, holdout, rescale,
                           repair and repair.value,
-                          {"steps": repair_steps, "lr": repair_lr, "alpha": repair_alpha,
+                          {"steps": repair_steps, "optimizer": repair_optimizer and repair_optimizer.value,
+                           "lr": repair_lr, "alpha": repair_alpha,
                            "temperature": repair_temperature, "guard": repair_guard,
                            "guard_ratio": repair_guard_ratio, "guard_rate": repair_guard_rate},
                           stop and stop.value, kl)
