@@ -13,7 +13,8 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     aux_per_class = 20
     rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class, repair may be lists;
                        # prune and flain run once per combination
-    repair = ["none", "distill"]  # without and with the repair (the default: distill)
+    repair = ["none", "distill"]  # without and with the repair (the default: distill; distill-sgd:
+                                  # the repair with SGD, `--repair-optimizer sgd`)
     stop = ["accuracy", "kl"]     # the paper's stop (the default where rho is given, as in
                                   # `flain defend`) and ours (`flain defend`'s default)
 
@@ -48,7 +49,16 @@ from .errors import ConfigError, FlainError, opt
 from .evaluation import evaluate_checkpoint
 from .events import ExperimentListener
 from .files import atomic_write, read_text
-from .settings import KL_BUDGET, MAX_POINTS, PAPER_RHO, PAPER_STEP, PRESETS, DefenseConfig
+from .settings import (
+    KL_BUDGET,
+    MAX_POINTS,
+    PAPER_RHO,
+    PAPER_STEP,
+    PRESETS,
+    REPAIR_LR,
+    DefenseConfig,
+    RepairSettings,
+)
 from .simulation import TrainConfig
 from .tables import FINISHED, results_csv
 from .training import RunBusy, run_lock, train_to_dir
@@ -57,7 +67,11 @@ TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
 VARIED = ("step", "rho", "stop", "kl", "holdout", "aux_per_class", "repair")  # [defense] keys that may list values
-REPAIRS = ("distill", "none")
+# [defense] repair: `flain defend`'s repair (distill), the same with `--repair-optimizer sgd`, or none
+REPAIR_RULES: dict[str, RepairSettings | None] = {
+    "distill": PRESETS["default"].repair, "distill-sgd": RepairSettings(optimizer="sgd", lr=REPAIR_LR["sgd"]),
+    "none": None}
+REPAIRS = tuple(REPAIR_RULES)
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}
 
 
@@ -72,7 +86,7 @@ class DefenseSettings:
     stop: str = "kl"  # as `flain defend`; a grid that gives rho and no stop means the accuracy stop (_defense_variants)
     kl: float = KL_BUDGET
     holdout: float = 0.0
-    repair: str = "distill"  # as `flain defend`: the distillation repair after the search, or none (the paper)
+    repair: str = "distill"  # as `flain defend`: the distillation repair (with SGD: distill-sgd), or none (the paper)
 
     def tag(self, method: str) -> str:
         """File stem of a defended checkpoint: every setting that changes it, aux set included.
@@ -102,7 +116,7 @@ class DefenseSettings:
     def config(self, method: str) -> DefenseConfig:
         return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, stop=self.stop,
                              kl=self.kl, holdout=self.holdout,
-                             repair=PRESETS["default"].repair if self.repair == "distill" else None)
+                             repair=REPAIR_RULES[self.repair])
 
 
 @dataclass(frozen=True)

@@ -191,10 +191,16 @@ def test_a_worker_behind_does_not_overwrite_finished_results(tmp_path):
 def test_named_settings_may_vary_too(tmp_path):
     """stop and repair are names, not numbers: a grid listing them labels its columns by them."""
     config = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
-                   .replace("rho = 0.05", 'rho = 0.05\nstop = ["accuracy", "kl"]\nrepair = ["none", "distill"]'))
-    labels = [d.label for d in load_experiment(config).defenses]
-    assert labels == ["none", "flain stop=accuracy repair=none", "flain stop=accuracy repair=distill",
-                      "flain stop=kl repair=none", "flain stop=kl repair=distill"]
+                   .replace("rho = 0.05", 'rho = 0.05\nstop = ["accuracy", "kl"]\n'
+                                          'repair = ["none", "distill", "distill-sgd"]'))
+    defenses = load_experiment(config).defenses
+    assert [d.label for d in defenses] == [
+        "none", "flain stop=accuracy repair=none", "flain stop=accuracy repair=distill",
+        "flain stop=accuracy repair=distill-sgd", "flain stop=kl repair=none", "flain stop=kl repair=distill",
+        "flain stop=kl repair=distill-sgd"]
+    sgd = defenses[-1]
+    assert sgd.settings.config("flain").rule == "flain+kl+distill+sgd" and sgd.settings.config("flain").repair.lr == 0.1
+    assert sgd.settings.tag("flain") != defenses[-2].settings.tag("flain")  # cached apart
 
 
 def test_a_budget_names_its_stop_as_in_defend(tmp_path):
