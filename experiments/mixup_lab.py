@@ -1,0 +1,146 @@
+"""Lab: the repair with more distillation points than aux images (mixup), at the kl stop.
+
+    .venv/bin/python experiments/mixup_lab.py RUN_DIR AUX [AUX...] [--variant NAME ...]
+
+The repair is limited by what 200 images can teach (docs/results.md). Mixup gives the distillation
+more points without any new data: for each copy, every aux image i is paired with a random other
+aux image j and a weight l ~ U(0, 1), and the student is asked for the teacher's outputs on the mix.
+Two places to mix:
+
+- ``feat``: the defended layer's inputs, ``l * x_i + (1 - l) * x_j``. Convex mixes of clean
+  features never switch on an input that is silent on every aux image, so they cannot show the
+  trigger's pattern to the teacher;
+- ``img``: the pixels (rounded to uint8), then the layers before fc1; closer to real images.
+
+Variant names: ``base`` (the shipped repair), ``feat K`` / ``img K`` (K mixed copies per aux
+image, the mixed term weighted 1), optionally ``xB`` for the term's weight and ``sN`` for the
+number of steps, e.g. ``feat 4 x0.5 s200``; ``fR`` (any kind) freezes in the repair the R x
+flipped inputs of lowest mean activation instead of the flipped ones only (``base f2``), so the
+repair cannot regrow a backdoor through near-silent inputs the search left unflipped; ``h0`` keeps
+the layers after fc1 as they are (only fc1's unflipped columns and bias train); ``sgdLR`` trains
+with SGD (momentum 0.9, lr LR) instead of Adam, whose per-parameter scaling moves the weights of
+near-silent inputs as much as those of busy ones.
+
+Stop: the kl rule (``--kl``, the default's 0.07; several budgets share one trace), found along
+Algorithm 1's thresholds. ``--stat classmax`` ranks inputs by the largest of their per-class mean
+activations instead of the mean (an input that only one class uses is not silent). Research code:
+run it only on trainings that are never reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+
+from flain_cli.defense import flip_updates, rescale
+from flain_cli.repair import repair_loss
+from flain_cli.settings import KL_BUDGET, RepairSettings
+
+sys.path.insert(0, str(Path(__file__).parent))
+from rules_lab import Lab, features  # noqa: E402
+from stop_lab import trace  # noqa: E402
+
+
+def mixed_inputs(lab: Lab, kind: str, copies: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    n = len(lab.Y["aux"])
+    out = []
+    for _ in range(copies):
+        j = torch.randint(0, n, (n,), generator=gen)
+        lam = torch.rand(n, generator=gen, dtype=torch.float64)
+        if kind == "feat":
+            f = lab.F["aux"]
+            out.append(lam.view(-1, 1) * f + (1 - lam.view(-1, 1)) * f[j])
+        else:
+            im = lab.aux_images.double()
+            shape = (-1,) + (1,) * (im.dim() - 1)
+            mixed = (lam.view(shape) * im + (1 - lam.view(shape)) * im[j]).round().to(torch.uint8)
+            out.append(features(lab.model, lab.layer, mixed, lab.meta))
+    return torch.cat(out)
+
+
+def mixup_repair(lab: Lab, W: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None, beta: float,
+                 steps: int, settings: RepairSettings = RepairSettings(), head: bool = True, sgd: float = 0.0):
+    feats, labels = lab.F["aux"], lab.Y["aux"]
+    with torch.no_grad():
+        teacher = lab.rest(torch.addmm(lab.b, feats, lab.W.T))
+        t_extra = None if extra is None else lab.rest(torch.addmm(lab.b, extra, lab.W.T))
+    rest = copy.deepcopy(lab.rest).eval()
+    w = W.clone().requires_grad_(True)
+    b = lab.b.clone().requires_grad_(True)
+    params = [w, b, *(rest.parameters() if head else [])]
+    opt = torch.optim.SGD(params, lr=sgd, momentum=0.9) if sgd else torch.optim.Adam(params, lr=settings.lr)
+    only_distill = RepairSettings(alpha=1.0, temperature=settings.temperature)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = repair_loss(rest(torch.addmm(b, feats, w.T)), teacher, labels, settings)
+        if extra is not None:
+            loss = loss + beta * repair_loss(rest(torch.addmm(b, extra, w.T)), t_extra,
+                                             labels[:1].expand(len(extra)), only_distill)
+        loss.backward()
+        w.grad.masked_fill_(mask.view(1, -1), 0.0)
+        opt.step()
+    return lab.score(w.detach(), b.detach(), rest)
+
+
+def parse(name: str) -> tuple[str, int, float, int, float, bool, float]:
+    parts = name.split()
+    kind, copies, beta, steps, freeze, head, sgd = parts[0], 0, 1.0, 100, 1.0, True, 0.0
+    for p in parts[1:]:
+        if p == "h0":
+            head = False
+        elif p.startswith("sgd"):
+            sgd = float(p[3:])
+        elif p.startswith("x"):
+            beta = float(p[1:])
+        elif p.startswith("s"):
+            steps = int(p[1:])
+        elif p.startswith("f"):
+            freeze = float(p[1:])
+        else:
+            copies = int(p)
+    return kind, copies, beta, steps, freeze, head, sgd
+
+
+def run_variants(lab: Lab, base: dict[str, float], rows: list[dict[str, float]], budget: float, title: str,
+                 names: list[str]) -> None:
+    row = next((r for r in rows if r["kl"] >= budget), rows[-1])
+    mask = lab.xbar <= row["lam"]
+    flipped = rescale(flip_updates(lab.W, lab.W0, mask), float(torch.linalg.matrix_norm(lab.W)))
+    print(f"{title}: kl {budget} stop, {row['n']} flipped, flip {row['dacc']:+.2f} / "
+          f"{row['asr']:.3f}", flush=True)
+    for name in names:
+        kind, copies, beta, steps, freeze, head, sgd = parse(name)
+        extra = None if kind == "base" else mixed_inputs(lab, kind, copies)
+        frozen = torch.zeros_like(mask)
+        frozen[torch.argsort(lab.xbar, stable=True)[:int(round(freeze * int(mask.sum())))]] = True
+        s = mixup_repair(lab, flipped, frozen | mask, extra, beta, steps, head=head, sgd=sgd)
+        print(f"    {name}: {100 * (s['test'] - base['test']):+.2f} / {s['trig']:.3f}", flush=True)
+
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", type=Path)
+    ap.add_argument("aux", type=Path, nargs="+")
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--kl", type=float, nargs="+", default=[KL_BUDGET])
+    ap.add_argument("--stat", choices=("mean", "classmax"), default="mean")
+    args = ap.parse_args()
+    for aux in args.aux:
+        lab = Lab(args.run, aux)
+        if args.stat == "classmax":  # the largest of the per-class mean activations
+            labels = lab.Y["aux"]
+            lab.xbar = torch.stack([lab.F["aux"][labels == c].mean(0) for c in labels.unique()]).max(0).values
+        base = lab.score(lab.W, lab.b)
+        rows = trace(lab)
+        for budget in args.kl:
+            run_variants(lab, base, rows, budget, f"{args.run.name} {aux.name}", args.variant or ["base"])
+
+
+if __name__ == "__main__":
+    main()
