@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from flain_cli.checkpoint import load_checkpoint
+from flain_cli.records import DefenseRecord
 
 from .conftest import invoke
 
@@ -167,6 +168,7 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     assert (sgd["repair"]["optimizer"], sgd["repair"]["lr"]) == ("sgd", 0.1)  # SGD's own learning rate
     s = load_checkpoint(tmp_path / "s.safetensors")
     assert s.meta["defense"]["repair"]["optimizer"] == "sgd" and "optimizer" not in meta["repair"]
+    assert DefenseRecord.from_json(s.meta["defense"]).config.rule == "flain+distill+sgd"  # reads back
     assert torch.equal(s.tensors["fc1.weight"][:, mask], d.tensors["fc1.weight"][:, mask])
     assert not torch.equal(s.tensors["fc2.weight"], d.tensors["fc2.weight"])
     lr = json.loads(invoke("defend", *common, "--repair-steps", "20", "--repair-optimizer", "sgd", "--repair-lr",
