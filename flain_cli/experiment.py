@@ -55,7 +55,6 @@ from .settings import (
     PAPER_RHO,
     PAPER_STEP,
     PRESETS,
-    REPAIR_LR,
     DefenseConfig,
     RepairSettings,
 )
@@ -69,7 +68,7 @@ DEFENSES = ("none", "prune", "flain", "rlr")
 VARIED = ("step", "rho", "stop", "kl", "holdout", "aux_per_class", "repair")  # [defense] keys that may list values
 # [defense] repair: `flain defend`'s repair (distill), the same with `--repair-optimizer sgd`, or none
 REPAIR_RULES: dict[str, RepairSettings | None] = {
-    "distill": PRESETS["default"].repair, "distill-sgd": RepairSettings(optimizer="sgd", lr=REPAIR_LR["sgd"]),
+    "distill": PRESETS["default"].repair, "distill-sgd": RepairSettings().with_optimizer("sgd"),
     "none": None}
 REPAIRS = tuple(REPAIR_RULES)
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}

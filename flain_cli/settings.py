@@ -7,7 +7,7 @@ library. The search that uses them is :mod:`flain_cli.defense`, the repair :mod:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .catalog import METHODS
 from .errors import ConfigError
@@ -35,8 +35,12 @@ class RepairSettings:
     guard_rate: float = 0.01  # share of the candidates switched on in each perturbed copy
     # ours, opt-in: "sgd" (momentum SGD_MOMENTUM) moves each input's weights in proportion to its
     # activation, where Adam moves near-silent inputs' weights as much as busy ones' (repair.py);
-    # give it its own learning rate, REPAIR_LR["sgd"] (the CLI does when --repair-lr is not given)
+    # give it its own learning rate: with_optimizer (the CLI uses it when --repair-lr is not given)
     optimizer: str = "adam"
+
+    def with_optimizer(self, optimizer: str) -> RepairSettings:
+        """These settings trained by ``optimizer``, at that optimizer's learning rate (REPAIR_LR)."""
+        return replace(self, optimizer=optimizer, lr=REPAIR_LR.get(optimizer, self.lr))
 
     def check(self) -> None:
         if not (isinstance(self.steps, int) and 1 <= self.steps <= 100_000):

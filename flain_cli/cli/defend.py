@@ -82,13 +82,14 @@ def build_config(preset: str, method: str | None, step: float | None, rho: float
     if stop is None and (rho is not None or kl is not None):
         stop = "accuracy" if rho is not None else "kl"
     given: dict[str, Any] = {k: v for k, v in repair_settings.items() if v is not None}
-    if "optimizer" in given and "lr" not in given and given["optimizer"] in REPAIR_LR:
-        given["lr"] = REPAIR_LR[given["optimizer"]]
     repair_on = base.repair is not None if repair is None else repair == "distill"
     if given and not repair_on:
         raise ConfigError(f"--repair-{next(iter(given)).replace('_', '-')} has no effect without the repair; "
                           "drop it or pass --repair distill")
-    settings = dataclasses.replace(base.repair or RepairSettings(), **given) if repair_on else None
+    chosen_repair = base.repair or RepairSettings()
+    if "optimizer" in given:  # with its own learning rate, unless --repair-lr gives one
+        chosen_repair = chosen_repair.with_optimizer(given.pop("optimizer"))
+    settings = dataclasses.replace(chosen_repair, **given) if repair_on else None
     if settings is not None and not settings.guard and {"guard_ratio", "guard_rate"} & set(given):
         raise ConfigError("--repair-guard-ratio and --repair-guard-rate shape the guard, which is off; "
                           "drop them or pass --repair-guard 1")
