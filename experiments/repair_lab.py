@@ -1,6 +1,6 @@
-"""Lab: the repair with more distillation points than aux images (mixup), at the kl stop.
+"""Lab: variants of the repair at the kl stop (mixup, wider freeze, optimizer) and a per-class statistic.
 
-    .venv/bin/python experiments/mixup_lab.py RUN_DIR AUX [AUX...] [--variant NAME ...]
+    .venv/bin/python experiments/repair_lab.py RUN_DIR AUX [AUX...] [--variant NAME ...]
 
 The repair is limited by what 200 images can teach (docs/results.md). Mixup gives the distillation
 more points without any new data: for each copy, every aux image i is paired with a random other
