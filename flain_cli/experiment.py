@@ -152,13 +152,23 @@ class Experiment:
 
     @property
     def defenses(self) -> list[Defense]:
-        """none and rlr once; prune and flain once per variant, labelled by what varies."""
+        """none and rlr once; prune and flain once per distinct defense, labelled by what varies.
+
+        A budget the variant's stop does not read is left out of its label (rho under the kl stop, kl
+        under the accuracy stop), and variants that differ only there are one defense: one column.
+        """
         variants = self.variants
         varying = [k for k in VARIED if len({getattr(v, k) for v in variants}) > 1]
-        out = []
+        unread = {"kl": "rho", "accuracy": "kl"}
+        out: list[Defense] = []
         for method in self.defense.methods:
+            seen = set()
             for v in (variants if method in POST_TRAINING else variants[:1]):
-                suffix = "".join(f" {k}={_label(getattr(v, k))}" for k in varying) if method in POST_TRAINING else ""
+                if v.tag(method) in seen:
+                    continue
+                seen.add(v.tag(method))
+                suffix = "".join(f" {k}={_label(getattr(v, k))}" for k in varying
+                                 if k != unread.get(v.stop)) if method in POST_TRAINING else ""
                 out.append(Defense(method + suffix, method, v))
         return out
 

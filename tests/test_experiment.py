@@ -203,6 +203,16 @@ def test_named_settings_may_vary_too(tmp_path):
     assert sgd.settings.tag("flain") != defenses[-2].settings.tag("flain")  # cached apart
 
 
+def test_a_budget_the_stop_does_not_read_makes_no_column(tmp_path):
+    """rho under the kl stop (kl under the accuracy stop) changes nothing: not in the label, one column."""
+    config = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
+                   .replace("rho = 0.05", 'rho = [0.05, 0.0]\nstop = ["accuracy", "kl"]'))
+    defenses = load_experiment(config).defenses
+    assert [d.label for d in defenses] == [
+        "none", "flain rho=0.05 stop=accuracy", "flain stop=kl", "flain rho=0 stop=accuracy"]
+    assert len({d.settings.tag(d.method) for d in defenses[1:]}) == 3
+
+
 def test_a_budget_names_its_stop_as_in_defend(tmp_path):
     """No stop and no budget: flain defend's kl stop; rho alone: the accuracy stop; both: refused."""
     base = TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
