@@ -19,7 +19,9 @@ flipped inputs of lowest mean activation instead of the flipped ones only (``bas
 repair cannot regrow a backdoor through near-silent inputs the search left unflipped; ``h0`` keeps
 the layers after fc1 as they are (only fc1's unflipped columns and bias train); ``sgdLR`` trains
 with SGD (momentum 0.9, lr LR) instead of Adam, whose per-parameter scaling moves the weights of
-near-silent inputs as much as those of busy ones.
+near-silent inputs as much as those of busy ones; ``a`` lets the repair train every column of fc1,
+the flipped ones too (an input silent on every aux image gets no gradient, so its flip stays; one
+just under the threshold can win back what its flip cost), e.g. ``base a sgd0.1``.
 
 Stop: the kl rule (``--kl``, the default's 0.07; several budgets share one trace), found along
 Algorithm 1's thresholds. ``--stat classmax`` ranks inputs by the largest of their per-class mean
@@ -93,6 +95,8 @@ def parse(name: str) -> tuple[str, int, float, int, float, bool, float]:
     for p in parts[1:]:
         if p == "h0":
             head = False
+        elif p == "a":
+            freeze = 0.0
         elif p.startswith("sgd"):
             sgd = float(p[3:])
         elif p.startswith("x"):
@@ -118,7 +122,8 @@ def run_variants(lab: Lab, base: dict[str, float], rows: list[dict[str, float]],
         extra = None if kind == "base" else mixed_inputs(lab, kind, copies)
         frozen = torch.zeros_like(mask)
         frozen[torch.argsort(lab.xbar, stable=True)[:int(round(freeze * int(mask.sum())))]] = True
-        s = mixup_repair(lab, flipped, frozen | mask, extra, beta, steps, head=head, sgd=sgd)
+        s = mixup_repair(lab, flipped, frozen | (mask if freeze else torch.zeros_like(mask)), extra, beta, steps,
+                         head=head, sgd=sgd)
         print(f"    {name}: {100 * (s['test'] - base['test']):+.2f} / {s['trig']:.3f}", flush=True)
 
 
