@@ -56,8 +56,9 @@ def parse_rule(spec: str) -> DefenseConfig:
     return config
 
 
-def score(state_or_path, meta_ckpt, test: Split, data, device) -> tuple[float, float]:
-    """ACC and ASR of a checkpoint (path) or of defended tensors with the original's metadata."""
+def score(state_or_path, meta_ckpt, test: Split, data, device) -> tuple[float, float, float]:
+    """ACC, ASR and ASR's floor (the source images taken for the target without trigger) of a checkpoint
+    (path) or of defended tensors with the original's metadata."""
     ckpt = load_checkpoint(state_or_path) if isinstance(state_or_path, Path) else meta_ckpt
     meta = resolve_model_meta(ckpt)
     attack = resolve_attack(ckpt, meta.num_classes)
@@ -66,7 +67,7 @@ def score(state_or_path, meta_ckpt, test: Split, data, device) -> tuple[float, f
         model.load_state_dict(state_or_path)
     trigger = make_trigger(attack.trigger, *data.spec.shape[1:])
     res = evaluate(model.to(device), test, data.spec, attack.task, trigger, device=device)
-    return res.acc, res.asr
+    return res.acc, res.asr, res.asr_clean
 
 
 def compare(runs: list[Path], rules: list[str], aux_seeds: list[int], per_class: int, device: str,
@@ -85,17 +86,19 @@ def compare(runs: list[Path], rules: list[str], aux_seeds: list[int], per_class:
             for run in runs:
                 final, init = run / "final.safetensors", run / "init.safetensors"
                 ckpt = load_checkpoint(final)
-                acc0, asr0 = score(final, None, disjoint, data, device)
+                acc0, asr0, floor0 = score(final, None, disjoint, data, device)
                 for spec, config in configs.items():
                     outcome = defend_checkpoint(final, init, aux, config, seed=seed, device=device)
-                    acc, asr = score(outcome.state, ckpt, disjoint, data, device)
+                    acc, asr, floor = score(outcome.state, ckpt, disjoint, data, device)
                     d = outcome.meta["defense"]
                     row = {"run": str(run), "aux_seed": seed, "per_class": per_class, "rule": spec,
                            "config": config.record(), "flipped": d["flipped"], "of": d["of"], "acc0": acc0,
-                           "asr0": asr0, "acc": acc, "asr": asr, "dacc": acc - acc0, "n_test": len(disjoint)}
+                           "asr0": asr0, "floor0": floor0, "acc": acc, "asr": asr, "floor": floor,
+                           "dacc": acc - acc0, "n_test": len(disjoint)}
                     rows.append(row)
                     print(f"{run.name} aux{seed} [{spec}]: {d['flipped']} flipped, "
-                          f"dACC {100 * (acc - acc0):+.2f}, ASR {asr:.3f}", flush=True)
+                          f"dACC {100 * (acc - acc0):+.2f}, ASR {asr:.3f} (no trigger {floor:.3f}, "
+                          f"before the defense {floor0:.3f})", flush=True)
                     if sink:
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
