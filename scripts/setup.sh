@@ -2,8 +2,8 @@
 # Idempotent set-up of a fresh clone: Debian's Fashion-MNIST where apt is available, then a
 # virtual environment (.venv) with the CPU build of torch and flain-cli with its test extras.
 # `--flower` (opt-in) sets up .venv-flower instead: the same plus the 'flower' extra (Flower and
-# Ray). flwr pins typer and rich below their newest releases, so it gets a venv of its own and
-# .venv keeps the newest: the CLI is tested with both.
+# Ray). flwr pins typer and rich below the releases .venv gets, so it gets a venv of its own and
+# .venv keeps the newest that pyproject.toml allows: the CLI is tested with both.
 # torch is pinned to 2.13.0 here (a CPU build) and constrained below 2.14 in pyproject.toml, so
 # pip never swaps in a newer release with several GB of CUDA packages.
 set -euo pipefail

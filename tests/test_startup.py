@@ -1,5 +1,6 @@
-"""Help and usage errors are answered without importing torch (seconds), and the catalog's names
-are exactly what the implementing modules register."""
+"""Help and usage errors are answered without importing torch (seconds) or pydantic (a tenth of a
+second, which typer 0.29 imports to coerce values; pyproject.toml keeps typer below it), and the
+catalog's names are exactly what the implementing modules register."""
 
 from __future__ import annotations
 
@@ -35,14 +36,14 @@ except SystemExit as exc:
     code = exc.code
 else:
     code = 0
-sys.stderr.write(f"\\nexit={code} torch={'torch' in sys.modules}\\n")
+sys.stderr.write(f"\\nexit={code} torch={'torch' in sys.modules} pydantic={'pydantic' in sys.modules}\\n")
 """
 
 
 @pytest.mark.parametrize(("argv", "code"), CASES, ids=[" ".join(a) for a, _ in CASES])
-def test_help_and_usage_errors_do_not_import_torch(argv, code):
+def test_help_and_usage_errors_do_not_import_torch_or_pydantic(argv, code):
     done = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=60)
-    assert done.stderr.rstrip().endswith(f"exit={code} torch=False"), done.stderr[-2000:]
+    assert done.stderr.rstrip().endswith(f"exit={code} torch=False pydantic=False"), done.stderr[-2000:]
 
 
 def test_a_command_that_runs_does_import_torch():
@@ -50,7 +51,7 @@ def test_a_command_that_runs_does_import_torch():
     done = subprocess.run([sys.executable, "-c", PROBE, "inspect", "no-such-file.safetensors"], capture_output=True,
                           text=True, timeout=120)
     assert "Error:" in done.stderr
-    assert done.stderr.rstrip().endswith("exit=1 torch=True"), done.stderr[-2000:]
+    assert "exit=1 torch=True" in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("registry", [catalog.DATASETS, catalog.ARCHITECTURES, catalog.TRIGGERS, catalog.SPLITS,
