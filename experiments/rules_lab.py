@@ -59,6 +59,7 @@ class Lab:
                   "test": features(model, layer, timg, meta),
                   "trig": features(model, layer, trig.stamp(timg[src]), meta)}
         self.aux_images = aux.images
+        self.images = {"test": timg, "trig": trig.stamp(timg[src])}  # for variants that change the layers before
         self.model = model
         self.Y = {"aux": aux.labels, "test": tlab,
                   "trig": torch.full((int(src.sum()),), self.target, dtype=torch.long)}
