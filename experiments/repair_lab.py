@@ -152,17 +152,16 @@ def run_variants(lab: Lab, base: dict[str, float], rows: list[dict[str, float]],
           f"{row['asr']:.3f}", flush=True)
     for name in names:
         kind, copies, beta, steps, freeze, head, sgd = parse(name)
-        if kind == "conv":
-            s = conv_repair(lab, flipped, mask if freeze else torch.zeros_like(mask), steps, sgd)
-            print(f"    {name}: {100 * (s['test'] - base['test']):+.2f} / {s['trig']:.3f}", flush=True)
-            continue
-        extra = None if kind == "base" else mixed_inputs(lab, kind, copies)
-        frozen = torch.zeros_like(mask)
+        frozen = torch.zeros_like(mask)  # freeze 0 (``a``): every column trains, the flipped ones too
         frozen[torch.argsort(lab.xbar, stable=True)[:int(round(freeze * int(mask.sum())))]] = True
-        s = mixup_repair(lab, flipped, frozen | (mask if freeze else torch.zeros_like(mask)), extra, beta, steps,
-                         head=head, sgd=sgd)
+        if freeze:
+            frozen |= mask
+        if kind == "conv":
+            s = conv_repair(lab, flipped, frozen, steps, sgd)
+        else:
+            extra = None if kind == "base" else mixed_inputs(lab, kind, copies)
+            s = mixup_repair(lab, flipped, frozen, extra, beta, steps, head=head, sgd=sgd)
         print(f"    {name}: {100 * (s['test'] - base['test']):+.2f} / {s['trig']:.3f}", flush=True)
-
 
 
 def main() -> None:

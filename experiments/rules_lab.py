@@ -55,11 +55,11 @@ class Lab:
         trig = make_trigger(attack.trigger, *meta.input_shape[1:])
         src = attack.task.is_source(tlab)
         self.target = attack.task.target
+        self.images = {"test": timg, "trig": trig.stamp(timg[src])}  # kept for variants that change the layers before
         self.F = {"aux": features(model, layer, aux.images, meta),
                   "test": features(model, layer, timg, meta),
-                  "trig": features(model, layer, trig.stamp(timg[src]), meta)}
+                  "trig": features(model, layer, self.images["trig"], meta)}
         self.aux_images = aux.images
-        self.images = {"test": timg, "trig": trig.stamp(timg[src])}  # for variants that change the layers before
         self.model = model
         self.Y = {"aux": aux.labels, "test": tlab,
                   "trig": torch.full((int(src.sum()),), self.target, dtype=torch.long)}
