@@ -26,7 +26,10 @@ layers before fc1 too (the shipped repair never touches them), on the aux images
 
 Stop: the kl rule (``--kl``, the default's 0.07; several budgets share one trace), found along
 Algorithm 1's thresholds. ``--stat classmax`` ranks inputs by the largest of their per-class mean
-activations instead of the mean (an input that only one class uses is not silent). Research code:
+activations instead of the mean (an input that only one class uses is not silent); ``ratio`` by the
+mean divided by the norm of the input's weight update (relative to the median input's: inputs whose
+weights training moved most, for their clean use, first); ``cost`` by the mean times that norm (what
+flipping the input changes on clean images, to first order). Research code:
 run it only on trainings that are never reported.
 """
 
@@ -170,13 +173,17 @@ def main() -> None:
     ap.add_argument("aux", type=Path, nargs="+")
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--kl", type=float, nargs="+", default=[KL_BUDGET])
-    ap.add_argument("--stat", choices=("mean", "classmax"), default="mean")
+    ap.add_argument("--stat", choices=("mean", "classmax", "ratio", "cost"), default="mean")
     args = ap.parse_args()
     for aux in args.aux:
         lab = Lab(args.run, aux)
         if args.stat == "classmax":  # the largest of the per-class mean activations
             labels = lab.Y["aux"]
             lab.xbar = torch.stack([lab.F["aux"][labels == c].mean(0) for c in labels.unique()]).max(0).values
+        elif args.stat in ("ratio", "cost"):  # the mean against (ratio) or times (cost) the column's update norm
+            norms = torch.linalg.vector_norm(lab.W - lab.W0, dim=0)
+            scale = norms / norms.median()
+            lab.xbar = lab.xbar / scale if args.stat == "ratio" else lab.xbar * scale
         base = lab.score(lab.W, lab.b)
         rows = trace(lab)
         for budget in args.kl:
