@@ -162,11 +162,11 @@ class Experiment:
         unread = {"kl": "rho", "accuracy": "kl"}
         out: list[Defense] = []
         for method in self.defense.methods:
-            seen = set()
+            seen: set[str] = set()  # the defended checkpoints' stems: one column per distinct defense
             for v in (variants if method in POST_TRAINING else variants[:1]):
-                if v.tag(method) in seen:
+                if (tag := v.tag(method)) in seen:
                     continue
-                seen.add(v.tag(method))
+                seen.add(tag)
                 suffix = "".join(f" {k}={_label(getattr(v, k))}" for k in varying
                                  if k != unread.get(v.stop)) if method in POST_TRAINING else ""
                 out.append(Defense(method + suffix, method, v))

@@ -61,7 +61,7 @@ class RepairSettings:
             raise ConfigError(f"repair optimizer must be one of {', '.join(REPAIR_OPTIMIZERS)}, "
                               f"got {self.optimizer!r}")
 
-    def record(self) -> dict[str, float | int]:
+    def record(self) -> dict[str, float | int | str]:
         """Its settings; the guard's only when it is on and the optimizer only when it is not Adam, so
         records without them read (and key caches) as before they existed."""
         values = asdict(self)
