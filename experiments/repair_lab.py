@@ -48,7 +48,7 @@ from flain_cli.repair import repair_loss
 from flain_cli.settings import KL_BUDGET, RepairSettings
 
 sys.path.insert(0, str(Path(__file__).parent))
-from rules_lab import Lab, features  # noqa: E402
+from rules_lab import Lab, augment, features  # noqa: E402
 from stop_lab import trace  # noqa: E402
 
 
@@ -125,6 +125,18 @@ def conv_repair(lab: Lab, W: torch.Tensor, frozen: torch.Tensor, steps: int, sgd
     return out
 
 
+def shifted_mean(lab: Lab, shift: int) -> torch.Tensor:
+    """Mean fc1 input over the aux images translated by every (dy, dx) in [-shift, shift]^2 (zero fill)."""
+    images = lab.aux_images
+    h, w = images.shape[-2:]
+    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
+    total = torch.zeros_like(lab.xbar)
+    offsets = [(dy, dx) for dy in range(2 * shift + 1) for dx in range(2 * shift + 1)]
+    for dy, dx in offsets:
+        total += features(lab.model, lab.layer, padded[..., dy:dy + h, dx:dx + w].contiguous(), lab.meta).sum(0)
+    return total / (len(offsets) * len(images))
+
+
 def parse(name: str) -> tuple[str, int, float, int, float, bool, float]:
     parts = name.split()
     kind, copies, beta, steps, freeze, head, sgd = parts[0], 0, 1.0, 100, 1.0, True, 0.0
@@ -173,7 +185,10 @@ def main() -> None:
     ap.add_argument("aux", type=Path, nargs="+")
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--kl", type=float, nargs="+", default=[KL_BUDGET])
-    ap.add_argument("--stat", choices=("mean", "classmax", "ratio", "cost"), default="mean")
+    ap.add_argument("--stat", choices=("mean", "classmax", "ratio", "cost", "aug", "shifts"), default="mean")
+    ap.add_argument("--aug-copies", type=int, default=4)
+    ap.add_argument("--aug-shift", type=int, default=2)
+    ap.add_argument("--aug-hflip", action="store_true")
     args = ap.parse_args()
     for aux in args.aux:
         lab = Lab(args.run, aux)
@@ -184,6 +199,12 @@ def main() -> None:
             norms = torch.linalg.vector_norm(lab.W - lab.W0, dim=0)
             scale = norms / norms.median()
             lab.xbar = lab.xbar / scale if args.stat == "ratio" else lab.xbar * scale
+        elif args.stat == "aug":  # the mean over the aux images and shifted copies of them
+            gen = torch.Generator().manual_seed(0)
+            shifted = augment(lab.aux_images, args.aug_copies, gen, shift=args.aug_shift, hflip=args.aug_hflip)
+            lab.xbar = torch.cat([lab.F["aux"], features(lab.model, lab.layer, shifted, lab.meta)]).mean(0)
+        elif args.stat == "shifts":  # the mean over every translation of the aux images by up to --aug-shift
+            lab.xbar = shifted_mean(lab, args.aug_shift)
         base = lab.score(lab.W, lab.b)
         rows = trace(lab)
         for budget in args.kl:

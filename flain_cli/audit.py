@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from .auxdata import AuxSet, load_aux
 from .checkpoint import Checkpoint, ModelMeta, ModelSource, conform, conformed_model, load_checkpoint
+from .datasets import normalize
 from .defense import SearchResult, search_fast, search_plain
 from .errors import AuxError, CheckpointError, ConfigError, opt
 from .modeldef import get_linear, split_model
@@ -67,6 +68,7 @@ class AuxFeatures:
                  device: torch.device | str = "cpu") -> None:
         self.linear = get_linear(model, layer)  # a Linear layer, or a clear error
         self.model, self.layer = model.eval(), layer
+        self.aux, self.norm = aux, meta.norm
         self.inputs = aux.normalized(meta.norm.mean, meta.norm.std).to(device)
         self.labels = aux.labels.to(device)
         self.prefix, head = split_model(model, layer)
@@ -90,9 +92,24 @@ class AuxFeatures:
                     f"here; choose a layer that follows a ReLU (--layer)"]
         return []
 
-    def mean_activations(self) -> torch.Tensor:
-        """Mean of each input neuron of the layer over the aux set (x of eq. 6)."""
-        return self.features64.mean(dim=0).to(torch.float32).cpu()
+    def mean_activations(self, shifts: int = 0) -> torch.Tensor:
+        """Mean of each input neuron of the layer over the aux set (x of eq. 6).
+
+        ``shifts`` > 0 (ours, not in the paper): the mean over the aux images moved by every offset of up
+        to ``shifts`` pixels in each direction ((2 shifts + 1)^2 copies, black border; AuxSet.translations).
+        An input that clean images use somewhere near where the aux images have it then counts as used;
+        a trigger stays where it is, so its inputs stay silent.
+        """
+        if not shifts:
+            return self.features64.mean(dim=0).to(torch.float32).cpu()
+        total = torch.zeros_like(self.features64[0])
+        count = 0
+        with torch.no_grad():
+            for moved in self.aux.translations(shifts):
+                inputs = normalize(moved, self.norm.mean, self.norm.std).to(self.features64.device)
+                total += self.prefix(inputs).double().sum(dim=0)
+                count += len(moved)
+        return (total / count).to(torch.float32).cpu()
 
     @torch.no_grad()
     def _score(self, pre: torch.Tensor) -> float:
@@ -188,11 +205,12 @@ class ScanResult:
 
 
 def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, source: ModelSource = ModelSource(),
-                    device: torch.device | str = "cpu") -> ScanResult:
+                    shifts: int = 0, device: torch.device | str = "cpu") -> ScanResult:
     """Mean activation of each input of ``layer`` over the aux set: the statistic FLAIN thresholds.
 
     Args: the checkpoint, the aux set (folder or file, :func:`flain_cli.auxdata.load_aux`);
-    ``layer`` (default: the checkpoint's defended layer); ``source`` for what the file does not say.
+    ``layer`` (default: the checkpoint's defended layer); ``source`` for what the file does not say;
+    ``shifts``: the means over moved copies of the aux images too, as `DefenseConfig.shifts`.
     Returns a `ScanResult` (``means``: one float per input of the layer, in column order).
 
     Example: ``scan_checkpoint(Path("final.safetensors"), Path("aux")).means.argsort()[:10]``, the
@@ -203,7 +221,7 @@ def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, sou
     layer = layer or loaded.meta.defended_layer
     aux = load_aux_for(loaded, aux_path)
     feats = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
-    return ScanResult(loaded.meta, layer, feats.mean_activations(), len(aux),
+    return ScanResult(loaded.meta, layer, feats.mean_activations(shifts), len(aux),
                       feats.accuracy_model(get_linear(loaded.model, layer).weight.detach()),
                       loaded.ckpt.notes + (f"defended layer: {layer}",) * bool(loaded.meta.model_def)
                       + tuple(resize_notes(aux, loaded.meta)),
@@ -331,11 +349,11 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     warnings += every.premise_warnings()
     if config.holdout:
         activation_set, scoring_set = aux.split(config.holdout, seed)
-        x = AuxFeatures(loaded.model, layer, activation_set, loaded.meta, device).mean_activations()
+        x = AuxFeatures(loaded.model, layer, activation_set, loaded.meta, device).mean_activations(config.shifts)
         feats = AuxFeatures(loaded.model, layer, scoring_set, loaded.meta, device)
     else:  # the paper: one aux set for both
         feats = every
-        x = feats.mean_activations()
+        x = feats.mean_activations(config.shifts)
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     init_weight = init.tensors[f"{layer}.weight"] if init is not None else torch.zeros_like(weight)
     search = search_plain if plain else search_fast  # plain: Algorithm 1 as written (slow; for verification)

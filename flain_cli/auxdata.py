@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,18 @@ class AuxSet:
 
     def normalized(self, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
         return normalize(self.images, mean, std)
+
+    def translations(self, shift: int) -> Iterator[torch.Tensor]:
+        """The images moved by every offset (dy, dx) in [-shift, shift]^2, the uncovered border black (0):
+        (2 shift + 1)^2 uint8 batches, the unmoved images among them."""
+        height, width = self.images.shape[-2:]
+        if not 0 <= shift < min(height, width):
+            raise ConfigError(f"must be from 0 to {min(height, width) - 1} pixels for {width}x{height} images, "
+                              f"got {shift}", param="shifts")
+        padded = torch.nn.functional.pad(self.images, (shift, shift, shift, shift))
+        for dy in range(2 * shift + 1):
+            for dx in range(2 * shift + 1):
+                yield padded[..., dy:dy + height, dx:dx + width]
 
 
 def load_aux(path: Path, input_shape: tuple[int, int, int], num_classes: int,

@@ -11,7 +11,7 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     [defense]
     methods = ["none", "prune", "flain", "rlr"]   # rlr trains again with the RLR aggregator
     aux_per_class = 20
-    rho = [0.03, 0.0]  # step, rho, holdout, aux_per_class, repair may be lists;
+    rho = [0.03, 0.0]  # step, rho, holdout, shifts, aux_per_class, repair may be lists;
                        # prune and flain run once per combination
     repair = ["none", "distill"]  # without and with the repair (the default: distill; distill-sgd:
                                   # the repair with SGD, `--repair-optimizer sgd`)
@@ -65,7 +65,8 @@ from .training import RunBusy, run_lock, train_to_dir
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
-VARIED = ("step", "rho", "stop", "kl", "holdout", "aux_per_class", "repair")  # [defense] keys that may list values
+# [defense] keys that may list values
+VARIED = ("step", "rho", "stop", "kl", "holdout", "shifts", "aux_per_class", "repair")
 # [defense] repair: `flain defend`'s repair (distill), the same with `--repair-optimizer sgd`, or none
 REPAIR_RULES: dict[str, RepairSettings | None] = {
     "distill": PRESETS["default"].repair, "distill-sgd": RepairSettings().with_optimizer("sgd"),
@@ -85,6 +86,7 @@ class DefenseSettings:
     stop: str = "kl"  # as `flain defend`; a grid that gives rho and no stop means the accuracy stop (_defense_variants)
     kl: float = KL_BUDGET
     holdout: float = 0.0
+    shifts: int = 0  # as `flain defend --shifts`
     repair: str = "distill"  # as `flain defend`: the distillation repair (with SGD: distill-sgd), or none (the paper)
 
     def tag(self, method: str) -> str:
@@ -93,6 +95,7 @@ class DefenseSettings:
         Without the repair and the kl stop the stem is what it was before they existed, so cached defenses stay valid.
         """
         held = f"-holdout{self.holdout:g}" if self.holdout else ""
+        held += f"-shifts{self.shifts}" if self.shifts else ""
         repaired = f"-{self.repair}" if self.repair != "none" else ""
         budget = f"kl{self.kl:g}" if self.stop == "kl" else f"rho{self.rho:g}"
         return (f"{method}-step{self.step:g}-{budget}-{self.select}{held}{repaired}"
@@ -114,7 +117,7 @@ class DefenseSettings:
 
     def config(self, method: str) -> DefenseConfig:
         return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, stop=self.stop,
-                             kl=self.kl, holdout=self.holdout,
+                             kl=self.kl, holdout=self.holdout, shifts=self.shifts,
                              repair=REPAIR_RULES[self.repair])
 
 
@@ -431,7 +434,8 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.devic
                       "all_selected": done.all_selected}
             _write(run_dir / f"{tag}.json", record)
         cell.detail |= {"step": d.step, "rho": d.rho, "stop": d.stop, "kl": d.kl if d.stop == "kl" else None,
-                        "holdout": d.holdout, "aux_per_class": d.aux_per_class, "repair": d.repair} | record
+                        "holdout": d.holdout, "shifts": d.shifts, "aux_per_class": d.aux_per_class,
+                        "repair": d.repair} | record
     eval_path = model.with_suffix(".eval.json")
     report = _read(eval_path)
     if report is None or "asr_clean" not in report:  # (records from before asr_clean are redone)

@@ -80,6 +80,7 @@ class DefenseRecord:
             stop = data.get("stop", "accuracy")
             config = DefenseConfig(method=data["method"], step=data["step"], rho=data["rho"], select=data["select"],
                                    stop=stop, kl=data.get("kl") or KL_BUDGET, holdout=data["holdout"],
+                                   shifts=data.get("shifts", 0),
                                    rescale=data["rescale"], repair=settings)
             aux = data["aux"]
             return cls(config, data["layer"], data["lambda"], data["mu"], data["flipped"], data["of"],

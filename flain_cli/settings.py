@@ -17,6 +17,7 @@ STOPS = ("accuracy", "kl")  # the paper's stop on the aux accuracy drop, or ours
 REPAIR_OPTIMIZERS = ("adam", "sgd")  # the repair's optimizer (repair.py)
 REPAIR_LR = {"adam": 1e-3, "sgd": 0.1}  # each optimizer's learning rate when none is given
 SGD_MOMENTUM = 0.9
+MAX_SHIFTS = 10  # --shifts: (2 * 10 + 1)^2 = 441 copies of the aux set at most
 MAX_POINTS = 100  # grid points of `flain experiment` before --max-points must confirm a larger grid
 
 
@@ -82,9 +83,11 @@ class DefenseConfig:
     the original model's on the aux set reaches ``kl``, instead of where the aux accuracy has dropped by
     ``rho`` ("accuracy", line 17 of Algorithm 1). Each stop ignores the other's budget.
     ``holdout`` > 0 (ours): the mean activations come from a share 1-holdout of the aux set and the
-    stopping rule's measures from the held-out rest. ``repair`` (ours, :mod:`flain_cli.repair`):
-    after the search, distil the original model into the defended one on the aux set; None turns
-    it off. ``stop="accuracy"`` without the repair is Algorithm 1 exactly (the paper preset).
+    stopping rule's measures from the held-out rest. ``shifts`` > 0 (ours): the mean activations over
+    the aux images and their translations by up to that many pixels (AuxFeatures.mean_activations).
+    ``repair`` (ours, :mod:`flain_cli.repair`): after the search, distil the original model into the
+    defended one on the aux set; None turns it off. ``stop="accuracy"`` without the repair is Algorithm 1
+    exactly (the paper preset).
     """
 
     method: str = "flain"
@@ -94,15 +97,17 @@ class DefenseConfig:
     stop: str = "kl"
     kl: float = KL_BUDGET
     holdout: float = 0.0
+    shifts: int = 0  # 0: the mean over the aux images themselves, the paper's
     rescale: bool = True  # lines 18-20 of Algorithm 1 (flain only); False is an ablation
     repair: RepairSettings | None = RepairSettings()
 
     @property
     def rule(self) -> str:
-        """A short name: the method, '+kl' for the kl stop, '+distill' when the repair runs, '+guard' with its
-        guard, '+sgd' when it trains with SGD."""
+        """A short name: the method, '+shifts' for the translated aux images' mean, '+kl' for the kl stop,
+        '+distill' when the repair runs, '+guard' with its guard, '+sgd' when it trains with SGD."""
         repair = self.repair
-        return (self.method + ("+kl" if self.stop == "kl" else "") + ("+distill" if repair is not None else "")
+        return (self.method + ("+shifts" if self.shifts else "") + ("+kl" if self.stop == "kl" else "")
+                + ("+distill" if repair is not None else "")
                 + ("+guard" if repair is not None and repair.guard else "")
                 + ("+sgd" if repair is not None and repair.optimizer == "sgd" else ""))
 
@@ -120,6 +125,9 @@ class DefenseConfig:
             raise ConfigError(f"must be in (0, 10], got {self.kl}", param="kl")
         if self.stop not in STOPS:
             raise ConfigError(f"must be one of {', '.join(STOPS)}, got {self.stop!r}", param="stop")
+        if isinstance(self.shifts, bool) or not isinstance(self.shifts, int) or not 0 <= self.shifts <= MAX_SHIFTS:
+            raise ConfigError(f"must be a whole number of pixels from 0 to {MAX_SHIFTS}, got {self.shifts!r}",
+                              param="shifts")
         if not 0 <= self.holdout < 1:
             raise ConfigError(f"must be in [0, 1), got {self.holdout}", param="holdout")
         if self.select not in SELECTS:
@@ -130,7 +138,7 @@ class DefenseConfig:
     def record(self) -> dict:
         return {"rule": self.rule, "method": self.method, "step": self.step, "rho": self.rho, "select": self.select,
                 "stop": self.stop, "kl": self.kl if self.stop == "kl" else None, "holdout": self.holdout,
-                "rescale": self.rescale,
+                "shifts": self.shifts, "rescale": self.rescale,
                 "repair": None if self.repair is None else self.repair.record()}
 
 

@@ -8,6 +8,7 @@ import torch
 
 from flain_cli.audit import AuxFeatures, defend_checkpoint, load_aux_for, load_model, scan_checkpoint
 from flain_cli.checkpoint import load_checkpoint, model_meta, save_checkpoint
+from flain_cli.datasets import normalize
 from flain_cli.errors import CheckpointError, ConfigError
 from flain_cli.models import build_model
 from flain_cli.records import DefenseRecord
@@ -129,6 +130,47 @@ def test_holdout_scores_on_the_held_out_images(tiny_run, aux_dir):
     assert plain.meta["defense"]["aux"]["scored_on"] == 80 and plain.meta["defense"]["holdout"] == 0.0
     assert held.meta["defense"]["aux"]["scored_on"] == 40 and held.meta["defense"]["holdout"] == 0.5
     assert not torch.equal(plain.result.mask, held.result.mask) or plain.result.acc0 != held.result.acc0
+
+
+def test_shifted_means_average_the_features_of_every_translated_copy(tiny_run, aux_dir):
+    """--shifts: exact against a plain loop that moves each image with roll and blanks the wrapped border."""
+    out, _ = tiny_run
+    loaded = load_model(out / "final.safetensors")
+    aux = load_aux_for(loaded, aux_dir)
+    feats = AuxFeatures(loaded.model, "fc1", aux, loaded.meta)
+    assert torch.equal(feats.mean_activations(0), feats.features64.mean(0).float())
+    prefix, norm = loaded.model.split_at("fc1")[0], loaded.meta.norm
+    copies = []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            moved = torch.roll(aux.images, (dy, dx), dims=(-2, -1))
+            if dy:
+                moved[..., 0 if dy > 0 else -1, :] = 0
+            if dx:
+                moved[..., :, 0 if dx > 0 else -1] = 0
+            with torch.no_grad():
+                copies.append(prefix(normalize(moved, norm.mean, norm.std)).double())
+    expected = torch.cat(copies).mean(0).float()
+    shifted = feats.mean_activations(1)
+    assert torch.allclose(shifted, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(shifted, feats.mean_activations())
+
+
+def test_defend_with_shifts_records_them_and_is_deterministic(tiny_run, aux_dir):
+    out, _ = tiny_run
+    config = DefenseConfig(step=0.01, stop="kl", kl=0.05, shifts=1)
+    first = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
+    again = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
+    assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
+    d = first.meta["defense"]
+    assert d["shifts"] == 1 and d["rule"] == "flain+shifts+kl+distill" and first.result.changed > 0
+    assert DefenseRecord.from_json(json.loads(json.dumps(d))).config == config
+    unshifted = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
+                                  dataclasses.replace(config, shifts=0))
+    assert unshifted.meta["defense"]["shifts"] == 0 and unshifted.meta["defense"]["rule"] == "flain+kl+distill"
+    for bad in (-1, 11, True, 1.5):
+        with pytest.raises(ConfigError, match=r"^shifts must be a whole number of pixels from 0 to 10"):
+            dataclasses.replace(config, shifts=bad).check()
 
 
 def test_the_repair_keeps_the_flip_and_touches_only_fc1_and_after(tiny_run, aux_dir):

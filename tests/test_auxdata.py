@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from flain_cli.auxdata import export_aux, load_aux
+from flain_cli.auxdata import AuxSet, export_aux, load_aux
 from flain_cli.datasets import DATASETS
 from flain_cli.errors import AuxError, ConfigError
 
@@ -128,3 +128,19 @@ def test_holdout_split_is_stratified_seeded_and_disjoint(tmp_path):
     for bad in (0.0, 1.0):
         with pytest.raises(ConfigError, match="^holdout must be between 0 and 1"):
             aux.split(bad)
+
+
+def test_translations_move_the_images_by_every_offset_with_a_black_border():
+    images = torch.arange(1, 2 * 1 * 4 * 5 + 1, dtype=torch.uint8).view(2, 1, 4, 5)
+    aux = AuxSet(images, torch.tensor([0, 1]), "t")
+    moved = list(aux.translations(1))
+    assert len(moved) == 9 and torch.equal(moved[4], images)  # (dy, dx) = (0, 0) in the middle
+    first, last = moved[0], moved[-1]  # moved down-right and up-left by one pixel
+    assert torch.equal(first[..., 1:, 1:], images[..., :-1, :-1])
+    assert first[..., 0, :].eq(0).all() and first[..., :, 0].eq(0).all()
+    assert torch.equal(last[..., :-1, :-1], images[..., 1:, 1:])
+    assert last[..., -1, :].eq(0).all() and last[..., :, -1].eq(0).all()
+    assert [len(list(aux.translations(s))) for s in (0, 2)] == [1, 25]
+    for bad in (-1, 4):
+        with pytest.raises(ConfigError, match=r"^shifts must be from 0 to 3 pixels for 5x4 images"):
+            list(aux.translations(bad))

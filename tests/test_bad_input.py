@@ -262,6 +262,10 @@ def test_the_flower_engine_and_ray_without_the_extra_are_one_clear_error(fmnist_
     (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--method", "../x"], 1, "Error: "),
     (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--holdout", "1"], 1,
      "Error: --holdout must be in [0, 1), got 1.0"),
+    (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--shifts", "11"], 1,
+     "Error: --shifts must be a whole number of pixels from 0 to 10, got 11"),
+    (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--shifts", "-1"], 1,
+     "Error: --shifts must be a whole number of pixels from 0 to 10, got -1"),
     (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--seed", "-1"], 2, "Usage: "),
     (["plot", "activations", "{csv}", "--out", "{png}", "--bins", "0"], 2, "Usage: "),
 ])

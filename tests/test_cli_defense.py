@@ -122,6 +122,9 @@ def test_scan_json_csv_and_table(tiny_run, aux_dir, tmp_path):
     table = invoke("scan", run / "final.safetensors", "--aux", aux_dir, "--layer", "fc2", "--lowest", "3")
     assert table.exit_code == 0 and "histogram" in table.stdout and "3 least active" in table.stdout
     assert "inputs of fc2" in " ".join(table.stdout.split())
+    moved = json.loads(invoke("scan", run / "final.safetensors", "--aux", aux_dir, "--shifts", "1", "--json").stdout)
+    assert moved["shifts"] == 1 and report["shifts"] == 0 and moved["means"] != report["means"]
+    assert len(moved["means"]) == 3136
 
 
 def test_aux_export_cli(tmp_path, fmnist_dir):

@@ -213,6 +213,16 @@ def test_a_budget_the_stop_does_not_read_makes_no_column(tmp_path):
     assert len({d.settings.tag(d.method) for d in defenses[1:]}) == 3
 
 
+def test_listed_shifts_make_one_column_each_with_its_own_checkpoint(tmp_path):
+    config = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
+                   .replace("rho = 0.05", "rho = 0.05\nshifts = [0, 2]"))
+    defenses = load_experiment(config).defenses
+    assert [d.label for d in defenses] == ["none", "flain shifts=0", "flain shifts=2"]
+    assert [d.settings.config("flain").shifts for d in defenses[1:]] == [0, 2]
+    tags = [d.settings.tag("flain") for d in defenses[1:]]
+    assert "shifts" not in tags[0] and tags[1] == tags[0].replace("-distill", "-shifts2-distill")
+
+
 def test_a_budget_names_its_stop_as_in_defend(tmp_path):
     """No stop and no budget: flain defend's kl stop; rho alone: the accuracy stop; both: refused."""
     base = TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')

@@ -70,7 +70,7 @@ class Repair(str, Enum):
 def build_config(preset: str, method: str | None, step: float | None, rho: float | None, select: str | None,
                  holdout: float | None, rescale: bool | None, repair: str | None,
                  repair_settings: dict[str, float | int | str | None], stop: str | None = None,
-                 kl: float | None = None) -> DefenseConfig:
+                 kl: float | None = None, shifts: int | None = None) -> DefenseConfig:
     """The preset, with every option the user gave in its place.
 
     A budget without ``--stop`` picks its stop: ``--rho`` the accuracy stop, ``--kl`` the kl stop.
@@ -94,7 +94,7 @@ def build_config(preset: str, method: str | None, step: float | None, rho: float
         raise ConfigError("--repair-guard-ratio and --repair-guard-rate shape the guard, which is off; "
                           "drop them or pass --repair-guard 1")
     chosen: dict[str, Any] = {"method": method, "step": step, "rho": rho, "select": select, "holdout": holdout,
-                              "rescale": rescale, "stop": stop, "kl": kl}
+                              "rescale": rescale, "stop": stop, "kl": kl, "shifts": shifts}
     config = dataclasses.replace(base, repair=settings, **{k: v for k, v in chosen.items() if v is not None})
     if config.stop == "kl" and rho is not None:
         raise ConfigError("--rho is the accuracy stop's budget and has no effect with --stop kl; "
@@ -141,6 +141,11 @@ def defend(
     holdout: Annotated[float | None, typer.Option(
         help="Not in the paper: take the mean activations from a share 1-F of the aux set and the stopping "
              "rule's accuracies from the held-out share F (preset: 0, one set for both).", show_default=False)] = None,
+    shifts: Annotated[int | None, typer.Option(
+        help="Not in the paper: take the mean activations over the aux images and their copies moved by up to N "
+             "pixels in each direction ((2N+1)^2 positions, black border), so that inputs clean images use near "
+             "where the aux images have them are not taken for silent (preset: 0, the aux images only; "
+             "docs/flain.md).", metavar="N", show_default=False)] = None,
     rescale: Annotated[bool | None, typer.Option(
         "--rescale/--no-rescale", help="Scale the layer back to its original norm after flipping (Algorithm 1 lines "
                                        "18-20; preset: on). --no-rescale is an ablation.", show_default=False)] = None,
@@ -206,7 +211,7 @@ def defend(
                            "lr": repair_lr, "alpha": repair_alpha,
                            "temperature": repair_temperature, "guard": repair_guard,
                            "guard_ratio": repair_guard_ratio, "guard_rate": repair_guard_rate},
-                          stop and stop.value, kl)
+                          stop and stop.value, kl, shifts)
     config.check()
     method, step, rho = config.method, config.step, config.rho
     target = out_path or default_out(model, method)
@@ -234,7 +239,8 @@ def defend(
                "step": step, "stop": config.stop, "rho": rho if config.stop == "accuracy" else None,
                "kl": stored["kl"], "kl_kept": record.kl_kept, "mu": record.mu, "aux_acc_kept": record.aux_acc_kept,
                "all_selected": record.all_selected, "evaluations": record.evaluations, "n_aux": record.aux.n,
-               "holdout": config.holdout, "seconds": round(outcome.seconds, 3), "warnings": list(record.warnings),
+               "holdout": config.holdout, "shifts": config.shifts, "seconds": round(outcome.seconds, 3),
+               "warnings": list(record.warnings),
                "notes": list(outcome.notes)}
     if as_json:
         print_json(summary)

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ..files import FilePlan
+from ..settings import MAX_SHIFTS
 from ..tables import means_csv
 from .common import (
     ArchOpt,
@@ -56,6 +57,10 @@ def scan(
     lowest: Annotated[int, typer.Option(min=1, help="How many of the least active neurons to list.")] = 10,
     csv: Annotated[Path | None, typer.Option(help="Write 'neuron,mean' for every neuron to this CSV file.",
                                              show_default=False)] = None,
+    shifts: Annotated[int, typer.Option(
+        min=0, max=MAX_SHIFTS, metavar="N",
+        help="The means over the aux images and their copies moved by up to N pixels, as `flain defend --shifts N` "
+             "orders the inputs (0: the aux images only, the paper's).")] = 0,
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
     strict: StrictOpt = True,
@@ -78,7 +83,7 @@ def scan(
     inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def_file(model_def),
               "--class-names": class_names}
     with FilePlan(inputs, {"--csv": csv}, force=force).writing() as stage:
-        res = scan_checkpoint(model, aux, layer=layer, source=source, device=torch_device)
+        res = scan_checkpoint(model, aux, layer=layer, source=source, shifts=shifts, device=torch_device)
         means = res.means
         if csv is not None:
             stage["--csv"].write_text(means_csv(means))
@@ -87,12 +92,13 @@ def scan(
         err.print(f"warning: {warning}", soft_wrap=True)
     summary = {"model": str(model), "layer": res.layer, "neurons": int(means.numel()), "n_aux": res.n_aux,
                "aux_acc": res.aux_acc, "min": float(means.min()), "median": float(means.median()),
-               "max": float(means.max()), "zeros": int((means == 0).sum()), "notes": list(res.notes),
+               "max": float(means.max()), "zeros": int((means == 0).sum()), "shifts": shifts, "notes": list(res.notes),
                "warnings": list(res.warnings)}
     if as_json:
         print_json(summary | {"means": means.tolist()})
         return
-    table = Table(title=f"flain scan {model}: inputs of {res.layer} over {res.n_aux} aux images")
+    moved = f" and their moved copies (shifts {shifts})" if shifts else ""
+    table = Table(title=f"flain scan {model}: inputs of {res.layer} over {res.n_aux} aux images{moved}")
     for column in ("neurons", "min", "median", "max", "exactly 0", "aux accuracy"):
         table.add_column(column, justify="right")
     table.add_row(str(summary["neurons"]), f"{summary['min']:.4f}", f"{summary['median']:.4f}",
