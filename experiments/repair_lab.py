@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from flain_cli.auxdata import AuxSet
 from flain_cli.datasets import normalize
 from flain_cli.defense import flip_updates, rescale
 from flain_cli.repair import repair_loss
@@ -126,15 +127,9 @@ def conv_repair(lab: Lab, W: torch.Tensor, frozen: torch.Tensor, steps: int, sgd
 
 
 def shifted_mean(lab: Lab, shift: int) -> torch.Tensor:
-    """Mean fc1 input over the aux images translated by every (dy, dx) in [-shift, shift]^2 (zero fill)."""
-    images = lab.aux_images
-    h, w = images.shape[-2:]
-    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
-    total = torch.zeros_like(lab.xbar)
-    offsets = [(dy, dx) for dy in range(2 * shift + 1) for dx in range(2 * shift + 1)]
-    for dy, dx in offsets:
-        total += features(lab.model, lab.layer, padded[..., dy:dy + h, dx:dx + w].contiguous(), lab.meta).sum(0)
-    return total / (len(offsets) * len(images))
+    """Mean fc1 input over the aux images moved by every offset up to ``shift`` (the shipped AuxSet.translations)."""
+    moved = AuxSet(lab.aux_images, lab.Y["aux"], "aux").translations(shift)
+    return torch.cat([features(lab.model, lab.layer, m.contiguous(), lab.meta) for m in moved]).mean(0)
 
 
 def parse(name: str) -> tuple[str, int, float, int, float, bool, float]:

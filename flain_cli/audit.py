@@ -102,14 +102,11 @@ class AuxFeatures:
         """
         if not shifts:
             return self.features64.mean(dim=0).to(torch.float32).cpu()
-        total = torch.zeros_like(self.features64[0])
-        count = 0
+        device = self.features64.device
         with torch.no_grad():
-            for moved in self.aux.translations(shifts):
-                inputs = normalize(moved, self.norm.mean, self.norm.std).to(self.features64.device)
-                total += self.prefix(inputs).double().sum(dim=0)
-                count += len(moved)
-        return (total / count).to(torch.float32).cpu()
+            sums = [self.prefix(normalize(moved, self.norm.mean, self.norm.std).to(device)).double().sum(dim=0)
+                    for moved in self.aux.translations(shifts)]
+        return (torch.stack(sums).sum(dim=0) / (len(sums) * len(self.aux))).to(torch.float32).cpu()
 
     @torch.no_grad()
     def _score(self, pre: torch.Tensor) -> float:
