@@ -52,9 +52,10 @@ class SweepResult:
 
 def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = PAPER_STEP,
                      points: int = 25, layer: str | None = None, source: ModelSource = ModelSource(),
-                     data_dir: Path | None = None, test_file: Path | None = None,
+                     data_dir: Path | None = None, test_file: Path | None = None, shifts: int = 0,
                      device: torch.device | str = "cpu") -> SweepResult:
-    """The model unchanged, then ``points`` thresholds mu, mu + step, ... as `defend` would apply them."""
+    """The model unchanged, then ``points`` thresholds mu, mu + step, ... as `defend` would apply them
+    (``shifts``: on the means over moved copies of the aux images too, as `defend --shifts`)."""
     if not (math.isfinite(step) and step > 0):
         raise ConfigError(f"must be a finite number > 0, got {step}", param="step")
     if points < 1:
@@ -76,7 +77,7 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
         scored["asr"] = AuxSet(trigger.stamp(test.images[is_source]), target, "triggered source images")
         scored["asr_clean"] = AuxSet(test.images[is_source], target, "source images")
     feats = {name: AuxFeatures(loaded.model, layer, images, meta, device) for name, images in scored.items()}
-    x = feats["aux"].mean_activations()
+    x = feats["aux"].mean_activations(shifts)
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     replacement = METHODS.get(method)(weight, init.tensors[f"{layer}.weight"].to(weight.dtype))
     norm = float(torch.linalg.matrix_norm(weight.double()))

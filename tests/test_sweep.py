@@ -38,6 +38,19 @@ def test_sweep_agrees_with_defend_and_eval(tiny_run, aux_dir, tmp_path):
     assert rows[0]["lambda"] == "" and float(rows[5]["acc"]) == pytest.approx(points[5]["acc"])
 
 
+def test_sweep_with_shifts_follows_defend_with_shifts(tiny_run, aux_dir, tmp_path):
+    run, data = tiny_run
+    common = [run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir, "--step", "0.01",
+              "--shifts", "1", "--json"]
+    report = json.loads(invoke("sweep", *common, "--points", "25", "--data-dir", data).stdout)
+    plain = json.loads(invoke("sweep", *common[:-3], "--points", "25", "--data-dir", data, "--json").stdout)
+    assert report["shifts"] == 1 and plain["shifts"] == 0 and report["points"] != plain["points"]
+    defended = json.loads(invoke("defend", *common, "--rho", "0.05", "--preset", "paper", "--out",
+                                 tmp_path / "shifted.safetensors").stdout)
+    (row,) = [p for p in report["points"][1:] if p["lambda"] == pytest.approx(defended["lambda"])]
+    assert row["changed"] == defended["flipped"] and row["aux_acc"] == pytest.approx(defended["aux_acc_after"])
+
+
 def test_sweep_errors(tiny_run, aux_dir, tmp_path):
     run, data = tiny_run
     res = invoke("sweep", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..catalog import METHODS
 from ..files import FilePlan
-from ..settings import PAPER_STEP
+from ..settings import MAX_SHIFTS, PAPER_STEP
 from ..tables import sweep_csv
 from .common import (
     ArchOpt,
@@ -43,6 +43,10 @@ def sweep(
     method: Annotated[str, typer.Option(help=f"{'|'.join(METHODS.names())}.")] = "flain",
     step: Annotated[float, typer.Option(help="Threshold step, as in `defend`.")] = PAPER_STEP,
     points: Annotated[int, typer.Option(min=1, max=100_000, help="Thresholds to score: mu, mu + step, ...")] = 25,
+    shifts: Annotated[int, typer.Option(
+        min=0, max=MAX_SHIFTS, metavar="N",
+        help="Order the inputs by their means over the aux images and their copies moved by up to N pixels, "
+             "as `defend --shifts N` (0: the aux images only, the paper's).")] = 0,
     layer: LayerOpt = None,
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
@@ -74,16 +78,19 @@ def sweep(
                     {"--csv": csv}, force=force)
     with plan.writing() as stage:
         res = sweep_checkpoint(model, init, aux, method=method, step=step, points=points, layer=layer,
-                               source=source, data_dir=data_dir, test_file=test, device=torch_device)
+                               source=source, data_dir=data_dir, test_file=test, shifts=shifts,
+                               device=torch_device)
         rows = [{"lambda": p.lam, "changed": p.changed, "aux_acc": p.aux_acc, "acc": p.acc, "asr": p.asr,
                  "asr_clean": p.asr_clean} for p in res.points]
         if csv is not None:
             stage["--csv"].write_text(sweep_csv(rows))
     if as_json:
         print_json({"model": str(model), "layer": res.layer, "method": method, "step": step, "of": res.of,
-                    "attack": res.attack, "n_aux": res.n_aux, "n_test": res.n_test, "points": rows})
+                    "attack": res.attack, "n_aux": res.n_aux, "n_test": res.n_test, "shifts": shifts,
+                    "points": rows})
         return
-    table = Table(title=f"flain sweep {model}: {method} on {res.layer} ({res.of} inputs), step {step}; "
+    table = Table(title=f"flain sweep {model}: {method} on {res.layer} ({res.of} inputs), step {step}"
+                        f"{f', shifts {shifts}' if shifts else ''}; "
                         f"{res.n_aux} aux images, {res.n_test} test images, attack {res.attack or 'none known'}")
     for column in ("lambda", "neurons changed", "aux acc", "ACC", "ASR", "ASR without trigger"):
         table.add_column(column, justify="right")
