@@ -95,10 +95,10 @@ class DefenseSettings:
         Without the repair and the kl stop the stem is what it was before they existed, so cached defenses stay valid.
         """
         held = f"-holdout{self.holdout:g}" if self.holdout else ""
-        held += f"-shifts{self.shifts}" if self.shifts else ""
+        moved = f"-shifts{self.shifts}" if self.shifts else ""
         repaired = f"-{self.repair}" if self.repair != "none" else ""
         budget = f"kl{self.kl:g}" if self.stop == "kl" else f"rho{self.rho:g}"
-        return (f"{method}-step{self.step:g}-{budget}-{self.select}{held}{repaired}"
+        return (f"{method}-step{self.step:g}-{budget}-{self.select}{held}{moved}{repaired}"
                 f"-aux{self.aux_per_class}x-seed{self.aux_seed}")
 
     def check(self) -> None:

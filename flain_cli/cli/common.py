@@ -20,6 +20,7 @@ from rich.console import Console
 
 from ..errors import ConfigError, FlainError
 from ..files import read_text
+from ..settings import MAX_SHIFTS
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +46,10 @@ DataDirOpt = Annotated[Path | None, typer.Option(
 AuxOpt = Annotated[Path, typer.Option(
     "--aux", help="Clean aux set: a folder AUX/<class>/<image>.png, or a .safetensors/.npz with images and labels.",
     show_default=False)]
+ShiftsOpt = Annotated[int, typer.Option(
+    "--shifts", min=0, max=MAX_SHIFTS, metavar="N",
+    help="Order the inputs by their means over the aux images and their copies moved by up to N pixels, as "
+         "`flain defend --shifts N` does (0: the aux images only, the paper's).")]
 LayerOpt = Annotated[str | None, typer.Option(help="Linear layer to work on (default: the checkpoint's defended "
                                                    "layer, fc1).",
                                               show_default=False)]

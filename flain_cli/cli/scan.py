@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from ..files import FilePlan
-from ..settings import MAX_SHIFTS
 from ..tables import means_csv
 from .common import (
     ArchOpt,
@@ -23,6 +22,7 @@ from .common import (
     MeanOpt,
     ModelArg,
     ModelDefOpt,
+    ShiftsOpt,
     StdOpt,
     StrictOpt,
     err,
@@ -57,10 +57,7 @@ def scan(
     lowest: Annotated[int, typer.Option(min=1, help="How many of the least active neurons to list.")] = 10,
     csv: Annotated[Path | None, typer.Option(help="Write 'neuron,mean' for every neuron to this CSV file.",
                                              show_default=False)] = None,
-    shifts: Annotated[int, typer.Option(
-        min=0, max=MAX_SHIFTS, metavar="N",
-        help="The means over the aux images and their copies moved by up to N pixels, as `flain defend --shifts N` "
-             "orders the inputs (0: the aux images only, the paper's).")] = 0,
+    shifts: ShiftsOpt = 0,
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
     strict: StrictOpt = True,

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ..catalog import METHODS
 from ..files import FilePlan
-from ..settings import MAX_SHIFTS, PAPER_STEP
+from ..settings import PAPER_STEP
 from ..tables import sweep_csv
 from .common import (
     ArchOpt,
@@ -25,6 +25,7 @@ from .common import (
     MeanOpt,
     ModelArg,
     ModelDefOpt,
+    ShiftsOpt,
     StdOpt,
     StrictOpt,
     fmt,
@@ -43,10 +44,7 @@ def sweep(
     method: Annotated[str, typer.Option(help=f"{'|'.join(METHODS.names())}.")] = "flain",
     step: Annotated[float, typer.Option(help="Threshold step, as in `defend`.")] = PAPER_STEP,
     points: Annotated[int, typer.Option(min=1, max=100_000, help="Thresholds to score: mu, mu + step, ...")] = 25,
-    shifts: Annotated[int, typer.Option(
-        min=0, max=MAX_SHIFTS, metavar="N",
-        help="Order the inputs by their means over the aux images and their copies moved by up to N pixels, "
-             "as `defend --shifts N` (0: the aux images only, the paper's).")] = 0,
+    shifts: ShiftsOpt = 0,
     layer: LayerOpt = None,
     arch: ArchOpt = None,
     dataset: DatasetOpt = None,
