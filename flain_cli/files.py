@@ -15,7 +15,8 @@ reads) and each output, under the option that names it (``"--out"``, ``"MODEL"``
 Signals: :func:`raise_on_signal` is the handler the CLI installs for SIGINT and SIGTERM. It
 raises :class:`Interrupted` (a KeyboardInterrupt), so ``finally`` blocks remove temporary files,
 except while outputs are being renamed into place, when it only records the signal: the renames
-finish, and :func:`signal_received` tells the caller afterwards.
+finish, and :func:`signal_received` tells the caller afterwards. Where the exception arrives wrapped
+in another, :func:`interrupt_behind` finds the interrupt again.
 """
 
 from __future__ import annotations
@@ -56,6 +57,21 @@ def raise_on_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - the s
 def signal_received() -> int | None:
     """The first SIGINT/SIGTERM seen by :func:`raise_on_signal` in this process, if any."""
     return _received
+
+
+def interrupt_behind(exc: BaseException) -> Interrupted | None:
+    """The interrupt that ``exc`` stands for, if any: ``exc`` itself, an :class:`Interrupted` among its causes,
+    or, failing both, a signal the handler saw. Python wraps what a handler raises inside some hooks (in 3.11
+    ``__set_name__``, which runs while torch lazily imports a module, gives a RuntimeError), and a library may
+    catch it and raise its own error: either way the command ends because of the signal, not of a bug."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        if isinstance(link, Interrupted):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return Interrupted(_received) if _received is not None else None
 
 
 def _fit(name: str, room: int) -> str:

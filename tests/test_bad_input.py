@@ -406,6 +406,51 @@ def test_sigterm_mid_defend_exits_143_and_leaves_nothing(tiny_run, aux_dir, tmp_
     assert list(out.iterdir()) == []
 
 
+def _signal_inside_set_name():
+    """Deliver SIGTERM the way torch's lazy imports met it in CI: while a class is being created, inside a
+    descriptor's __set_name__ (Python 3.11 wraps what the handler raises there in a RuntimeError)."""
+    import signal
+
+    from flain_cli.files import raise_on_signal
+
+    class Field:
+        def __set_name__(self, owner, name):
+            raise_on_signal(signal.SIGTERM, None)
+
+    class Frame:  # noqa: F841 - created for its __set_name__ call
+        strategy = Field()
+
+
+def test_a_wrapped_interrupt_still_exits_143_with_one_line(monkeypatch, capsys):
+    import typer
+
+    from flain_cli import files
+    from flain_cli.cli.common import handle_errors
+    monkeypatch.setattr(files, "_received", None)
+    with pytest.raises(typer.Exit) as exit_info:
+        handle_errors(_signal_inside_set_name)()
+    assert exit_info.value.exit_code == 143
+    assert capsys.readouterr().err.strip().splitlines() == ["Interrupted (SIGTERM); nothing was written."]
+
+
+def test_interrupt_behind_finds_the_signal_through_wrappers_and_only_then(monkeypatch):
+    import signal
+
+    from flain_cli import files
+    monkeypatch.setattr(files, "_received", None)
+    assert files.interrupt_behind(RuntimeError("a bug")) is None
+    inner = files.Interrupted(signal.SIGINT)
+    try:
+        try:
+            raise inner
+        except KeyboardInterrupt:
+            raise ValueError("a library's own error") from None  # the cause hidden, the context kept
+    except ValueError as outer:
+        assert files.interrupt_behind(outer) is inner
+    monkeypatch.setattr(files, "_received", signal.SIGTERM)  # swallowed whole: only the handler saw it
+    assert files.interrupt_behind(RuntimeError("after the signal")).exit_code == 143
+
+
 def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path):
     import signal
     import time

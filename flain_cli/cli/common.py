@@ -13,13 +13,13 @@ import sys
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
 
 from ..errors import ConfigError, FlainError
-from ..files import read_text
+from ..files import interrupt_behind, read_text
 from ..settings import MAX_SHIFTS
 
 if TYPE_CHECKING:
@@ -136,6 +136,17 @@ def interrupt_name(exc: KeyboardInterrupt) -> str:
     return "SIGTERM" if interrupt_code(exc) == 143 else "SIGINT"
 
 
+def as_interrupt(exc: BaseException) -> KeyboardInterrupt | None:
+    """``exc`` when it is an interrupt, else the interrupt it wraps (files.interrupt_behind), else None."""
+    return exc if isinstance(exc, KeyboardInterrupt) else interrupt_behind(exc)
+
+
+def interrupted(exc: KeyboardInterrupt) -> NoReturn:
+    """End the command for an interrupt: one line, exit 130 or 143 (its outputs were staged, never written)."""
+    err.print(f"Interrupted ({interrupt_name(exc)}); nothing was written.")
+    raise typer.Exit(interrupt_code(exc))
+
+
 def _clean(value: Any) -> Any:
     """JSON has no NaN: write null."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -184,27 +195,28 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        failure: Exception
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except FlainError as exc:
-            failure, message = exc, cli_message(exc)
-        except OSError as exc:
-            where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-            failure, message = exc, f"{exc.strerror or exc}{where}"
         except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as files.Interrupted: outputs were staged, not written
-            err.print(f"Interrupted ({interrupt_name(exc)}); nothing was written.")
-            raise typer.Exit(interrupt_code(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - a bug: say so in one line, traceback with --debug
-            if hasattr(exc, "exit_code"):  # Typer's own usage errors keep their exit code
+            interrupted(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug is said in one line, traceback with --debug
+            stop = interrupt_behind(exc)
+            if stop is not None:  # the signal, wrapped by Python or a library on its way out
+                interrupted(stop)
+            if isinstance(exc, FlainError):
+                message = cli_message(exc)
+            elif isinstance(exc, OSError):
+                where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+                message = f"{exc.strerror or exc}{where}"
+            elif hasattr(exc, "exit_code"):  # Typer's own usage errors keep their exit code
                 raise
-            failure = exc
-            message = f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-        if Settings.debug or os.environ.get("FLAIN_DEBUG"):  # the exception itself: outside `except` none is current
-            traceback.print_exception(type(failure), failure, failure.__traceback__, file=sys.stderr)
-        err.print(f"Error: {message}", markup=False, soft_wrap=True)
-        raise typer.Exit(1)
+            else:
+                message = f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+            if Settings.debug or os.environ.get("FLAIN_DEBUG"):
+                traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+            err.print(f"Error: {message}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper

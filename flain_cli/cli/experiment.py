@@ -12,7 +12,18 @@ from ..errors import FlainError
 from ..events import ExperimentListener, RoundLog
 from ..files import FilePlan
 from ..settings import MAX_POINTS
-from .common import DataDirOpt, DeviceOpt, JsonOpt, err, interrupt_code, interrupt_name, out, print_json, resolve_device
+from .common import (
+    DataDirOpt,
+    DeviceOpt,
+    JsonOpt,
+    as_interrupt,
+    err,
+    interrupt_code,
+    interrupt_name,
+    out,
+    print_json,
+    resolve_device,
+)
 
 
 class _RichListener(ExperimentListener):
@@ -101,7 +112,10 @@ def experiment(
                 cells = run_experiment_ray(exp, address=address, device=torch_device, data_dir=data_dir,
                                            listener=listener, cpus=ray_cpus,
                                            gpus=1.0 if torch_device.type == "cuda" else 0.0)
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, Exception) as caught:  # an interrupt, maybe wrapped on its way out
+        exc = as_interrupt(caught)
+        if exc is None:
+            raise
         err.print(f"Interrupted ({interrupt_name(exc)}): finished cells and training rounds are kept; rerun the same "
                   "command to resume.")
         raise typer.Exit(interrupt_code(exc)) from None

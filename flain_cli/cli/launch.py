@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from ..files import Interrupted, raise_on_signal, signal_received
+from ..files import Interrupted, interrupt_behind, raise_on_signal, signal_received
 
 
 def _interrupted(signum: int, note: str) -> None:
@@ -29,6 +29,11 @@ def main() -> None:
         _interrupted(exc.signum, "nothing was written.")
     except KeyboardInterrupt:  # pragma: no cover - only before our handler is in place
         _interrupted(signal.SIGINT, "nothing was written.")
+    except Exception as exc:  # the interrupt wrapped by Python during an import (a RuntimeError from __set_name__)
+        stop = interrupt_behind(exc)
+        if stop is None:
+            raise
+        _interrupted(stop.signum, "nothing was written.")
     except SystemExit as exc:
         signum = signal_received()
         if signum is not None and exc.code in (0, None):  # the signal came as the outputs were renamed

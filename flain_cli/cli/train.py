@@ -20,6 +20,7 @@ from .common import (
     ForceOpt,
     JsonOpt,
     SeedOpt,
+    as_interrupt,
     err,
     fmt,
     interrupt_code,
@@ -190,7 +191,10 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
             listener = _RichListener(progress, cfg.rounds, log)
             outcome = train_to_dir(cfg, data, out_dir, torch_device, listener, resume=continuing, engine=engine,
                                    data_dir=data_dir)
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, Exception) as caught:  # an interrupt, maybe wrapped on its way out
+        exc = as_interrupt(caught)
+        if exc is None:
+            raise
         if engine != "builtin":
             done = f"the {engine} engine keeps no snapshot: rerun to start over"
         elif listener and listener.last_round:
