@@ -30,7 +30,7 @@ class DemoReport:
     test_source: str
     n_test: int
     before: dict[str, Any]
-    after: dict[str, Any]  # the default rule (the search stopped at kl 0.07, then the repair)
+    after: dict[str, Any]  # the default rule (shifts 2, the search stopped at kl 0.07, then the SGD repair)
     paper: dict[str, Any]  # Algorithm 1 exactly (--preset paper)
     defense: dict[str, Any]
     seconds: dict[str, float]

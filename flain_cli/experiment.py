@@ -54,7 +54,6 @@ from .settings import (
     MAX_POINTS,
     PAPER_RHO,
     PAPER_STEP,
-    PRESETS,
     DefenseConfig,
     RepairSettings,
 )
@@ -67,9 +66,10 @@ POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
 # [defense] keys that may list values
 VARIED = ("step", "rho", "stop", "kl", "holdout", "shifts", "aux_per_class", "repair")
-# [defense] repair: `flain defend`'s repair (distill), the same with `--repair-optimizer sgd`, or none
+# [defense] repair: the distillation repair with Adam (distill; `flain defend`'s default until
+# 2026-11-30, so cached grid results keep their meaning) or SGD (distill-sgd; today's default), or none
 REPAIR_RULES: dict[str, RepairSettings | None] = {
-    "distill": PRESETS["default"].repair, "distill-sgd": RepairSettings().with_optimizer("sgd"),
+    "distill": RepairSettings(), "distill-sgd": RepairSettings().with_optimizer("sgd"),
     "none": None}
 REPAIRS = tuple(REPAIR_RULES)
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}
@@ -86,8 +86,10 @@ class DefenseSettings:
     stop: str = "kl"  # as `flain defend`; a grid that gives rho and no stop means the accuracy stop (_defense_variants)
     kl: float = KL_BUDGET
     holdout: float = 0.0
-    shifts: int = 0  # as `flain defend --shifts`
-    repair: str = "distill"  # as `flain defend`: the distillation repair (with SGD: distill-sgd), or none (the paper)
+    # `flain defend`'s rule until 2026-11-30 evening (shifts 0, the Adam repair); today's is shifts 2 with
+    # distill-sgd. The grid keeps the earlier one by default, so its file stems keep naming what they hold
+    shifts: int = 0
+    repair: str = "distill"  # the distillation repair with Adam (with SGD: distill-sgd), or none (the paper)
 
     def tag(self, method: str) -> str:
         """File stem of a defended checkpoint: every setting that changes it, aux set included.

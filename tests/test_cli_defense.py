@@ -28,7 +28,7 @@ def test_defend_json_contract_trace_and_checkpoint(tiny_run, aux_dir, tmp_path):
     assert list(rows[0]) == ["lambda", "selected", "aux_acc", "drop", "kl"] and rows[-1]["kl"] == ""
     assert float(rows[-1]["lambda"]) == pytest.approx(report["lambda"])
     assert float(rows[-1]["drop"]) >= 0.05 or report["all_selected"]
-    assert report["stop"] == "accuracy" and report["kl"] is None and report["rule"] == "flain+distill"
+    assert report["stop"] == "accuracy" and report["kl"] is None and report["rule"] == "flain+shifts+distill+sgd"
     # the defended checkpoint evaluates like any other
     ev = invoke("eval", out, "--data-dir", tiny_run[1], "--json")
     assert ev.exit_code == 0 and json.loads(ev.stdout)["n_triggered"] == 20
@@ -41,7 +41,8 @@ def test_defend_stop_kl_records_and_traces_the_divergence(tiny_run, aux_dir, tmp
                  "--kl", "0.01", "--repair", "none", "--out", out, "--trace", trace, "--json")  # the default stop
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
-    assert report["stop"] == "kl" and report["kl"] == 0.01 and report["rho"] is None and report["rule"] == "flain+kl"
+    assert report["stop"] == "kl" and report["kl"] == 0.01 and report["rho"] is None
+    assert report["rule"] == "flain+shifts+kl"
     rows = list(csv.DictReader(trace.open()))
     assert float(rows[-1]["kl"]) == pytest.approx(report["kl_kept"], rel=1e-5) and report["kl_kept"] >= 0.01
     assert all(float(r["kl"]) < 0.01 for r in rows[:-1])
@@ -140,24 +141,29 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     run, _ = tiny_run
     common = [run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir, "--rho", "0.05",
               "--json"]
+    plain = [*common, "--shifts", "0"]  # the aux images' own means, as the paper takes them
     paper = json.loads(invoke("defend", *common, "--preset", "paper", "--out", tmp_path / "p.safetensors").stdout)
-    none = json.loads(invoke("defend", *common, "--repair", "none", "--out", tmp_path / "n.safetensors").stdout)
+    none = json.loads(invoke("defend", *plain, "--repair", "none", "--out", tmp_path / "n.safetensors").stdout)
     assert (none["rule"], none["preset"], none["repair"]) == ("flain", "default", None)
-    default = json.loads(invoke("defend", *common, "--repair-steps", "20", "--out", tmp_path / "d.safetensors").stdout)
-    assert (paper["rule"], paper["preset"], paper["repair"]) == ("flain", "paper", None)
-    keys = load_checkpoint(tmp_path / "p.safetensors").tensors.keys()
-    assert keys == load_checkpoint(tmp_path / "n.safetensors").tensors.keys()
+    assert (paper["rule"], paper["preset"], paper["repair"], paper["shifts"]) == ("flain", "paper", None, 0)
     p, n = load_checkpoint(tmp_path / "p.safetensors").tensors, load_checkpoint(tmp_path / "n.safetensors").tensors
-    assert all(torch.equal(p[k], n[k]) for k in p)  # --repair none on the default preset is the paper preset
-    assert default["rule"] == "flain+distill" and default["preset"] == "default"
+    assert p.keys() == n.keys() and all(torch.equal(p[k], n[k]) for k in p)  # the paper preset, bit for bit
+    # the default preset: the means over moved copies (shifts 2) and the repair trained with SGD
+    default = json.loads(invoke("defend", *common, "--repair-steps", "20", "--out", tmp_path / "f.safetensors").stdout)
+    assert default["rule"] == "flain+shifts+distill+sgd" and default["preset"] == "default" and default["shifts"] == 2
     assert default["select"] == "crossing" and default["step"] == 0.001  # the settings used, not the raw options
-    assert default["repair"]["steps"] == 20 and default["repair"]["alpha"] == 0.8
+    assert (default["repair"]["steps"], default["repair"]["alpha"]) == (20, 0.8)
+    assert (default["repair"]["optimizer"], default["repair"]["lr"]) == ("sgd", 0.1)  # SGD's own learning rate
+    # the Adam repair, the default's before 2026-11-30 evening: its record reads as it did then
+    adam = json.loads(invoke("defend", *plain, "--repair-steps", "20", "--repair-optimizer", "adam", "--out",
+                             tmp_path / "d.safetensors").stdout)
+    assert adam["rule"] == "flain+distill" and (adam["repair"]["lr"], adam["shifts"]) == (0.001, 0)
     meta = load_checkpoint(tmp_path / "d.safetensors").meta["defense"]
     assert meta["rule"] == "flain+distill" and meta["repair"]["steps"] == 20 and meta["step"] == 0.001
-    assert "guard" not in meta["repair"]  # off: the record reads as before the guard existed
-    guard = json.loads(invoke("defend", *common, "--repair-steps", "20", "--repair-guard", "1", "--out",
-                              tmp_path / "g.safetensors").stdout)
-    assert guard["rule"] == "flain+distill+guard" and guard["flipped"] == default["flipped"]
+    assert "guard" not in meta["repair"] and "optimizer" not in meta["repair"]  # off / Adam: as before they existed
+    guard = json.loads(invoke("defend", *plain, "--repair-steps", "20", "--repair-optimizer", "adam",
+                              "--repair-guard", "1", "--out", tmp_path / "g.safetensors").stdout)
+    assert guard["rule"] == "flain+distill+guard" and guard["flipped"] == adam["flipped"]
     assert (guard["repair"]["guard"], guard["repair"]["guard_ratio"], guard["repair"]["guard_rate"]) == (1.0, 2.0, 0.01)
     g, d = load_checkpoint(tmp_path / "g.safetensors"), load_checkpoint(tmp_path / "d.safetensors")
     assert g.meta["defense"]["repair"]["guard"] == 1.0 and not torch.equal(g.tensors["fc2.weight"],
@@ -165,19 +171,35 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     mask = torch.zeros(3136, dtype=torch.bool)
     mask[g.meta["defense"]["neurons"]] = True  # the guard trains the same columns as the repair
     assert torch.equal(g.tensors["fc1.weight"][:, mask], d.tensors["fc1.weight"][:, mask])
-    sgd = json.loads(invoke("defend", *common, "--repair-steps", "20", "--repair-optimizer", "sgd", "--out",
-                            tmp_path / "s.safetensors").stdout)
-    assert sgd["rule"] == "flain+distill+sgd" and sgd["flipped"] == default["flipped"]
-    assert (sgd["repair"]["optimizer"], sgd["repair"]["lr"]) == ("sgd", 0.1)  # SGD's own learning rate
+    sgd = json.loads(invoke("defend", *plain, "--repair-steps", "20", "--out", tmp_path / "s.safetensors").stdout)
+    assert sgd["rule"] == "flain+distill+sgd" and sgd["flipped"] == adam["flipped"]
     s = load_checkpoint(tmp_path / "s.safetensors")
-    assert s.meta["defense"]["repair"]["optimizer"] == "sgd" and "optimizer" not in meta["repair"]
+    assert s.meta["defense"]["repair"]["optimizer"] == "sgd" and s.meta["defense"]["repair"]["lr"] == 0.1
     assert DefenseRecord.from_json(s.meta["defense"]).config.rule == "flain+distill+sgd"  # reads back
     assert torch.equal(s.tensors["fc1.weight"][:, mask], d.tensors["fc1.weight"][:, mask])
     assert not torch.equal(s.tensors["fc2.weight"], d.tensors["fc2.weight"])
-    lr = json.loads(invoke("defend", *common, "--repair-steps", "20", "--repair-optimizer", "sgd", "--repair-lr",
-                           "0.02", "--out", tmp_path / "s2.safetensors").stdout)
-    assert lr["repair"]["lr"] == 0.02
+    lr = json.loads(invoke("defend", *plain, "--repair-steps", "20", "--repair-lr", "0.02", "--out",
+                           tmp_path / "s2.safetensors").stdout)
+    assert (lr["repair"]["optimizer"], lr["repair"]["lr"]) == ("sgd", 0.02)
+    back = json.loads(invoke("defend", *plain, "--repair-steps", "20", "--repair-optimizer", "adam",
+                             "--repair-lr", "0.002", "--out", tmp_path / "a2.safetensors").stdout)
+    assert "optimizer" not in back["repair"] and back["repair"]["lr"] == 0.002
 
+
+
+def test_the_earlier_defaults_are_options_away():
+    """Today's default preset is the one before it plus --shifts 2 and the SGD repair, and nothing else."""
+    from flain_cli.cli.defend import build_config
+    from flain_cli.settings import PRESETS, DefenseConfig, RepairSettings
+    unset = dict.fromkeys(("steps", "lr", "alpha", "temperature", "guard", "guard_ratio", "guard_rate"))
+
+    def config(optimizer, shifts, stop=None):
+        return build_config("default", None, None, None, None, None, None, None, unset | {"optimizer": optimizer},
+                            stop, None, shifts)
+    assert PRESETS["default"] == DefenseConfig(shifts=2, repair=RepairSettings(optimizer="sgd", lr=0.1))
+    assert config(None, None) == PRESETS["default"]
+    assert config("adam", 0) == DefenseConfig()  # the default until 2026-11-30 evening
+    assert config("adam", 0, "accuracy") == DefenseConfig(stop="accuracy")  # and the one before it
 
 @pytest.mark.parametrize(("options", "message"), [
     (["--repair", "none", "--repair-steps", "5"],

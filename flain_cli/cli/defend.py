@@ -116,9 +116,10 @@ def defend(
         help="The initial checkpoint W0 of the same run (init.safetensors); needed by FLAIN, not by --method prune.",
         show_default=False)] = None,
     preset: Annotated[Preset, typer.Option(
-        help=f"default: Algorithm 1's search (step {PAPER_STEP}, crossing) stopped at --kl {KL_BUDGET}, then the "
-             f"distillation repair, which keeps more clean accuracy; paper: Algorithm 1 exactly (rho {PAPER_RHO}), no "
-             "repair. The options below override the preset.")
+        help=f"default: Algorithm 1's search (step {PAPER_STEP}, crossing) on the means over the aux images and "
+             f"their moves (--shifts 2), stopped at --kl {KL_BUDGET}, then the distillation repair (SGD), which keeps "
+             f"more clean accuracy; paper: Algorithm 1 exactly (rho {PAPER_RHO}), no repair. The options below "
+             "override the preset.")
     ] = Preset("default"),
     method: Annotated[str | None, typer.Option(help=f"{'|'.join(METHODS.names())}: flip the selected neurons' "
                                                     "updates, or zero their weights (preset: flain).",
@@ -144,8 +145,8 @@ def defend(
     shifts: Annotated[int | None, typer.Option(
         help="Not in the paper: take the mean activations over the aux images and their copies moved by up to N "
              "pixels in each direction ((2N+1)^2 positions, black border), so that inputs clean images use near "
-             "where the aux images have them are not taken for silent (preset: 0, the aux images only; "
-             "docs/flain.md).", metavar="N", show_default=False)] = None,
+             "where the aux images have them are not taken for silent (default preset: 2; paper preset: 0, the "
+             "aux images only; docs/flain.md).", metavar="N", show_default=False)] = None,
     rescale: Annotated[bool | None, typer.Option(
         "--rescale/--no-rescale", help="Scale the layer back to its original norm after flipping (Algorithm 1 lines "
                                        "18-20; preset: on). --no-rescale is an ablation.", show_default=False)] = None,
@@ -156,8 +157,9 @@ def defend(
     repair_steps: Annotated[int | None, typer.Option(help=f"Repair: full-batch steps (default {_REPAIR.steps}).",
                                                      show_default=False)] = None,
     repair_optimizer: Annotated[Optimizer | None, typer.Option(
-        help="Repair: adam (default) or sgd (momentum 0.9; not in the paper, ours: it moves the weights of "
-             "near-silent inputs less, so less of a backdoor comes back; docs/results.md).",
+        help="Repair: sgd (the default preset's; momentum 0.9: it moves the weights of near-silent inputs less, "
+             "so less of a backdoor comes back) or adam (the default until 2026-11-30, and with --preset paper "
+             "--repair distill; docs/results.md).",
         show_default=False)] = None,
     repair_lr: Annotated[float | None, typer.Option(
         help=f"Repair: learning rate (default {REPAIR_LR['adam']:g} with adam, {REPAIR_LR['sgd']:g} with sgd).",
