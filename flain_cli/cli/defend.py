@@ -158,7 +158,7 @@ def defend(
                                                      show_default=False)] = None,
     repair_optimizer: Annotated[Optimizer | None, typer.Option(
         help="Repair: sgd (the default preset's; momentum 0.9: it moves the weights of near-silent inputs less, "
-             "so less of a backdoor comes back) or adam (the default until 2026-11-30, and with --preset paper "
+             "so less of a backdoor comes back) or adam (the default until 2026-11-30 evening, and with --preset paper "
              "--repair distill; docs/results.md).",
         show_default=False)] = None,
     repair_lr: Annotated[float | None, typer.Option(
