@@ -199,11 +199,9 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM as files.Interrupted: outputs were staged, not written
-            interrupted(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug is said in one line, traceback with --debug
-            stop = interrupt_behind(exc)
-            if stop is not None:  # the signal, wrapped by Python or a library on its way out
+        except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - a bug is said in one line, traceback with --debug
+            stop = as_interrupt(exc)  # SIGINT, or SIGTERM as files.Interrupted, maybe wrapped on its way out
+            if stop is not None:
                 interrupted(stop)
             if isinstance(exc, FlainError):
                 message = cli_message(exc)
