@@ -433,6 +433,29 @@ def test_a_wrapped_interrupt_still_exits_143_with_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip().splitlines() == ["Interrupted (SIGTERM); nothing was written."]
 
 
+def test_the_entry_point_reports_an_interrupt_wrapped_during_the_imports(monkeypatch, capsys):
+    import signal
+    import sys
+    import types
+
+    from flain_cli import files
+    from flain_cli.cli import launch
+    monkeypatch.setattr(files, "_received", None)
+    app = types.ModuleType("flain_cli.cli.app")
+    app.__getattr__ = lambda name: _signal_inside_set_name()  # `from .app import app` meets the signal
+    monkeypatch.setitem(sys.modules, "flain_cli.cli.app", app)
+    monkeypatch.setattr(sys, "argv", ["flain", "eval", "x.safetensors"])
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            launch.main()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err == "Interrupted (SIGTERM); nothing was written.\n"
+
+
 def test_interrupt_behind_finds_the_signal_through_wrappers_and_only_then(monkeypatch):
     import signal
 
