@@ -13,8 +13,10 @@ does not do.
 
 ``bare-bf16`` is the bare loop under ``torch.autocast(dtype=torch.bfloat16)``, ``flain-bf16``
 `flain train --precision bf16`'s client training. ``--device cuda`` runs both on a GPU (the bare
-loop's images then live on the GPU from the start; flain's are uint8 on the host, moved per batch,
-as `flain train --device cuda` does); the times there end with a synchronize.
+loop's images then live on the GPU from the start, normalized; flain's training split is moved
+there once, as uint8, as `flain train --device cuda` does, and each batch is gathered, stamped and
+normalized there); the times there end with a synchronize, and each child first runs one step of
+the model on a random batch, so that neither side's time holds CUDA's and cuDNN's start-up.
 
     python benchmarks/train_throughput.py --device cuda --samples 60000 --modes bare,bare-bf16,flain,flain-bf16
 """
@@ -85,7 +87,23 @@ def run_flain(samples: int, batch_size: int, arch: str, precision: str = "fp32",
 MODES = ("bare", "bare-bf16", "flain", "flain-bf16")
 
 
+def _warm(arch: str, batch_size: int, device: str) -> None:
+    """One forward and backward pass on a random batch: CUDA's context and cuDNN's handles start here,
+    outside the timed loop (on the CPU there is nothing to start, and nothing is run)."""
+    import torch
+
+    from flain_cli.catalog import ARCHITECTURES
+    from flain_cli.models import build_model
+
+    if torch.device(device).type != "cuda":
+        return
+    model = build_model(arch, 10).to(device)
+    model(torch.randn(batch_size, *ARCHITECTURES.get(arch).input_shape, device=device)).sum().backward()
+    _sync(device)
+
+
 def child(mode: str, samples: int, batch_size: int, arch: str, device: str) -> None:
+    _warm(arch, batch_size, device)
     if mode.startswith("bare"):
         result = run_bare(samples, batch_size, arch, bf16=mode == "bare-bf16", device=device)
     else:
