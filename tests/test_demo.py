@@ -8,6 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flain_cli.checkpoint import load_checkpoint
+from flain_cli.cli import common
 from flain_cli.cli.app import app
 
 from .conftest import make_images, write_aux_folder
@@ -28,7 +29,7 @@ def samples(tiny_run, tmp_path):
     return tmp_path / "samples"
 
 
-def test_demo_before_and_after(samples, tmp_path):
+def test_demo_before_and_after(monkeypatch, samples, tmp_path):
     res = runner.invoke(app, ["demo", "--samples-dir", str(samples), "--sample", "tiny-cba", "--out",
                               str(tmp_path / "demo"), "--test-subset", "--json"])
     assert res.exit_code == 0, res.output
@@ -48,8 +49,11 @@ def test_demo_before_and_after(samples, tmp_path):
     ev = json.loads(runner.invoke(app, ["eval", str(samples / "tiny-cba" / "final.safetensors"), "--test",
                                         str(samples / "fmnist-test-2000.npz"), "--json"]).stdout)
     assert ev["acc"] == pytest.approx(report["before"]["acc"]) and ev["asr"] == pytest.approx(report["before"]["asr"])
+    # wide enough for a row per line; the console fixed its width at import where COLUMNS was exported then
+    # (as on the GPU machine, COLUMNS=80), so set it on the console, not in the environment
+    monkeypatch.setattr(common.out, "_width", 200)
     table = runner.invoke(app, ["demo", "--samples-dir", str(samples), "--sample", "tiny-cba", "--out",
-                                str(tmp_path / "demo"), "--test-subset", "--force"], env={"COLUMNS": "200"})
+                                str(tmp_path / "demo"), "--test-subset", "--force"])
     assert table.exit_code == 0 and "FLAIN --preset paper" in table.stdout
     rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if line.count("│") > 2}
     assert f"{report['paper']['flipped']} of 3136" in rows["FLAIN --preset paper"]
