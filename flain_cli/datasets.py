@@ -12,6 +12,7 @@ normalization is applied per batch (:meth:`DatasetSpec.normalize`).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib
 import io
@@ -43,9 +44,17 @@ class Split:
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [N, C, H, W] -> float32, scaled to [0, 1] then standardized per channel."""
     x = images.to(torch.float32).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    m, s = _channel_stats(tuple(mean), tuple(std), x.device)
     return x.sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``normalize``'s [1, C, 1, 1] mean and std on ``device``, made once: on a GPU a tensor built from
+    Python numbers per batch is a copy from the host each time."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
 
 
 @dataclass(frozen=True)

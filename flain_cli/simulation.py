@@ -181,20 +181,25 @@ def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, targe
     """Shuffled (uint8 images, labels) batches; poisoned samples stamped and relabelled.
 
     The batches are gathered where ``dataset.train`` lives (`simulate` puts it on the training
-    device once), so on a GPU only the batch order crosses from the host.
+    device once). The batch order is drawn on the CPU generator (the same order on any device) and
+    crosses to the device once per epoch with the client's poisoned flags and the trigger's mask;
+    each batch is then gathered, stamped and relabelled there elementwise, so on a GPU the host
+    never waits for the device between batches.
     """
     where = dataset.train.images.device
-    perm = torch.randperm(len(client.indices), generator=gen)  # on the CPU generator: the same order on any device
+    perm = torch.randperm(len(client.indices), generator=gen)
+    order = client.indices[perm].to(where)  # the client's samples in batch order
+    hits = None  # per position in ``order``: poisoned? (on the host, to skip clean batches without a sync)
+    if client.poisoned is not None and target is not None and bool(client.poisoned.any()):
+        hits = client.poisoned[perm]
+        hits_there, mask = hits.to(where), trigger.mask(client.trigger_part).to(where)
     for start in range(0, len(perm), batch_size):
-        pos = perm[start:start + batch_size]
-        idx = client.indices[pos].to(where)
+        idx = order[start:start + batch_size]
         x, y = dataset.train.images[idx], dataset.train.labels[idx]
-        if client.poisoned is not None and target is not None:
-            hit = client.poisoned[pos]
-            if bool(hit.any()):  # asked on the host: no device sync per batch
-                hit = hit.to(where)
-                x[hit] = trigger.stamp(x[hit], client.trigger_part)
-                y[hit] = target
+        if hits is not None and bool(hits[start:start + batch_size].any()):
+            hit = hits_there[start:start + batch_size]
+            x = trigger.stamp_rows(x, hit, mask)
+            y = torch.where(hit, target, y)
         yield x, y
 
 

@@ -43,6 +43,15 @@ class Trigger:
         out[:, :, self.mask(part).to(images.device)] = self.value
         return out
 
+    def stamp_rows(self, images: torch.Tensor, rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``stamp`` on the images where the bool ``[N]`` ``rows`` holds, the others as they are.
+
+        ``mask`` is ``self.mask(part)`` already on the images' device (a caller stamps many batches
+        with one). Elementwise (torch.where), without boolean indexing: on a GPU the host never
+        waits for the device, and the values are exactly ``stamp``'s.
+        """
+        return torch.where(rows.view(-1, 1, 1, 1) & mask, self.value, images)
+
 
 
 

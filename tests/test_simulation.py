@@ -46,6 +46,27 @@ def test_malicious_clients_and_poisoning():
     assert data.train.images[:, :, 25, 23:28].ne(255).any()  # the stored dataset was not stamped
 
 
+def test_client_batches_are_a_plain_loops_batches():
+    """The elementwise gather/stamp/relabel gives, batch for batch, what boolean indexing gives."""
+    data = _dataset()
+    clients = make_clients(CFG, data, np.random.default_rng(0))
+    trig = make_trigger("dba", 28, 28)
+    for client in clients[:3]:  # two malicious clients (their own trigger parts) and a clean one
+        gen, ref = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        got = list(client_batches(client, data, trig, 5, 16, gen))
+        perm = torch.randperm(len(client.indices), generator=ref)
+        assert len(got) == -(-len(perm) // 16)
+        for (x, y), start in zip(got, range(0, len(perm), 16)):
+            pos = perm[start:start + 16]
+            want_x, want_y = data.train.images[client.indices[pos]], data.train.labels[client.indices[pos]]
+            if client.poisoned is not None:
+                hit = client.poisoned[pos]
+                want_x[hit] = trig.stamp(want_x[hit], client.trigger_part)
+                want_y[hit] = 5
+            assert torch.equal(x, want_x) and torch.equal(y, want_y)
+        assert torch.equal(gen.get_state(), ref.get_state())  # one draw per epoch, as before
+
+
 def test_mcr_floor():
     assert TrainConfig(clients=10, mcr=0.4).malicious == [0, 1, 2, 3]
     assert TrainConfig(clients=15, mcr=0.4).malicious == list(range(6))

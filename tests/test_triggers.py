@@ -33,6 +33,17 @@ def test_dba_parts_are_disjoint_and_together_the_full_pattern(size, parts):
     assert [trig.part_for(k) for k in range(5)] == [k % parts for k in range(5)]
 
 
+@pytest.mark.parametrize(("name", "shape", "part"), [("cba", (1, 28, 28), None), ("cba", (3, 32, 32), None),
+                                                  ("dba", (1, 28, 28), 1)])
+def test_stamp_rows_is_stamp_on_the_chosen_rows(name, shape, part):
+    trig = make_trigger(name, *shape[1:])
+    images = torch.randint(0, 256, (6, *shape), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([True, False, True, True, False, False])
+    out = trig.stamp_rows(images, rows, trig.mask(part))
+    assert torch.equal(out[rows], trig.stamp(images[rows], part)) and torch.equal(out[~rows], images[~rows])
+    assert out.dtype == torch.uint8 and not torch.equal(out, images)
+
+
 def test_dba_28x28_is_the_plus_centred_at_25_25():
     full = make_trigger("dba", 28, 28).full
     expected = torch.zeros(28, 28, dtype=torch.bool)
