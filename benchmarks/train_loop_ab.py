@@ -8,14 +8,23 @@ flain side (`simulation.train_client`) gathers, stamps, relabels and normalizes 
 its Adam and returns the update, as in a round. Medians of the repeats.
 
     .venv/bin/python benchmarks/train_loop_ab.py --samples 3072 --repeats 5 --threads 1
+
+``--sides`` adds the same two loops in bf16 (``bare-bf16``: the bare loop under
+``torch.autocast(dtype=torch.bfloat16)``; ``flain-bf16``: `train_client` with ``precision="bf16"``),
+all alternating in the one process, so that bf16's gain over fp32 is read in one run:
+
+    .venv/bin/python benchmarks/train_loop_ab.py --samples 3072 --repeats 5 --sides bare,flain,bare-bf16,flain-bf16
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
+
+SIDES = ("bare", "flain", "bare-bf16", "flain-bf16")
 
 
 def main() -> None:
@@ -26,7 +35,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--precision", default="fp32", help="the flain side's (fp32, bf16, fp16)")
+    parser.add_argument("--sides", default="bare,flain", help=f"comma-separated, from {', '.join(SIDES)}")
     args = parser.parse_args()
+    sides = args.sides.split(",")
+    if not set(sides) <= set(SIDES) or len(set(sides)) != len(sides):
+        parser.error(f"--sides: distinct names from {', '.join(SIDES)}")
 
     import numpy as np
     import torch
@@ -49,26 +62,29 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(args.arch, data.spec.num_classes).train()
 
-    def bare() -> None:
+    def bare(bf16: bool) -> None:
         optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         perm = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(0))
         for start in range(0, len(perm), args.batch_size):
             b = perm[start:start + args.batch_size]
-            loss = F.cross_entropy(model(x_all[b]), y_all[b])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(model(x_all[b]), y_all[b])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-    def flain() -> None:
+    def flain(precision: str) -> None:
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        train_client(model, state, client, data, trigger, 5, cfg, torch.Generator().manual_seed(0),
-                     torch.device("cpu"))
+        train_client(model, state, client, data, trigger, 5, dataclasses.replace(cfg, precision=precision),
+                     torch.Generator().manual_seed(0), torch.device("cpu"))
 
-    seconds: dict[str, list[float]] = {"bare": [], "flain": []}
+    runs = {"bare": lambda: bare(False), "bare-bf16": lambda: bare(True),
+            "flain": lambda: flain(args.precision), "flain-bf16": lambda: flain("bf16")}
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
     for rep in range(args.repeats + 1):  # the first round of each is a warm-up
-        for name, run in (("bare", bare), ("flain", flain)):
+        for name in sides:
             started = time.perf_counter()
-            run()
+            runs[name]()
             if rep:
                 seconds[name].append(time.perf_counter() - started)
     report: dict[str, object] = {"arch": args.arch, "samples": len(y_all), "batch_size": args.batch_size,
@@ -77,7 +93,9 @@ def main() -> None:
     for name, values in seconds.items():
         report[name] = {"samples_per_s": round(len(y_all) / statistics.median(values), 1),
                         "seconds": [round(v, 3) for v in values]}
-    report["ratio flain / bare"] = round(statistics.median(seconds["bare"]) / statistics.median(seconds["flain"]), 3)
+    for a, b in (("flain", "bare"), ("flain-bf16", "flain"), ("bare-bf16", "bare"), ("flain-bf16", "bare-bf16")):
+        if a in seconds and b in seconds:
+            report[f"ratio {a} / {b}"] = round(statistics.median(seconds[b]) / statistics.median(seconds[a]), 3)
     print(json.dumps(report, indent=2))
 
 
