@@ -189,9 +189,9 @@ def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, targe
     where = dataset.train.images.device
     perm = torch.randperm(len(client.indices), generator=gen)
     order = client.indices[perm].to(where)  # the client's samples in batch order
-    hits = None  # per position in ``order``: poisoned? (on the host, to skip clean batches without a sync)
+    hits, label = None, -1  # per position in ``order``: poisoned? (on the host: clean batches skip it, no sync)
     if client.poisoned is not None and target is not None and bool(client.poisoned.any()):
-        hits = client.poisoned[perm]
+        hits, label = client.poisoned[perm], target
         hits_there, mask = hits.to(where), trigger.mask(client.trigger_part).to(where)
     for start in range(0, len(perm), batch_size):
         idx = order[start:start + batch_size]
@@ -199,7 +199,7 @@ def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, targe
         if hits is not None and bool(hits[start:start + batch_size].any()):
             hit = hits_there[start:start + batch_size]
             x = trigger.stamp_rows(x, hit, mask)
-            y = torch.where(hit, target, y)
+            y = torch.where(hit, label, y)
         yield x, y
 
 
