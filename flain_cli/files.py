@@ -59,6 +59,17 @@ def signal_received() -> int | None:
     return _received
 
 
+def stop_if_signalled() -> None:
+    """Raise Interrupted if a signal arrived whose exception something swallowed.
+
+    Python drops an exception raised inside a ``__del__`` or a weakref callback ("Exception
+    ignored in ..."), so a signal landing there would let a long loop run to its end; the loops
+    of training and repair call this between steps. A no-op while no signal arrived.
+    """
+    if _received is not None and not _deferring:
+        raise Interrupted(_received)
+
+
 def interrupt_behind(exc: BaseException) -> Interrupted | None:
     """The interrupt that ``exc`` stands for, if any: ``exc`` itself, an :class:`Interrupted` among its causes,
     or, failing both, a signal the handler saw. Python wraps what a handler raises inside some hooks (in 3.11

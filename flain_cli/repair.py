@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
+from .files import stop_if_signalled
 from .settings import SGD_MOMENTUM, RepairSettings
 
 
@@ -131,6 +132,7 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
     with torch.no_grad():
         before = float(loss())
     for _ in range(settings.steps):
+        stop_if_signalled()
         opt.zero_grad()
         value = loss()
         value.backward()

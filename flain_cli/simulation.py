@@ -32,6 +32,7 @@ from .catalog import PRECISIONS
 from .datasets import Dataset, Split
 from .errors import ConfigError
 from .events import Listener, RoundLog
+from .files import stop_if_signalled
 from .metrics import evaluate
 from .models import ARCHITECTURES, build_model
 from .splits import SPLITS, balanced_subset
@@ -329,6 +330,7 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
                                             device))
                 weights.append(float(len(clients[k].indices)))
                 listener.client_done(rnd, k)
+                stop_if_signalled()
             if device.type == "cuda":  # kernels run asynchronously: the round's training is done when they are
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - started

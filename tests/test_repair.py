@@ -155,3 +155,16 @@ def test_the_guard_keeps_the_outputs_when_silent_inputs_fire():
                                                      settings).weight)
     with pytest.raises(ConfigError, match="guard needs the mean activation"):
         distill_repair(features, labels, teacher, weight, bias, head, frozen, guarded)
+
+
+def test_a_signal_that_something_swallowed_stops_the_repair_at_its_next_step(monkeypatch):
+    import signal
+
+    from flain_cli import files
+    monkeypatch.setattr(files, "_received", signal.SIGTERM)  # the handler ran; its exception went nowhere
+    features, labels, teacher, weight, bias, head, frozen = problem()
+    with pytest.raises(files.Interrupted) as info:
+        distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=30))
+    assert info.value.exit_code == 143
+    monkeypatch.setattr(files, "_received", None)  # no signal: the poll does nothing
+    assert distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=3)).loss_after

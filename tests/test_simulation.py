@@ -67,6 +67,37 @@ def test_client_batches_are_a_plain_loops_batches():
         assert torch.equal(gen.get_state(), ref.get_state())  # one draw per epoch, as before
 
 
+def test_a_signal_swallowed_inside_a_finalizer_stops_training_after_the_client(monkeypatch):
+    """Python drops what the handler raises inside a ``__del__``; the loop still stops at its next poll."""
+    import signal
+    import sys
+
+    from flain_cli import files
+    from flain_cli.events import Listener
+    monkeypatch.setattr(files, "_received", None)
+    swallowed: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_value))
+
+    class Doomed:
+        def __del__(self):
+            files.raise_on_signal(signal.SIGTERM, None)  # raises Interrupted; Python prints it and goes on
+
+    class SignalAfterFirstClient(Listener):
+        def __init__(self):
+            self.done: list[tuple[int, int]] = []
+
+        def client_done(self, rnd, client):
+            self.done.append((rnd, client))
+            if len(self.done) == 1:
+                Doomed()  # dropped at once: its __del__ runs here
+
+    listener = SignalAfterFirstClient()
+    with pytest.raises(files.Interrupted):
+        simulate(CFG, _dataset(), listener=listener)
+    assert [type(e) for e in swallowed] == [files.Interrupted]  # Python did drop the handler's exception
+    assert listener.done == [(1, listener.done[0][1])]  # one client, not the 2 rounds x 2 sampled
+
+
 def test_mcr_floor():
     assert TrainConfig(clients=10, mcr=0.4).malicious == [0, 1, 2, 3]
     assert TrainConfig(clients=15, mcr=0.4).malicious == list(range(6))
