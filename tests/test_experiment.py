@@ -256,3 +256,18 @@ def test_experiments_sharing_a_cache_train_once(tmp_path, fmnist_dir):
     assert [p.read_text() for p in cache.glob("train-*/train.json")] == [trained]  # not trained again
     assert sorted(p.name for p in cache.glob("aux-*")) == ["aux-fmnist-3x-seed0", "aux-fmnist-5x-seed0"]
     assert (tmp_path / "second" / "results.json").is_file() and not list((tmp_path / "second").glob("train-*"))
+
+
+def test_the_rules_grids_hold_the_paper_preset_and_todays_default():
+    """docs/results.md reads the seeds-rules grids' columns as `--preset paper` and `flain defend`'s default:
+    the settings behind those columns are those presets, field for field."""
+    from pathlib import Path
+
+    from flain_cli.settings import PRESETS
+    for table in (1, 2):
+        config = Path(__file__).resolve().parent.parent / "experiments" / f"table{table}-fmnist-seeds-rules.toml"
+        flain = [d for d in load_experiment(config).defenses if d.method == "flain"]
+        columns = {d.label: d.settings.config(d.method) for d in flain}
+        assert len(columns) == 12
+        assert columns["flain stop=accuracy shifts=0 repair=none"] == PRESETS["paper"]
+        assert columns["flain stop=kl shifts=2 repair=distill-sgd"] == PRESETS["default"]
