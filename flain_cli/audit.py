@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
-from .auxdata import AuxSet, load_aux
+from .auxdata import AuxSet, load_aux, patched_copies
 from .checkpoint import Checkpoint, ModelMeta, ModelSource, conform, conformed_model, load_checkpoint
 from .datasets import normalize
 from .defense import SearchResult, search_fast, search_plain
@@ -170,6 +170,15 @@ class AuxFeatures:
                                  (self.inputs,))
         return float((logits.argmax(dim=1) == self.labels).float().mean())
 
+    @torch.no_grad()
+    def patched_features(self, copies: int, batch: int = 2000) -> torch.Tensor:
+        """The defended layer's inputs (float64) on ``copies`` patched copies of the aux images
+        (:func:`patched_copies`, seed 0), copy after copy, for the repair's patch term."""
+        images = patched_copies(self.aux.images, copies)
+        device = self.features64.device
+        return torch.cat([self.prefix(normalize(images[i:i + batch], self.norm.mean, self.norm.std).to(device)).double()
+                          for i in range(0, len(images), batch)])
+
     def repair(self, weight: torch.Tensor, frozen: torch.Tensor, settings: RepairSettings,
                activations: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The distillation repair on these aux images (:func:`distill_repair`), as new named tensors.
@@ -182,7 +191,8 @@ class AuxFeatures:
         has_bias = self.linear.bias is not None
         result = distill_repair(self.features64, self.labels, teacher, weight.to(self.features64.device),
                                 self.bias if has_bias else None, self.rest, frozen.to(self.features64.device),
-                                settings, self.mean_activations() if activations is None else activations)
+                                settings, self.mean_activations() if activations is None else activations,
+                                self.patched_features(settings.patches) if settings.patches else None)
         out = {f"{self.layer}.weight": result.weight.cpu()}
         if result.bias is not None:
             out[f"{self.layer}.bias"] = result.bias.cpu()

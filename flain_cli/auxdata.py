@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from .datasets import Split, load_dataset, normalize
 from .errors import AuxError, ConfigError, opt
 from .files import atomic_write, read_text, regular_file
+from .settings import PATCH_SIDES
 from .splits import balanced_subset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
@@ -72,6 +73,24 @@ class AuxSet:
         for dy in range(2 * shift + 1):
             for dx in range(2 * shift + 1):
                 yield padded[..., dy:dy + height, dx:dx + width]
+
+
+def patched_copies(images: torch.Tensor, copies: int, seed: int = 0,
+                   sides: tuple[int, int] = PATCH_SIDES) -> torch.Tensor:
+    """``copies`` copies of uint8 ``[N, C, H, W]`` images, each with one white (255) square at a random
+    place, its side drawn from ``sides``: ``[copies * N, C, H, W]``, copy after copy in the images' order.
+    Drawn on a CPU generator seeded with ``seed``: the same copies on every device and run."""
+    gen = torch.Generator().manual_seed(seed)
+    n, _, height, width = images.shape
+    rows, cols = torch.arange(height).view(1, height, 1), torch.arange(width).view(1, 1, width)
+    out = []
+    for _ in range(copies):
+        side = torch.randint(sides[0], sides[1] + 1, (n,), generator=gen).view(-1, 1, 1)
+        top = (torch.rand(n, generator=gen).view(-1, 1, 1) * (height - side + 1)).long()
+        left = (torch.rand(n, generator=gen).view(-1, 1, 1) * (width - side + 1)).long()
+        square = (rows >= top) & (rows < top + side) & (cols >= left) & (cols < left + side)
+        out.append(torch.where(square.unsqueeze(1).to(images.device), 255, images))
+    return torch.cat(out) if out else images[:0]
 
 
 def load_aux(path: Path, input_shape: tuple[int, int, int], num_classes: int,

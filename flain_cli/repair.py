@@ -82,7 +82,7 @@ def guard_inputs(features: torch.Tensor, activations: torch.Tensor, flipped: int
 def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
                    bias: torch.Tensor | None, head: nn.Module, frozen: torch.Tensor,
                    settings: RepairSettings = RepairSettings(),
-                   activations: torch.Tensor | None = None) -> RepairResult:
+                   activations: torch.Tensor | None = None, patched: torch.Tensor | None = None) -> RepairResult:
     """Fine-tune ``weight`` (columns in ``frozen`` excepted), ``bias`` and ``head`` towards ``teacher``.
 
     Args:
@@ -96,6 +96,9 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
         settings: steps, optimizer, learning rate, alpha and temperature, and the guard's.
         activations: the mean activation of each input on the aux set, ``[in]`` (the search's);
             needed by the guard only.
+        patched: the layer's inputs on ``settings.patches`` patched copies of the aux images
+            (auxdata.patched_copies: ``[patches * N, in]``, copy after copy), asked for the teacher's
+            outputs on the clean images; needed when ``settings.patches`` is set.
 
     Returns:
         The new weight, bias and head parameters (float64), and the loss before and after.
@@ -106,6 +109,9 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
                           f"for a layer of shape {tuple(weight.shape)}")
     if settings.guard and (activations is None or activations.shape != (weight.shape[1],)):
         raise ConfigError("the repair's guard needs the mean activation of each input of the layer")
+    if settings.patches and (patched is None or patched.shape != (settings.patches * len(features), weight.shape[1])):
+        raise ConfigError(f"the repair's {settings.patches} patched copies need the layer's inputs on "
+                          f"{settings.patches} x {len(features)} patched images")
     features, teacher = features.double(), teacher.double()
     head = copy.deepcopy(head).double().eval()
     w = weight.detach().double().clone().requires_grad_(True)
@@ -121,8 +127,16 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
         guard = (perturbed, teacher.repeat(GUARD_COPIES, 1), labels.repeat(GUARD_COPIES),
                  dataclasses.replace(settings, alpha=1.0))  # the distillation term alone
 
+    # patched copies: the teacher's outputs on the clean images, the distillation term alone (weight 1)
+    patches = None if not settings.patches or patched is None else (
+        patched.double(), teacher.repeat(settings.patches, 1), labels.repeat(settings.patches),
+        dataclasses.replace(settings, alpha=1.0))
+
     def loss() -> torch.Tensor:
         value = repair_loss(head(torch.addmm(b, features, w.T)), teacher, labels, settings)
+        if patches is not None:
+            inputs, targets, patch_labels, only_distill = patches
+            value = value + repair_loss(head(torch.addmm(b, inputs, w.T)), targets, patch_labels, only_distill)
         if guard is not None:
             inputs, targets, guard_labels, only_distill = guard
             value = value + settings.guard * repair_loss(head(torch.addmm(b, inputs, w.T)), targets, guard_labels,

@@ -17,6 +17,8 @@ STOPS = ("accuracy", "kl")  # the paper's stop on the aux accuracy drop, or ours
 REPAIR_OPTIMIZERS = ("adam", "sgd")  # the repair's optimizer (repair.py)
 REPAIR_LR = {"adam": 1e-3, "sgd": 0.1}  # each optimizer's learning rate when none is given
 SGD_MOMENTUM = 0.9
+MAX_PATCHES = 64  # the repair's patched copies per aux image, at most (each is a pass through the conv layers)
+PATCH_SIDES = (2, 6)  # the side of a patch, in pixels, drawn uniformly from this range (both ends included)
 MAX_SHIFTS = 10  # --shifts: (2 * 10 + 1)^2 = 441 copies of the aux set at most
 MAX_POINTS = 100  # grid points of `flain experiment` before --max-points must confirm a larger grid
 
@@ -38,6 +40,9 @@ class RepairSettings:
     # activation, where Adam moves near-silent inputs' weights as much as busy ones' (repair.py);
     # give it its own learning rate: with_optimizer (the CLI uses it when --repair-lr is not given)
     optimizer: str = "adam"
+    # ours, opt-in (0: off): copies of each aux image with one white square (side 2-6, at a random place)
+    # that must give the teacher's outputs on the clean image (repair.py, patched_copies)
+    patches: int = 0
 
     def with_optimizer(self, optimizer: str) -> RepairSettings:
         """These settings trained by ``optimizer``, at that optimizer's learning rate (REPAIR_LR)."""
@@ -58,16 +63,21 @@ class RepairSettings:
             raise ConfigError(f"repair guard_ratio must be in (0, 100], got {self.guard_ratio}")
         if not 0 < self.guard_rate <= 1:
             raise ConfigError(f"repair guard_rate must be in (0, 1], got {self.guard_rate}")
+        if isinstance(self.patches, bool) or not (isinstance(self.patches, int) and 0 <= self.patches <= MAX_PATCHES):
+            raise ConfigError(f"repair patches must be a whole number from 0 (off) to {MAX_PATCHES}, "
+                              f"got {self.patches}")
         if self.optimizer not in REPAIR_OPTIMIZERS:
             raise ConfigError(f"repair optimizer must be one of {', '.join(REPAIR_OPTIMIZERS)}, "
                               f"got {self.optimizer!r}")
 
     def record(self) -> dict[str, float | int | str]:
-        """Its settings; the guard's only when it is on and the optimizer only when it is not Adam, so
-        records without them read (and key caches) as before they existed."""
+        """Its settings; the guard's only when it is on, the optimizer only when it is not Adam and the
+        patches only when there are some, so records without them read (and key caches) as before they existed."""
         values = asdict(self)
         if self.optimizer == "adam":
             del values["optimizer"]
+        if not self.patches:
+            del values["patches"]
         return values if self.guard else {k: v for k, v in values.items() if not k.startswith("guard")}
 
 
@@ -104,11 +114,13 @@ class DefenseConfig:
     @property
     def rule(self) -> str:
         """A short name: the method, '+shifts' for the translated aux images' mean, '+kl' for the kl stop,
-        '+distill' when the repair runs, '+guard' with its guard, '+sgd' when it trains with SGD."""
+        '+distill' when the repair runs, '+guard' with its guard, '+patches' with patched copies, '+sgd'
+        when it trains with SGD."""
         repair = self.repair
         return (self.method + ("+shifts" if self.shifts else "") + ("+kl" if self.stop == "kl" else "")
                 + ("+distill" if repair is not None else "")
                 + ("+guard" if repair is not None and repair.guard else "")
+                + ("+patches" if repair is not None and repair.patches else "")
                 + ("+sgd" if repair is not None and repair.optimizer == "sgd" else ""))
 
     def check(self) -> None:

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 
-from flain_cli.auxdata import AuxSet, export_aux, load_aux
+from flain_cli.auxdata import AuxSet, export_aux, load_aux, patched_copies
 from flain_cli.datasets import DATASETS
 from flain_cli.errors import AuxError, ConfigError
 
@@ -144,3 +144,19 @@ def test_translations_move_the_images_by_every_offset_with_a_black_border():
     for bad in (-1, 4):
         with pytest.raises(ConfigError, match=r"^shifts must be from 0 to 3 pixels for 5x4 images"):
             list(aux.translations(bad))
+
+
+def test_patched_copies_hold_one_white_square_each():
+    images = torch.randint(0, 200, (5, 3, 12, 10), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = patched_copies(images, 3)
+    assert out.shape == (15, 3, 12, 10) and out.dtype == torch.uint8
+    assert torch.equal(out, patched_copies(images, 3))  # seeded: the same copies every time
+    assert not torch.equal(out, patched_copies(images, 3, seed=1))
+    for i, copy in enumerate(out):
+        changed = (copy != images[i % 5]).any(dim=0)  # pixels below 200 became 255: the whole square
+        assert bool((copy[:, changed] == 255).all()) and torch.equal(changed, (copy == 255).all(dim=0))
+        rows, cols = changed.nonzero(as_tuple=True)
+        side = int(rows.max() - rows.min() + 1)
+        assert 2 <= side <= 6 and int(cols.max() - cols.min() + 1) == side and int(changed.sum()) == side * side
+    assert not torch.equal(out[:5], out[5:10])  # each copy draws its own squares
+    assert patched_copies(images, 0).shape == (0, 3, 12, 10)

@@ -184,6 +184,18 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     back = json.loads(invoke("defend", *plain, "--repair-steps", "20", "--repair-optimizer", "adam",
                              "--repair-lr", "0.002", "--out", tmp_path / "a2.safetensors").stdout)
     assert "optimizer" not in back["repair"] and back["repair"]["lr"] == 0.002
+    assert "patches" not in back["repair"] and "patches" not in meta["repair"]  # off: as before it existed
+    # the patched copies (opt-in): named in the rule, the JSON and the metadata; the same flip; deterministic
+    patched = [*plain, "--repair-steps", "20", "--repair-patches", "2"]
+    pa = json.loads(invoke("defend", *patched, "--out", tmp_path / "pa.safetensors").stdout)
+    pb = json.loads(invoke("defend", *patched, "--out", tmp_path / "pb.safetensors").stdout)
+    assert pa["rule"] == "flain+distill+patches+sgd" and pa["repair"]["patches"] == 2
+    assert pa["flipped"] == sgd["flipped"]
+    pt, pm = load_checkpoint(tmp_path / "pa.safetensors").tensors, load_checkpoint(tmp_path / "pa.safetensors").meta
+    assert pm["defense"]["repair"]["patches"] == 2 and pb["rule"] == pa["rule"]
+    assert all(torch.equal(pt[k], load_checkpoint(tmp_path / "pb.safetensors").tensors[k]) for k in pt)
+    assert torch.equal(pt["fc1.weight"][:, mask], s.tensors["fc1.weight"][:, mask])
+    assert not torch.equal(pt["fc2.weight"], s.tensors["fc2.weight"])
 
 
 
@@ -216,6 +228,9 @@ def test_the_earlier_defaults_are_options_away():
     (["--repair-guard", "1", "--repair-guard-rate", "2"], "Error: repair guard_rate must be in (0, 1], got 2.0"),
     (["--preset", "paper", "--repair-optimizer", "sgd"],
      "Error: --repair-optimizer has no effect without the repair; drop it or pass --repair distill"),
+    (["--repair", "none", "--repair-patches", "2"],
+     "Error: --repair-patches has no effect without the repair; drop it or pass --repair distill"),
+    (["--repair-patches", "65"], "Error: repair patches must be a whole number from 0 (off) to 64, got 65"),
 ])
 def test_bad_repair_settings_are_one_error_line(tiny_run, aux_dir, tmp_path, options, message):
     run, _ = tiny_run

@@ -82,7 +82,8 @@ def test_deterministic_and_without_bias():
 @pytest.mark.parametrize("bad", [{"steps": 0}, {"steps": 2.5}, {"lr": 0.0}, {"lr": float("nan")}, {"alpha": 1.5},
                                  {"alpha": -0.1}, {"temperature": 0.0}, {"temperature": float("inf")},
                                  {"guard": -1.0}, {"guard": float("nan")}, {"guard_ratio": 0.0},
-                                 {"guard_rate": 0.0}, {"guard_rate": 1.5}, {"optimizer": "rmsprop"}])
+                                 {"guard_rate": 0.0}, {"guard_rate": 1.5}, {"optimizer": "rmsprop"},
+                                 {"patches": -1}, {"patches": 65}, {"patches": 1.5}, {"patches": True}])
 def test_bad_settings_are_refused(bad):
     features, labels, teacher, weight, bias, head, frozen = problem()
     with pytest.raises(ConfigError, match="repair"):
@@ -168,3 +169,30 @@ def test_a_signal_that_something_swallowed_stops_the_repair_at_its_next_step(mon
     assert info.value.exit_code == 143
     monkeypatch.setattr(files, "_received", None)  # no signal: the poll does nothing
     assert distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=3)).loss_after
+
+
+def test_the_patch_term_trains_towards_the_clean_outputs_and_keeps_the_flip():
+    """Patched copies add a distillation term; without their inputs the repair refuses, with them it is
+    deterministic, keeps the flipped columns bit for bit and differs from the repair without them."""
+    features, labels, teacher, weight, bias, head, frozen = problem()
+    settings = RepairSettings(steps=20, patches=2)
+    with pytest.raises(ConfigError, match="patched copies"):
+        distill_repair(features, labels, teacher, weight, bias, head, frozen, settings)
+    patched = features.repeat(2, 1) + 0.5 * torch.rand(2 * len(features), features.shape[1],
+                                                        generator=torch.Generator().manual_seed(3))
+    a = distill_repair(features, labels, teacher, weight, bias, head, frozen, settings, patched=patched)
+    b = distill_repair(features, labels, teacher, weight, bias, head, frozen, settings, patched=patched)
+    plain = distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=20))
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.weight[:, frozen], weight[:, frozen])
+    assert not torch.equal(a.weight, plain.weight)
+    # the patched copies' target is the teacher on the clean images, copy after copy (distillation only)
+    with torch.no_grad():
+        patch_term = repair_loss(head(torch.addmm(bias, patched, weight.T)), teacher.repeat(2, 1), labels.repeat(2),
+                                 dataclasses.replace(settings, alpha=1.0))
+    assert a.loss_before == pytest.approx(plain.loss_before + float(patch_term), rel=1e-12)
+    # patched inputs equal to the clean ones add a second copy of the distillation term, the same target:
+    # twice the loss, which Adam's steps do not see (it divides by the gradients' scale)
+    same = distill_repair(features, labels, teacher, weight, bias, head, frozen,
+                          RepairSettings(steps=20, alpha=1.0, patches=1), patched=features.clone())
+    once = distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=20, alpha=1.0))
+    assert torch.allclose(same.weight, once.weight, atol=1e-6) and not torch.allclose(a.weight, once.weight, atol=1e-6)

@@ -180,6 +180,11 @@ def defend(
     repair_guard_rate: Annotated[float | None, typer.Option(
         help=f"Guard: share of the candidates switched on in each perturbed copy (default {_REPAIR.guard_rate:g}).",
         show_default=False)] = None,
+    repair_patches: Annotated[int | None, typer.Option(
+        help="Repair, not in the paper: this many copies of each aux image with one white square (side 2-6 pixels, "
+             "at a random place) must give the original model's outputs on the clean image: it teaches the model to "
+             "ignore small bright patches, which a pixel trigger is (default 0: off; 2 is the setting measured in "
+             "docs/results.md, 'Patched copies').", show_default=False)] = None,
     seed: SeedOpt = 0,
     layer: LayerOpt = None,
     out_path: Annotated[Path | None, typer.Option(
@@ -212,7 +217,8 @@ def defend(
                           {"steps": repair_steps, "optimizer": repair_optimizer and repair_optimizer.value,
                            "lr": repair_lr, "alpha": repair_alpha,
                            "temperature": repair_temperature, "guard": repair_guard,
-                           "guard_ratio": repair_guard_ratio, "guard_rate": repair_guard_rate},
+                           "guard_ratio": repair_guard_ratio, "guard_rate": repair_guard_rate,
+                           "patches": repair_patches},
                           stop and stop.value, kl, shifts)
     config.check()
     method, step, rho = config.method, config.step, config.rho
