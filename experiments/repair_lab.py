@@ -12,6 +12,10 @@ Two places to mix:
   trigger's pattern to the teacher;
 - ``img``: the pixels (rounded to uint8), then the layers before fc1; closer to real images.
 
+``patch K``: K copies of each aux image with one white square of side 2-6 at a random place, taught
+the teacher's outputs on the clean image (invariance to small bright patches anywhere, which a
+pixel trigger is; no knowledge of where the trigger is or what it looks like).
+
 Variant names: ``base`` (the shipped repair), ``feat K`` / ``img K`` (K mixed copies per aux
 image, the mixed term weighted 1), optionally ``xB`` for the term's weight and ``sN`` for the
 number of steps, e.g. ``feat 4 x0.5 s200``; ``fR`` (any kind) freezes in the repair the R x
@@ -42,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from flain_cli.auxdata import AuxSet
+from flain_cli.auxdata import AuxSet, patched_copies
 from flain_cli.datasets import normalize
 from flain_cli.defense import flip_updates, rescale
 from flain_cli.repair import repair_loss
@@ -71,12 +75,21 @@ def mixed_inputs(lab: Lab, kind: str, copies: int, seed: int = 0) -> torch.Tenso
     return torch.cat(out)
 
 
+def patched_inputs(lab: Lab, copies: int) -> torch.Tensor:
+    """fc1 inputs of ``copies`` patched copies of the aux images (`--repair-patches`' copies, seed 0)."""
+    return features(lab.model, lab.layer, patched_copies(lab.aux_images, copies), lab.meta)
+
+
 def mixup_repair(lab: Lab, W: torch.Tensor, mask: torch.Tensor, extra: torch.Tensor | None, beta: float,
-                 steps: int, settings: RepairSettings = RepairSettings(), head: bool = True, sgd: float = 0.0):
+                 steps: int, settings: RepairSettings = RepairSettings(), head: bool = True, sgd: float = 0.0,
+                 clean_targets: bool = False):
+    """``clean_targets``: the extra inputs are copies of the aux images (in order, repeated), taught the
+    teacher's outputs on the clean images, not on themselves (``patch``: ignore the patch)."""
     feats, labels = lab.F["aux"], lab.Y["aux"]
     with torch.no_grad():
         teacher = lab.rest(torch.addmm(lab.b, feats, lab.W.T))
-        t_extra = None if extra is None else lab.rest(torch.addmm(lab.b, extra, lab.W.T))
+        t_extra = None if extra is None else (teacher.repeat(len(extra) // len(feats), 1) if clean_targets
+                                              else lab.rest(torch.addmm(lab.b, extra, lab.W.T)))
     rest = copy.deepcopy(lab.rest).eval()
     w = W.clone().requires_grad_(True)
     b = lab.b.clone().requires_grad_(True)
@@ -169,8 +182,10 @@ def run_variants(lab: Lab, base: dict[str, float], rows: list[dict[str, float]],
         if kind == "conv":
             s = conv_repair(lab, flipped, frozen, steps, sgd)
         else:
-            extra = None if kind == "base" else mixed_inputs(lab, kind, copies)
-            s = mixup_repair(lab, flipped, frozen, extra, beta, steps, head=head, sgd=sgd)
+            extra = (None if kind == "base" else patched_inputs(lab, copies) if kind == "patch"
+                     else mixed_inputs(lab, kind, copies))
+            s = mixup_repair(lab, flipped, frozen, extra, beta, steps, head=head, sgd=sgd,
+                             clean_targets=kind == "patch")
         print(f"    {name}: {100 * (s['test'] - base['test']):+.2f} / {s['trig']:.3f}", flush=True)
 
 
