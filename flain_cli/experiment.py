@@ -14,7 +14,8 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     rho = [0.03, 0.0]  # step, rho, holdout, shifts, aux_per_class, repair may be lists;
                        # prune and flain run once per combination
     repair = ["none", "distill"]  # without and with the repair (the default: distill; distill-sgd:
-                                  # the repair with SGD, `--repair-optimizer sgd`)
+                                  # the repair with SGD, `--repair-optimizer sgd`; distill-patches: with
+                                  # Adam and `--repair-patches 2`)
     stop = ["accuracy", "kl"]     # the paper's stop (the default where rho is given, as in
                                   # `flain defend`) and ours (`flain defend`'s default)
 
@@ -70,6 +71,8 @@ VARIED = ("step", "rho", "stop", "kl", "holdout", "shifts", "aux_per_class", "re
 # 2026-11-30, so cached grid results keep their meaning) or SGD (distill-sgd; today's default), or none
 REPAIR_RULES: dict[str, RepairSettings | None] = {
     "distill": RepairSettings(), "distill-sgd": RepairSettings().with_optimizer("sgd"),
+    # the Adam repair with two patched copies per aux image (`--repair-optimizer adam --repair-patches 2`, opt-in)
+    "distill-patches": RepairSettings(patches=2),
     "none": None}
 REPAIRS = tuple(REPAIR_RULES)
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}

@@ -201,6 +201,10 @@ def test_named_settings_may_vary_too(tmp_path):
     sgd = defenses[-1]
     assert sgd.settings.config("flain").rule == "flain+kl+distill+sgd" and sgd.settings.config("flain").repair.lr == 0.1
     assert sgd.settings.tag("flain") != defenses[-2].settings.tag("flain")  # cached apart
+    patched = load_experiment(write(tmp_path, TINY.format(per_class=3).replace(
+        "rho = 0.05", 'rho = 0.05\nrepair = "distill-patches"'))).defenses[1].settings
+    assert patched.config("flain").rule == "flain+distill+patches" and patched.config("flain").repair.patches == 2
+    assert "distill-patches" in patched.tag("flain")
 
 
 def test_a_budget_the_stop_does_not_read_makes_no_column(tmp_path):
