@@ -102,10 +102,8 @@ class AuxFeatures:
         """
         if not shifts:
             return self.features64.mean(dim=0).to(torch.float32).cpu()
-        device = self.features64.device
         with torch.no_grad():
-            sums = [self.prefix(normalize(moved, self.norm.mean, self.norm.std).to(device)).double().sum(dim=0)
-                    for moved in self.aux.translations(shifts)]
+            sums = [self.features_of(moved).sum(dim=0) for moved in self.aux.translations(shifts)]
         return (torch.stack(sums).sum(dim=0) / (len(sums) * len(self.aux))).to(torch.float32).cpu()
 
     @torch.no_grad()
@@ -171,13 +169,15 @@ class AuxFeatures:
         return float((logits.argmax(dim=1) == self.labels).float().mean())
 
     @torch.no_grad()
+    def features_of(self, images: torch.Tensor) -> torch.Tensor:
+        """The defended layer's inputs (float64) on other uint8 images, e.g. moved or patched aux images."""
+        return self.prefix(normalize(images, self.norm.mean, self.norm.std).to(self.features64.device)).double()
+
     def patched_features(self, copies: int, batch: int = 2000) -> torch.Tensor:
-        """The defended layer's inputs (float64) on ``copies`` patched copies of the aux images
-        (:func:`patched_copies`, seed 0), copy after copy, for the repair's patch term."""
+        """The layer's inputs on ``copies`` patched copies of the aux images (:func:`patched_copies`, seed 0),
+        copy after copy, for the repair's patch term; ``batch`` images at a time."""
         images = patched_copies(self.aux.images, copies)
-        device = self.features64.device
-        return torch.cat([self.prefix(normalize(images[i:i + batch], self.norm.mean, self.norm.std).to(device)).double()
-                          for i in range(0, len(images), batch)])
+        return torch.cat([self.features_of(images[i:i + batch]) for i in range(0, len(images), batch)])
 
     def repair(self, weight: torch.Tensor, frozen: torch.Tensor, settings: RepairSettings,
                activations: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -121,26 +121,20 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
     opt = (torch.optim.SGD(params, lr=settings.lr, momentum=SGD_MOMENTUM) if settings.optimizer == "sgd"
            else torch.optim.Adam(params, lr=settings.lr))
 
-    guard = None
+    # distillation-only terms on copies of the aux inputs: (weight, inputs, targets, labels)
+    extras: list[tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    if settings.patches and patched is not None:  # patched images, asked for the teacher's outputs on the clean ones
+        extras.append((1.0, patched.double(), teacher.repeat(settings.patches, 1), labels.repeat(settings.patches)))
     if settings.guard and activations is not None:
         perturbed = guard_inputs(features, activations, int(frozen.sum()), settings)
-        guard = (perturbed, teacher.repeat(GUARD_COPIES, 1), labels.repeat(GUARD_COPIES),
-                 dataclasses.replace(settings, alpha=1.0))  # the distillation term alone
-
-    # patched copies: the teacher's outputs on the clean images, the distillation term alone (weight 1)
-    patches = None if not settings.patches or patched is None else (
-        patched.double(), teacher.repeat(settings.patches, 1), labels.repeat(settings.patches),
-        dataclasses.replace(settings, alpha=1.0))
+        extras.append((settings.guard, perturbed, teacher.repeat(GUARD_COPIES, 1), labels.repeat(GUARD_COPIES)))
+    only_distill = dataclasses.replace(settings, alpha=1.0)
 
     def loss() -> torch.Tensor:
         value = repair_loss(head(torch.addmm(b, features, w.T)), teacher, labels, settings)
-        if patches is not None:
-            inputs, targets, patch_labels, only_distill = patches
-            value = value + repair_loss(head(torch.addmm(b, inputs, w.T)), targets, patch_labels, only_distill)
-        if guard is not None:
-            inputs, targets, guard_labels, only_distill = guard
-            value = value + settings.guard * repair_loss(head(torch.addmm(b, inputs, w.T)), targets, guard_labels,
-                                                         only_distill)
+        for weight_of, inputs, targets, extra_labels in extras:
+            value = value + weight_of * repair_loss(head(torch.addmm(b, inputs, w.T)), targets, extra_labels,
+                                                    only_distill)
         return value
 
     with torch.no_grad():
