@@ -286,8 +286,7 @@ def _claim(name: str, path: Path) -> Iterator[None]:
 def _commit(moves: list[tuple[Path, Path]]) -> None:
     """Rename every staged output into place; a signal waits until all are renamed."""
     global _deferring
-    if _received is not None:  # a signal that some library swallowed: write nothing
-        raise Interrupted(_received)
+    stop_if_signalled()  # a signal that some library swallowed: write nothing
     missing = [tmp for tmp, _ in moves if not (tmp.exists() or tmp.is_symlink())]
     if missing:
         raise FlainError(f"internal error: the output staged at {missing[0]} was never written")
