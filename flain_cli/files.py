@@ -12,11 +12,9 @@ reads) and each output, under the option that names it (``"--out"``, ``"MODEL"``
   When the block ends normally every temporary file is renamed over its output; when it raises,
   every temporary file is removed and no output is touched.
 
-Signals: :func:`raise_on_signal` is the handler the CLI installs for SIGINT and SIGTERM. It
-raises :class:`Interrupted` (a KeyboardInterrupt), so ``finally`` blocks remove temporary files,
-except while outputs are being renamed into place, when it only records the signal: the renames
-finish, and :func:`signal_received` tells the caller afterwards. Where the exception arrives wrapped
-in another, :func:`interrupt_behind` finds the interrupt again.
+Signals (:mod:`flain_cli.signals`): the renames at the end are held back from SIGINT and SIGTERM
+as one transaction; a signal that arrives during them puts back what was there before (no output,
+no temporary file, no lock) and then ends the command.
 """
 
 from __future__ import annotations
@@ -25,64 +23,14 @@ import contextlib
 import hashlib
 import os
 import shutil
-import signal
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from . import signals
 from .errors import ConfigError, FlainError, opt
 
 NAME_MAX = 255  # bytes in one file name on Linux and macOS file systems
-_received: int | None = None
-_deferring = False
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; ``exit_code`` is 128 + the signal number (130, 143)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-        self.exit_code = 128 + signum
-
-
-def raise_on_signal(signum: int, frame: object) -> None:  # noqa: ARG001 - the signal module's signature
-    """Signal handler: remember the signal; raise Interrupted unless outputs are being renamed."""
-    global _received
-    _received = _received or signum
-    if not _deferring:
-        raise Interrupted(signum)
-
-
-def signal_received() -> int | None:
-    """The first SIGINT/SIGTERM seen by :func:`raise_on_signal` in this process, if any."""
-    return _received
-
-
-def stop_if_signalled() -> None:
-    """Raise Interrupted if a signal arrived whose exception something swallowed.
-
-    Python drops an exception raised inside a ``__del__`` or a weakref callback ("Exception
-    ignored in ..."), so a signal landing there would let a long loop run to its end; the loops
-    of training and repair call this between steps. A no-op while no signal arrived.
-    """
-    if _received is not None and not _deferring:
-        raise Interrupted(_received)
-
-
-def interrupt_behind(exc: BaseException) -> Interrupted | None:
-    """The interrupt that ``exc`` stands for, if any: ``exc`` itself, an :class:`Interrupted` among its causes,
-    or, failing both, a signal the handler saw. Python wraps what a handler raises inside some hooks (in 3.11
-    ``__set_name__``, which runs while torch lazily imports a module, gives a RuntimeError), and a library may
-    catch it and raise its own error: either way the command ends because of the signal, not of a bug."""
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        if isinstance(link, Interrupted):
-            return link
-        seen.add(id(link))
-        link = link.__cause__ or link.__context__
-    return Interrupted(_received) if _received is not None else None
 
 
 def _fit(name: str, room: int) -> str:
@@ -227,19 +175,27 @@ class FilePlan:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[dict[str, Path]]:
-        """Claim and check the outputs; yield option name -> temporary path; rename all at the end."""
+        """Claim and check the outputs; yield option name -> temporary path; put all in place at the end.
+
+        The end (renames, temporary files, claims) runs with signals held back: a signal that arrives
+        there undoes the renames and is raised once every claim is released (`_commit`).
+        """
         self.check()  # before claiming: two outputs on one path would otherwise look like two processes
-        with contextlib.ExitStack() as claims:
+        claims = contextlib.ExitStack()
+        stage: dict[str, Path] = {}
+        try:
             for name in sorted(self.outputs, key=lambda n: str(self.outputs[n])):
                 claims.enter_context(_claim(name, self.outputs[name]))
             self.check()  # again: another process may have finished writing one while we waited
             stage = {name: temp_path(path) for name, path in self.outputs.items()}
-            try:
-                yield stage
-                _commit([(stage[n], self.outputs[n]) for n in self.outputs])
-            finally:
+            yield stage
+        except BaseException:
+            with signals.deferred():  # a second signal must not leave a temporary file or a lock behind
                 for tmp in stage.values():
                     remove(tmp)
+                claims.close()
+            raise
+        _commit([(stage[n], self.outputs[n]) for n in self.outputs], claims.close)
 
 
 @contextlib.contextmanager
@@ -283,24 +239,59 @@ def _claim(name: str, path: Path) -> Iterator[None]:
         remove_empty(created)  # a folder that now holds the output stays
 
 
-def _commit(moves: list[tuple[Path, Path]]) -> None:
-    """Rename every staged output into place; a signal waits until all are renamed."""
-    global _deferring
-    stop_if_signalled()  # a signal that some library swallowed: write nothing
+def _set_aside(path: Path) -> Path | None:
+    """Keep what ``path`` holds under a hidden name beside it, so that a commit can put it back; None if
+    nothing is there. A file stays in place (a hard link, or a copy), so that the rename over it is atomic."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    backup = sibling_name(path, f"{os.getpid()}.old")
+    remove(backup)
+    if path.is_dir() and not path.is_symlink():
+        os.replace(path, backup)
+    else:
+        try:
+            os.link(path, backup, follow_symlinks=False)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path, backup, follow_symlinks=False)
+    return backup
+
+
+def _commit(moves: list[tuple[Path, Path]], release: Callable[[], object]) -> None:
+    """Rename every staged output into place as one transaction, then ``release`` the claims.
+
+    Signals are held back throughout. If one arrives (or a rename fails), every output gets back what
+    it held before, the temporary files go, the claims are released, and then the signal (or the
+    error) is raised: the outputs appear together, or none of them does.
+    """
+    signals.stop_if_signalled()  # a signal that some library swallowed: write nothing
     missing = [tmp for tmp, _ in moves if not (tmp.exists() or tmp.is_symlink())]
     if missing:
+        for tmp, _ in moves:
+            remove(tmp)
+        release()
         raise FlainError(f"internal error: the output staged at {missing[0]} was never written")
-    _deferring = True
-    try:
-        for tmp, path in moves:
-            if tmp.is_dir():
-                old = sibling_name(path, f"{os.getpid()}.old")
-                if path.exists():  # a folder replaced with --force: set it aside until the new one is in place
-                    os.replace(path, old)
+    with signals.deferred():
+        placed: list[tuple[Path, Path | None]] = []
+        complete = False
+        try:
+            for tmp, path in moves:
+                placed.append((path, _set_aside(path)))
                 os.replace(tmp, path)
-                remove(old)
-            else:
-                os.replace(tmp, path)
-    finally:
-        _deferring = False
-
+            complete = signals.signal_received() is None
+        finally:
+            for path, backup in reversed(placed):
+                if not complete:  # undo: what was there before, or nothing
+                    if backup is None:
+                        remove(path)
+                    else:
+                        if path.is_dir() and not path.is_symlink():
+                            remove(path)
+                        os.replace(backup, path)
+                elif backup is not None:
+                    remove(backup)
+            for tmp, _ in moves:
+                remove(tmp)
+            release()
+            if complete:
+                signals.mark_written()
+    signals.stop_if_signalled()

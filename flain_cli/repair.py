@@ -40,8 +40,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .errors import ConfigError
-from .files import stop_if_signalled
 from .settings import SGD_MOMENTUM, RepairSettings
+from .signals import stop_if_signalled
 
 
 @dataclass(frozen=True)

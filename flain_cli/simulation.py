@@ -32,9 +32,9 @@ from .catalog import PRECISIONS
 from .datasets import Dataset, Split
 from .errors import ConfigError
 from .events import Listener, RoundLog
-from .files import stop_if_signalled
 from .metrics import evaluate
 from .models import ARCHITECTURES, build_model
+from .signals import stop_if_signalled
 from .splits import SPLITS, balanced_subset
 from .triggers import TRIGGERS, Trigger, make_trigger
 

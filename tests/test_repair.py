@@ -161,13 +161,13 @@ def test_the_guard_keeps_the_outputs_when_silent_inputs_fire():
 def test_a_signal_that_something_swallowed_stops_the_repair_at_its_next_step(monkeypatch):
     import signal
 
-    from flain_cli import files
-    monkeypatch.setattr(files, "_received", signal.SIGTERM)  # the handler ran; its exception went nowhere
+    from flain_cli import signals
+    monkeypatch.setattr(signals, "_received", signal.SIGTERM)  # the handler ran; its exception went nowhere
     features, labels, teacher, weight, bias, head, frozen = problem()
-    with pytest.raises(files.Interrupted) as info:
+    with pytest.raises(signals.Interrupted) as info:
         distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=30))
     assert info.value.exit_code == 143
-    monkeypatch.setattr(files, "_received", None)  # no signal: the poll does nothing
+    monkeypatch.setattr(signals, "_received", None)  # no signal: the poll does nothing
     assert distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=3)).loss_after
 
 

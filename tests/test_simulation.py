@@ -72,15 +72,15 @@ def test_a_signal_swallowed_inside_a_finalizer_stops_training_after_the_client(m
     import signal
     import sys
 
-    from flain_cli import files
+    from flain_cli import signals
     from flain_cli.events import Listener
-    monkeypatch.setattr(files, "_received", None)
+    monkeypatch.setattr(signals, "_received", None)
     swallowed: list[BaseException | None] = []
     monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: swallowed.append(unraisable.exc_value))
 
     class Doomed:
         def __del__(self):
-            files.raise_on_signal(signal.SIGTERM, None)  # raises Interrupted; Python prints it and goes on
+            signals.raise_on_signal(signal.SIGTERM, None)  # raises Interrupted; Python prints it and goes on
 
     class SignalAfterFirstClient(Listener):
         def __init__(self):
@@ -92,9 +92,9 @@ def test_a_signal_swallowed_inside_a_finalizer_stops_training_after_the_client(m
                 Doomed()  # dropped at once: its __del__ runs here
 
     listener = SignalAfterFirstClient()
-    with pytest.raises(files.Interrupted):
+    with pytest.raises(signals.Interrupted):
         simulate(CFG, _dataset(), listener=listener)
-    assert [type(e) for e in swallowed] == [files.Interrupted]  # Python did drop the handler's exception
+    assert [type(e) for e in swallowed] == [signals.Interrupted]  # Python did drop the handler's exception
     assert listener.done == [(1, listener.done[0][1])]  # one client, not the 2 rounds x 2 sampled
 
 

@@ -19,8 +19,9 @@ import typer
 from rich.console import Console
 
 from ..errors import ConfigError, FlainError
-from ..files import interrupt_behind, read_text
+from ..files import read_text
 from ..settings import MAX_SHIFTS
+from ..signals import command_started, interrupt_behind, interrupt_note
 
 if TYPE_CHECKING:
     import torch
@@ -137,13 +138,13 @@ def interrupt_name(exc: KeyboardInterrupt) -> str:
 
 
 def as_interrupt(exc: BaseException) -> KeyboardInterrupt | None:
-    """``exc`` when it is an interrupt, else the interrupt it wraps (files.interrupt_behind), else None."""
+    """``exc`` when it is an interrupt, else the interrupt it wraps (signals.interrupt_behind), else None."""
     return exc if isinstance(exc, KeyboardInterrupt) else interrupt_behind(exc)
 
 
 def interrupted(exc: KeyboardInterrupt) -> NoReturn:
-    """End the command for an interrupt: one line, exit 130 or 143 (its outputs were staged, never written)."""
-    err.print(f"Interrupted ({interrupt_name(exc)}); nothing was written.")
+    """End the command for an interrupt: one line, exit 130 or 143."""
+    err.print(f"Interrupted ({interrupt_name(exc)}); {interrupt_note()}")
     raise typer.Exit(interrupt_code(exc))
 
 
@@ -195,12 +196,13 @@ def handle_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        command_started()
         try:
             return command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - a bug is said in one line, traceback with --debug
-            stop = as_interrupt(exc)  # SIGINT, or SIGTERM as files.Interrupted, maybe wrapped on its way out
+            stop = as_interrupt(exc)  # SIGINT, or SIGTERM as signals.Interrupted, maybe wrapped on its way out
             if stop is not None:
                 interrupted(stop)
             if isinstance(exc, FlainError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from ..files import Interrupted, interrupt_behind, raise_on_signal, signal_received
+from ..signals import Interrupted, interrupt_behind, interrupt_note, raise_on_signal, signal_received
 
 
 def _interrupted(signum: int, note: str) -> None:
@@ -25,17 +25,17 @@ def main() -> None:
     try:
         from .app import app
         app()
-    except Interrupted as exc:  # during the imports: no command has started
-        _interrupted(exc.signum, "nothing was written.")
+    except Interrupted as exc:  # during the imports, or as Typer returns from a command
+        _interrupted(exc.signum, interrupt_note())
     except KeyboardInterrupt:  # pragma: no cover - only before our handler is in place
         _interrupted(signal.SIGINT, "nothing was written.")
     except Exception as exc:  # the interrupt wrapped by Python during an import (a RuntimeError from __set_name__)
         stop = interrupt_behind(exc)
         if stop is None:
             raise
-        _interrupted(stop.signum, "nothing was written.")
+        _interrupted(stop.signum, interrupt_note())
     except SystemExit as exc:
         signum = signal_received()
-        if signum is not None and exc.code in (0, None):  # the signal came as the outputs were renamed
-            _interrupted(signum, "the outputs had been written in full.")
+        if signum is not None and exc.code in (0, None):  # a signal whose exception something swallowed
+            _interrupted(signum, interrupt_note())
         raise
