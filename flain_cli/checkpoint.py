@@ -15,20 +15,17 @@ import dataclasses
 import hashlib
 import json
 import math
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from . import __version__
 from .datasets import DATASETS, DatasetSpec
 from .errors import CheckpointError, ConfigError, opt
 from .files import atomic_write, regular_file
-from .formats import align, read_npz, read_torch, sniff
+from .formats import align, canonical_safetensors, detect, reader
 from .modeldef import build_from_def, first_linear, model_def_record
 from .models import ARCHITECTURES, build_model
 
@@ -42,7 +39,7 @@ class Checkpoint:
     meta: dict[str, Any]
     path: Path | None = None
     sha256: str | None = None
-    format: str = "safetensors"  # as read: safetensors, torch or npz (formats.FORMATS)
+    format: str = "safetensors"  # as read: one of formats.FORMATS
     dtype: str = "float32"  # the floating dtype as read; after conform() the tensors are float32
     notes: tuple[str, ...] = ()  # what reading it took (a prefix stripped, a dtype cast...)
 
@@ -171,21 +168,6 @@ def model_meta(arch: str, num_classes: int, dataset: str | None) -> ModelMeta:
                      tuple(ds.classes) if ds else None)
 
 
-def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
-    """safetensors bytes with the metadata keys in sorted order.
-
-    The safetensors writer emits ``__metadata__`` in hash-map order, which changes from run to
-    run; sorting it makes equal content give equal files (and equal sha256).
-    """
-    data = save(tensors, metadata=metadata)
-    (size,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + size])
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    encoded += b" " * (-len(encoded) % 8)
-    return struct.pack("<Q", len(encoded)) + encoded + data[8 + size:]
-
-
 def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> str:
     """Write ``state`` with ``meta`` atomically; return the new file's sha256."""
     if meta.get("role") not in ROLES:
@@ -200,25 +182,15 @@ def save_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, 
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a safetensors file; its metadata is decoded when flain-cli wrote it, else empty."""
+    """Read a checkpoint in any format of :data:`flain_cli.formats.READERS`, told by its content; the
+    metadata is decoded when flain-cli wrote it (a safetensors file), else empty."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     regular_file(path, "checkpoint")
-    fmt = sniff(path)
-    if fmt == "torch":
-        tensors, where = read_torch(path)
-        return Checkpoint(tensors, {}, path, sha256_file(path), "torch",
-                          notes=(f"read as a torch.save state dict (from {where}, weights only)",))
-    if fmt == "npz":
-        return Checkpoint(read_npz(path), {}, path, sha256_file(path), "npz",
-                          notes=("read as an .npz list of arrays",))
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    reader = detect(path)
+    contents = reader.read(path)
+    raw = contents.metadata
     meta: dict[str, Any] = {}
     if "format" in raw:
         try:
@@ -228,7 +200,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         if meta["format"] != FORMAT:
             raise CheckpointError(f"{path} has format {meta['format']!r}; this flain-cli reads {FORMAT!r}")
         check_meta(meta, path)
-    return Checkpoint(tensors, meta, path, sha256_file(path))
+    return Checkpoint(contents.tensors, meta, path, sha256_file(path), reader.name, notes=contents.notes)
 
 
 # metadata fields flain-cli reads, and the JSON kinds they may hold (None: the field may be null)
@@ -375,7 +347,7 @@ def conform(ckpt: Checkpoint, meta: ModelMeta, *, strict: bool = True,
     expected = expected if expected is not None else build_network(meta).state_dict()
     name = meta.model_def["spec"] if meta.model_def else meta.arch
     what = f"{ckpt.path} (architecture {name}, {meta.num_classes} classes)"
-    aligned = align(ckpt.tensors, expected, what=what, ordered=ckpt.format == "npz", strict=strict)
+    aligned = align(ckpt.tensors, expected, what=what, ordered=reader(ckpt.format).positional, strict=strict)
     return dataclasses.replace(ckpt, tensors=aligned.tensors, dtype=aligned.dtype, notes=ckpt.notes + aligned.notes)
 
 

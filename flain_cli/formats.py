@@ -1,14 +1,18 @@
-"""Checkpoints written by other tools: the format told by content, tensor names aligned to an
+"""Checkpoint file formats, told by content (never by name), and tensor names aligned to an
 architecture, dtypes brought to float32 for the work.
 
-Formats (never by extension):
+:data:`READERS` holds one :class:`Reader` per format, in the order they are tried; adding a format
+means one entry there (its ``sniff`` and ``read``) and its test. :func:`detect` finds the reader
+of a file from its first bytes, :func:`read` reads it:
 
-- ``safetensors``: read as is (flain-cli's own format; metadata when flain-cli wrote it).
-- ``torch``: a ``torch.save`` file (.pt/.pth/.bin, zip or legacy), read only with
-  ``torch.load(weights_only=True)``: tensors and plain containers, never arbitrary objects. A state
-  dict at the top, or under ``state_dict``/``model_state_dict``/``model``/``net``.
+- ``safetensors``: flain-cli's own format, with its ``__metadata__`` (decoded by
+  :mod:`flain_cli.checkpoint` when flain-cli wrote it).
 - ``npz``: a Flower-style list of arrays (``arr_0``, ``arr_1``...), in the order of the model's
-  ``state_dict()``; names come from the architecture, with a shape check for each.
+  ``state_dict()``; names come from the architecture, with a shape check for each (``positional``).
+- ``torch``: a ``torch.save`` file (zip or legacy), read only with ``torch.load(weights_only=True)``
+  from an open file (torch would otherwise trust a ``.safetensors`` name): tensors and plain
+  containers, never arbitrary objects. A state dict at the top, or under
+  ``state_dict``/``model_state_dict``/``model``/``net``.
 
 :func:`align` maps a checkpoint's tensors onto an architecture's ``state_dict`` names: it strips
 common wrapper prefixes (``module.`` from DataParallel, ``_orig_mod.`` from torch.compile,
@@ -18,67 +22,142 @@ common wrapper prefixes (``module.`` from DataParallel, ``_orig_mod.`` from torc
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import struct
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from .errors import CheckpointError
 
-FORMATS = ("safetensors", "torch", "npz")
 PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "net")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HEAD_BYTES = 16  # what a reader's sniff sees of a file
 
 
-def sniff(path: Path) -> str:
-    """The checkpoint format of ``path``, from its first bytes."""
-    with open(path, "rb") as f:
-        head = f.read(16)
-        size = f.seek(0, 2)
-    if head[:4] == b"PK\x03\x04":
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except zipfile.BadZipFile:
-            raise CheckpointError(f"{path} starts like a zip archive but is not one (truncated?)") from None
-        if names and all(n.endswith(".npy") for n in names):
-            return "npz"
-        if any(n.endswith("data.pkl") for n in names):
-            return "torch"
-        raise CheckpointError(f"{path} is a zip archive but neither a torch.save file nor an .npz of arrays "
-                              f"(it holds {', '.join(names[:3])}...)")
-    if len(head) >= 9:  # before the pickle test: a header size may start with byte 0x80
-        (n,) = struct.unpack("<Q", head[:8])
-        if 2 <= n <= size - 8 and head[8:9] == b"{":
-            return "safetensors"
-    if head[:1] == b"\x80":  # a pickle protocol byte: torch.save's legacy format
-        return "torch"
-    raise CheckpointError(f"{path} is not a checkpoint flain-cli can read: not safetensors, not a torch.save state "
-                          f"dict (.pt/.pth/.bin), not an .npz of arrays (it starts with bytes {head[:8].hex()})")
+@dataclass(frozen=True)
+class Contents:
+    """What a reader found in a file."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]  # the file's own string metadata (safetensors' __metadata__); {} for other formats
+    notes: tuple[str, ...] = ()  # how it was read, for the user
 
 
-def read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict in a torch.save file, read with weights_only=True; and where it was found."""
+@dataclass(frozen=True)
+class Reader:
+    """One checkpoint format: ``sniff(head, path)`` says from the first bytes (and, for a zip, its member
+    names) whether a file is of this format; ``read(path)`` reads it or raises CheckpointError.
+    ``positional``: the tensor names mean nothing, they are mapped onto an architecture by position."""
+
+    name: str
+    sniff: Callable[[bytes, Path], bool]
+    read: Callable[[Path], Contents]
+    positional: bool = False
+
+
+def _zip_names(path: Path) -> list[str]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError) as exc:
+        with zipfile.ZipFile(path) as z:
+            return z.namelist()
+    except zipfile.BadZipFile:
+        raise CheckpointError(f"{path} starts like a zip archive but is not one (truncated?)") from None
+
+
+def _is_zip(head: bytes) -> bool:
+    return head[:4] == b"PK\x03\x04"
+
+
+def _sniff_safetensors(head: bytes, path: Path) -> bool:
+    """An 8-byte little-endian header size that fits in the file, then a JSON object."""
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n <= path.stat().st_size - 8 and head[8:9] == b"{"
+
+
+def read_safetensors(path: Path) -> Contents:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    return Contents(tensors, dict(metadata))
+
+
+def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """safetensors bytes with the metadata keys in sorted order (the writer of :func:`read_safetensors`'s format).
+
+    The safetensors writer emits ``__metadata__`` in hash-map order, which changes from run to
+    run; sorting it makes equal content give equal files (and equal sha256).
+    """
+    data = save(tensors, metadata=metadata)
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    encoded = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded + data[8 + size:]
+
+
+def _sniff_npz(head: bytes, path: Path) -> bool:
+    if not _is_zip(head):
+        return False
+    names = _zip_names(path)
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def read_npz(path: Path) -> Contents:
+    """The arrays of an .npz, in order (arr_0, arr_1, ... by number), as tensors."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            names = list(f.files)
+            order = sorted(names, key=lambda n: (0, int(n[4:])) if re.fullmatch(r"arr_\d+", n) else (1, names.index(n)))
+            tensors = {name: torch.from_numpy(np.array(f[name])) for name in order}
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path} is not a readable .npz of numeric arrays ({exc})") from None
+    return Contents(tensors, {}, ("read as an .npz list of arrays",))
+
+
+def _sniff_torch(head: bytes, path: Path) -> bool:
+    """A torch.save zip (it holds a data.pkl), or a legacy file: a pickle stream (protocol byte 0x80)."""
+    if _is_zip(head):
+        return any(n.endswith("data.pkl") for n in _zip_names(path))
+    return head[:1] == b"\x80"
+
+
+def read_torch(path: Path) -> Contents:
+    """The state dict in a torch.save file, read with weights_only=True from an open file."""
+    try:
+        # an open file, never the path: torch.load hands a path named *.safetensors to the safetensors reader;
+        # its warnings (an unusual pickle protocol...) would print a line above ours
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, ImportError,
+            IndexError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is a torch.save file that needs more than weights to load ({first}); "
                               "flain-cli never unpickles code: save the state dict alone "
                               "(torch.save(model.state_dict(), path)) and pass that") from None
     if _is_state(obj):
-        return dict(obj), "the top level"
+        return Contents(dict(obj), {}, ("read as a torch.save state dict (from the top level, weights only)",))
     if isinstance(obj, Mapping):
         for key in STATE_KEYS:
             if _is_state(obj.get(key)):
-                return dict(obj[key]), f"its {key!r} entry"
+                return Contents(dict(obj[key]), {},
+                                (f"read as a torch.save state dict (from its {key!r} entry, weights only)",))
         keys = ", ".join(map(str, list(obj)[:8]))
         raise CheckpointError(f"{path} is a torch.save dict without a state dict of tensors at the top or under "
                               f"{'/'.join(STATE_KEYS)} (its keys: {keys})")
@@ -90,15 +169,38 @@ def _is_state(obj: object) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def read_npz(path: Path) -> dict[str, torch.Tensor]:
-    """The arrays of an .npz, in order (arr_0, arr_1, ... by number), as tensors."""
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            names = list(f.files)
-            order = sorted(names, key=lambda n: (0, int(n[4:])) if re.fullmatch(r"arr_\d+", n) else (1, names.index(n)))
-            return {name: torch.from_numpy(np.array(f[name])) for name in order}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path} is not a readable .npz of numeric arrays ({exc})") from None
+# tried in this order: safetensors before torch, because a header size may start with the pickle byte 0x80
+READERS: tuple[Reader, ...] = (
+    Reader("safetensors", _sniff_safetensors, read_safetensors),
+    Reader("npz", _sniff_npz, read_npz, positional=True),
+    Reader("torch", _sniff_torch, read_torch),
+)
+FORMATS = tuple(reader.name for reader in READERS)
+
+
+def reader(name: str) -> Reader:
+    """The reader of the format ``name`` (one of FORMATS)."""
+    return next(r for r in READERS if r.name == name)
+
+
+def detect(path: Path) -> Reader:
+    """The reader for ``path``, from its content, or a CheckpointError that says what the file looks like."""
+    with open(path, "rb") as f:
+        head = f.read(HEAD_BYTES)
+    for candidate in READERS:
+        if candidate.sniff(head, path):
+            return candidate
+    if _is_zip(head):
+        names = _zip_names(path)
+        raise CheckpointError(f"{path} is a zip archive but neither a torch.save file nor an .npz of arrays "
+                              f"(it holds {', '.join(names[:3])}...)")
+    raise CheckpointError(f"{path} is not a checkpoint flain-cli can read: not safetensors, not a torch.save state "
+                          f"dict (.pt/.pth/.bin), not an .npz of arrays (it starts with bytes {head[:8].hex()})")
+
+
+def sniff(path: Path) -> str:
+    """The checkpoint format of ``path``, from its first bytes (one of FORMATS)."""
+    return detect(path).name
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .errors import CheckpointError
-from .formats import align
+from .formats import align, reader
 from .models import ARCHITECTURES, build_model
 
 MAX_CLASS_GUESSES = 8
@@ -61,8 +61,8 @@ def inspect_checkpoint(path: Path) -> Inspection:
         for n in _class_guesses(ckpt):
             model = build_model(arch, n)
             try:
-                aligned = align(ckpt.tensors, model.state_dict(), what=str(path), ordered=ckpt.format == "npz",
-                                strict=False)
+                aligned = align(ckpt.tensors, model.state_dict(), what=str(path),
+                                ordered=reader(ckpt.format).positional, strict=False)
             except CheckpointError:
                 continue
             default = ARCHITECTURES.get(arch).defended_layer

@@ -24,11 +24,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .catalog import ENGINES, LOCK_FILE, RESUME_FILE
-from .checkpoint import canonical_safetensors, model_meta, save_checkpoint
+from .checkpoint import model_meta, save_checkpoint
 from .datasets import Dataset
 from .errors import CheckpointError, ConfigError, FlainError, opt
 from .events import Listener, RoundLog, round_record
 from .files import atomic_write, missing_folders, remove_empty
+from .formats import canonical_safetensors
 from .simulation import SimulationResult, Snapshot, TrainConfig, simulate
 
 RESUME_FORMAT = "flain-cli/resume-1"
