@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +180,10 @@ def _load_folder(root: Path, shape: tuple[int, int, int], class_names: list[str]
             if not file.is_file():  # a FIFO would block the read forever
                 raise AuxError(f"aux image {file} is not a regular file (a folder, pipe or device); remove it")
             try:
-                with Image.open(file) as image:
+                with warnings.catch_warnings():  # Pillow warns (on stderr) at a size _check_size refuses
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    opened = Image.open(file)
+                with opened as image:
                     _check_size(image.size, file)
                     array, was_resized = _convert(image, shape)
             except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:

@@ -8,6 +8,7 @@ The record of one round, as `flain train --log` writes it (a JSON line) and trai
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,17 @@ def read_train_log(path: Path) -> list[dict[str, Any]]:
     rows = [r for r in rows if r.get("acc") is not None]
     if not rows:
         raise ConfigError(f"{source} holds no evaluated rounds")
+    for row in rows:  # a value that is not a number would be drawn on a categorical axis
+        for key in ("round", "acc", "asr"):
+            value = row.get(key)
+            if not (value is None and key == "asr" or _is_number(value)):
+                raise ConfigError(f"{source}: {key} is {value!r:.40} in the row of round {row['round']!r:.20}, "
+                                  "not a number; pass the file `flain train --log` wrote")
     return rows
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class Listener:

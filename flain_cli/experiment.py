@@ -35,6 +35,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +77,7 @@ REPAIR_RULES: dict[str, RepairSettings | None] = {
     "none": None}
 REPAIRS = tuple(REPAIR_RULES)
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}
+SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,199}")  # a grid's name: one path component
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,9 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
         raise ConfigError("set the aggregator through [defense] methods (\"rlr\"), not [train] or [grid]")
     variants = _defense_variants(raw.get("defense", {}))
     name = raw.get("name", Path(path).stem)
+    if not SAFE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ConfigError(f"{path}: name {name!r:.80} must be one folder name (letters, digits, '.', '_', '-', '+', "
+                          "'=', not starting with '.'): it names the results folder runs/experiments/NAME")
     out = Path(out or raw.get("out") or Path("runs/experiments") / name)
     experiment = Experiment(name, out, base, grid, variants, Path(cache or raw.get("cache") or out))
     size = math.prod(len(v) for v in grid.values())

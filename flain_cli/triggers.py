@@ -8,6 +8,7 @@ stamps the full pattern (the union of the parts).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,11 +162,14 @@ def load_trigger_image(path: Path, shape: tuple[int, int, int], mask_path: Path 
 
     def read(p: Path, what: str) -> Image.Image:
         try:
-            with Image.open(regular_file(p, what)) as image:
-                image.load()
+            with warnings.catch_warnings():  # Pillow's warning on a huge size: the check below refuses it
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(regular_file(p, what))
+            with image:
                 if image.size != (width, height):
                     raise ConfigError(f"{what} {p} is {image.size[0]}x{image.size[1]}; the model takes "
                                       f"{width}x{height} images: draw the trigger at that size")
+                image.load()
                 return image.copy()
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise ConfigError(f"{what} {p} is not a readable image ({exc})") from None

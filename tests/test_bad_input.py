@@ -130,6 +130,22 @@ def export(data, out, *options):
                   *options)
 
 
+def refused(command, start: str, detail: str, *watched) -> None:
+    """Run ``command`` (a thunk): one `Error:` line starting with ``start`` and holding ``detail``, and every
+    file under ``watched`` byte for byte as it was just before it ran: no input touched, no output, no lock
+    or temporary file left anywhere in those folders."""
+    before = {}
+    for root in watched:
+        before |= tree(root)
+    res = command()
+    one_error_line(res, start)
+    assert detail in res.stderr, res.stderr
+    after = {}
+    for root in watched:
+        after |= tree(root)
+    assert after == before, sorted(set(after) ^ set(before)) or "an input changed"
+
+
 def test_outputs_that_are_inputs_or_clash_are_refused_and_inputs_stay(tiny_run, aux_dir, tmp_path, monkeypatch):
     run, data = tiny_run
     earlier = tmp_path / "earlier"
@@ -139,31 +155,84 @@ def test_outputs_that_are_inputs_or_clash_are_refused_and_inputs_stay(tiny_run, 
     junk = tmp_path / "junk"
     junk.mkdir()
     (junk / "notes.txt").write_text("mine")
-    model = ("MODEL", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir)
+    model = (run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir)
     cases = [
-        (export(data, data, "--force"), "Error: --out ", "is also the input --data-dir"),
-        (export(data, earlier, "--exclude", earlier, "--force"), "Error: --out ", "is also the input --exclude"),
-        (export(data, junk, "--force"), "Error: --out ", "did not write (it has no aux.json)"),
-        (invoke("scan", run / "final.safetensors", "--aux", npz, "--csv", npz, "--force"), "Error: --csv ",
+        (lambda: export(data, data, "--force"), "Error: --out ", "is also the input --data-dir"),
+        (lambda: export(data, earlier, "--exclude", earlier, "--force"), "Error: --out ",
+         "is also the input --exclude"),
+        (lambda: export(data, junk, "--force"), "Error: --out ", "did not write (it has no aux.json)"),
+        (lambda: invoke("scan", run / "final.safetensors", "--aux", npz, "--csv", npz, "--force"), "Error: --csv ",
          "is also the input --aux"),
-        (invoke("sweep", *model[1:], "--test", npz, "--csv", npz, "--force"), "Error: --csv ",
+        (lambda: invoke("sweep", *model, "--test", npz, "--csv", npz, "--force"), "Error: --csv ",
          "is also the input --test"),
-        (invoke("train", "--data-dir", data, "--rounds", "1", "--out", tmp_path / "t", "--log", data / "log.jsonl"),
-         "Error: --log ", "lies inside the input folder --data-dir"),
-        (invoke("defend", *model[1:], "--out", tmp_path / "f.csv", "--trace", tmp_path / "f.csv"), "Error: --out and "
-         "--trace are the same path", ""),
-        (invoke("defend", *model[1:], "--out", aux_dir / "clean.safetensors"), "Error: --out ",
+        (lambda: invoke("train", "--data-dir", data, "--rounds", "1", "--out", tmp_path / "t", "--log",
+                        data / "log.jsonl"), "Error: --log ", "lies inside the input folder --data-dir"),
+        (lambda: invoke("defend", *model, "--out", tmp_path / "f.csv", "--trace", tmp_path / "f.csv"),
+         "Error: --out and --trace are the same path", ""),
+        (lambda: invoke("defend", *model, "--out", aux_dir / "clean.safetensors"), "Error: --out ",
          "lies inside the input folder --aux"),
-        (invoke("defend", *model[1:], "--out", run, "--force"), "Error: --out ", "contains the input MODEL"),
+        (lambda: invoke("defend", *model, "--out", run, "--force"), "Error: --out ", "contains the input MODEL"),
     ]
-    before = tree(data) | tree(earlier) | tree(npz) | tree(junk) | tree(aux_dir) | tree(run)
-    for res, start, detail in cases:
-        one_error_line(res, start)
-        assert detail in res.stderr
-    assert tree(data) | tree(earlier) | tree(npz) | tree(junk) | tree(aux_dir) | tree(run) == before
-    assert not (tmp_path / "f.csv").exists() and not (tmp_path / "t").exists()
+    for command, start, detail in cases:
+        refused(command, start, detail, tmp_path, data, aux_dir, run)
     monkeypatch.chdir(tmp_path)
-    one_error_line(export(data, ".", "--force"), "Error: --out . ")
+    refused(lambda: export(data, ".", "--force"), "Error: --out . ", "", tmp_path, data)
+
+
+def test_the_catalogue_sees_a_refused_command_that_deletes_an_input(tmp_path):
+    """The check above is not a tautology: a command that deletes an input and then fails is caught."""
+    victim = tmp_path / "input.txt"
+    victim.write_text("mine")
+
+    class Result:
+        exit_code, stderr = 1, "Error: refused\n"
+
+    def destructive():
+        victim.unlink()
+        return Result()
+
+    with pytest.raises(AssertionError):
+        refused(destructive, "Error: ", "refused", tmp_path)
+    stray = tmp_path / "kept.txt"
+    stray.write_text("x")
+
+    def leaves_debris():
+        (tmp_path / ".kept.txt.lock").write_text("")
+        return Result()
+
+    with pytest.raises(AssertionError):
+        refused(leaves_debris, "Error: ", "refused", tmp_path)
+
+
+def test_an_experiment_name_that_leaves_its_folder_is_refused(fmnist_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("../../escaped", "a/b", "..", ".hidden", ""):
+        grid = tmp_path / "grid.toml"
+        grid.write_text(f'name = "{name}"\n[train]\nrounds = 1\n[grid]\nseed = [1]\n[defense]\nmethods = ["none"]\n')
+        for extra in ((), ("--dry-run",)):
+            refused(lambda: invoke("experiment", grid, "--data-dir", fmnist_dir, *extra), "Error: ",
+                    "must be one folder name", tmp_path.parent)
+
+
+def test_checkpoints_misnamed_safetensors_are_read_by_content(tiny_run, aux_dir, tmp_path):
+    """A torch.save zip as MODEL and a raw pickle stream as --init, both named .safetensors: the first is read as
+    what it is, the second refused in one line (torch.load would have trusted the name)."""
+    import pickle
+    run, _ = tiny_run
+    final, init = load_checkpoint(run / "final.safetensors"), load_checkpoint(run / "init.safetensors")
+    model = tmp_path / "torchsave.safetensors"
+    torch.save(dict(final.tensors), model)
+    raw = tmp_path / "rawpickle.safetensors"
+    raw.write_bytes(pickle.dumps({k: v.numpy() for k, v in init.tensors.items()}, protocol=4))
+    out = tmp_path / "o.safetensors"
+    refused(lambda: invoke("defend", model, "--init", raw, "--aux", aux_dir, "--arch", "cnn-mnist", "--dataset",
+                           "fmnist", "--out", out), "Error: ", "flain-cli never unpickles code", tmp_path)
+    torchsaved_init = tmp_path / "init.safetensors"
+    torch.save(dict(init.tensors), torchsaved_init)
+    res = invoke("defend", model, "--init", torchsaved_init, "--aux", aux_dir, "--arch", "cnn-mnist", "--dataset",
+                 "fmnist", "--preset", "paper", "--rho", "0.05", "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "read as a torch.save state dict" in res.stderr
 
 
 def test_two_writers_of_one_output_cannot_both_succeed(tmp_path):
@@ -319,6 +388,19 @@ def test_binary_and_endless_files_are_refused(tiny_run, tmp_path):
     assert not (tmp_path / "p.png").exists()
 
 
+@pytest.mark.parametrize(("row", "detail"), [
+    ('{"round": "1", "acc": 0.8, "asr": 0.9}', "round is '1' in the row of round '1', not a number"),
+    ('{"round": 1, "acc": "0.8", "asr": 0.9}', "acc is '0.8' in the row of round 1, not a number"),
+    ('{"round": 1, "acc": 0.8, "asr": "high"}', "asr is 'high' in the row of round 1, not a number"),
+    ('{"round": 1, "acc": true}', "acc is True in the row of round 1, not a number"),
+])
+def test_a_training_log_with_values_that_are_not_numbers_is_refused(tmp_path, row, detail):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"round": 0, "acc": 0.1, "asr": 0.1}\n' + row + "\n")
+    refused(lambda: invoke("plot", "training", log, "--out", tmp_path / "p.png"), "Error: ", detail, tmp_path)
+
+
 # ---- aux images and checkpoints that are not what they claim --------------------------------------------
 
 def png_declaring(path, width: int, height: int) -> None:
@@ -337,7 +419,7 @@ def png_declaring(path, width: int, height: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("spoil", ["bomb", "large", "empty", "fifo", "superscript"])
+@pytest.mark.parametrize("spoil", ["bomb", "warned", "large", "empty", "fifo", "superscript"])
 def test_bad_aux_folders_get_one_error_line(tiny_run, aux_dir, tmp_path, spoil):
     import os
     run, _ = tiny_run
@@ -345,6 +427,8 @@ def test_bad_aux_folders_get_one_error_line(tiny_run, aux_dir, tmp_path, spoil):
     shutil.copytree(aux_dir, aux)
     if spoil == "bomb":  # Pillow's own guard
         png_declaring(aux / "3" / "x.png", 20000, 20000)
+    elif spoil == "warned":  # over Pillow's warning size, under its guard: its warning must not be printed
+        png_declaring(aux / "3" / "x.png", 12000, 12000)
     elif spoil == "large":  # under Pillow's guard, over what an aux image can be
         png_declaring(aux / "3" / "x.png", 5000, 5000)
     elif spoil == "empty":
@@ -353,9 +437,14 @@ def test_bad_aux_folders_get_one_error_line(tiny_run, aux_dir, tmp_path, spoil):
         os.mkfifo(aux / "3" / "x.png")  # opening it would block forever
     else:
         shutil.copytree(aux_dir / "3", aux / "²")
-    res = invoke("scan", run / "final.safetensors", "--aux", aux)
+    import warnings
+    with warnings.catch_warnings(record=True) as warned:  # a warning would print above the error line
+        warnings.simplefilter("always")
+        res = invoke("scan", run / "final.safetensors", "--aux", aux)
+    assert not [w for w in warned if "decompression bomb" in str(w.message)]
     one_error_line(res, "Error: ")
-    assert {"bomb": "decompression bomb", "large": "declares 5000x5000 pixels", "empty": "x.png",
+    assert {"bomb": "decompression bomb", "warned": "declares 12000x12000 pixels",
+            "large": "declares 5000x5000 pixels", "empty": "x.png",
             "fifo": "not a regular file",
             "superscript": "neither a class index nor a class name"}[spoil] in res.stderr
 
@@ -411,7 +500,7 @@ def _signal_inside_set_name():
     descriptor's __set_name__ (Python 3.11 wraps what the handler raises there in a RuntimeError)."""
     import signal
 
-    from flain_cli.files import raise_on_signal
+    from flain_cli.signals import raise_on_signal
 
     class Field:
         def __set_name__(self, owner, name):
@@ -424,9 +513,9 @@ def _signal_inside_set_name():
 def test_a_wrapped_interrupt_still_exits_143_with_one_line(monkeypatch, capsys):
     import typer
 
-    from flain_cli import files
+    from flain_cli import signals
     from flain_cli.cli.common import handle_errors
-    monkeypatch.setattr(files, "_received", None)
+    monkeypatch.setattr(signals, "_received", None)
     with pytest.raises(typer.Exit) as exit_info:
         handle_errors(_signal_inside_set_name)()
     assert exit_info.value.exit_code == 143
@@ -438,9 +527,9 @@ def test_the_entry_point_reports_an_interrupt_wrapped_during_the_imports(monkeyp
     import sys
     import types
 
-    from flain_cli import files
+    from flain_cli import signals
     from flain_cli.cli import launch
-    monkeypatch.setattr(files, "_received", None)
+    monkeypatch.setattr(signals, "_received", None)
     app = types.ModuleType("flain_cli.cli.app")
     app.__getattr__ = lambda name: _signal_inside_set_name()  # `from .app import app` meets the signal
     monkeypatch.setitem(sys.modules, "flain_cli.cli.app", app)
@@ -459,19 +548,19 @@ def test_the_entry_point_reports_an_interrupt_wrapped_during_the_imports(monkeyp
 def test_interrupt_behind_finds_the_signal_through_wrappers_and_only_then(monkeypatch):
     import signal
 
-    from flain_cli import files
-    monkeypatch.setattr(files, "_received", None)
-    assert files.interrupt_behind(RuntimeError("a bug")) is None
-    inner = files.Interrupted(signal.SIGINT)
+    from flain_cli import signals
+    monkeypatch.setattr(signals, "_received", None)
+    assert signals.interrupt_behind(RuntimeError("a bug")) is None
+    inner = signals.Interrupted(signal.SIGINT)
     try:
         try:
             raise inner
         except KeyboardInterrupt:
             raise ValueError("a library's own error") from None  # the cause hidden, the context kept
     except ValueError as outer:
-        assert files.interrupt_behind(outer) is inner
-    monkeypatch.setattr(files, "_received", signal.SIGTERM)  # swallowed whole: only the handler saw it
-    assert files.interrupt_behind(RuntimeError("after the signal")).exit_code == 143
+        assert signals.interrupt_behind(outer) is inner
+    monkeypatch.setattr(signals, "_received", signal.SIGTERM)  # swallowed whole: only the handler saw it
+    assert signals.interrupt_behind(RuntimeError("after the signal")).exit_code == 143
 
 
 def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path):
@@ -535,3 +624,55 @@ def test_a_model_without_a_dataset_is_measured_only_with_one(tmp_path):
                     model_meta("cnn-mnist", 10, None).to_json() | {"role": "final"})
     one_error_line(invoke("eval", path), f"Error: {path} does not say which dataset it was trained on; "
                                          "pass --dataset (fmnist, mnist, emnist, cifar10)")
+
+
+def test_a_signal_while_the_outputs_are_renamed_puts_back_what_was_there(tmp_path, monkeypatch):
+    """SIGTERM between two renames: the first output gets its old bytes back, the second never appears, and no
+    temporary file, backup or lock is left; the interrupt is raised once everything is undone."""
+    import os
+    import signal
+
+    from flain_cli import files, signals
+    monkeypatch.setattr(signals, "_received", None)
+    monkeypatch.setattr(signals, "_written", False)
+    old, new = tmp_path / "a.txt", tmp_path / "b.txt"
+    old.write_text("mine")
+    real = os.replace
+    calls = []
+
+    def replace_then_signal(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:  # the first output is in place: the signal lands before the second
+            signals.raise_on_signal(signal.SIGTERM, None)
+
+    monkeypatch.setattr(files.os, "replace", replace_then_signal)
+    with pytest.raises(signals.Interrupted) as info:
+        with files.FilePlan({}, {"--a": old, "--b": new}, force=True).writing() as stage:
+            stage["--a"].write_text("new a")
+            stage["--b"].write_text("new b")
+    monkeypatch.setattr(files.os, "replace", real)
+    assert info.value.exit_code == 143 and calls[0] == old  # the signal did come after a rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and old.read_text() == "mine"
+    assert not signals.outputs_written()
+
+
+def test_an_interrupt_after_the_outputs_are_in_place_says_so(tmp_path, monkeypatch, capsys):
+    import signal
+
+    import typer
+
+    from flain_cli import signals
+    from flain_cli.cli.common import handle_errors
+    from flain_cli.files import FilePlan
+    monkeypatch.setattr(signals, "_received", None)
+
+    def command():
+        with FilePlan({}, {"--out": tmp_path / "o.txt"}).writing() as stage:
+            stage["--out"].write_text("done")
+        signals.raise_on_signal(signal.SIGINT, None)  # while the report is printed
+
+    with pytest.raises(typer.Exit) as exit_info:
+        handle_errors(command)()
+    assert exit_info.value.exit_code == 130 and (tmp_path / "o.txt").read_text() == "done"
+    assert capsys.readouterr().err.strip() == "Interrupted (SIGINT); its outputs had been written in full."
