@@ -1,13 +1,11 @@
 """End to end on the real Fashion-MNIST from Debian's dataset-fashion-mnist (CI installs it)."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from flain_cli.checkpoint import load_checkpoint
 from flain_cli.cli.app import app
 
 from .conftest import real_fmnist
@@ -43,41 +41,33 @@ def test_train_then_eval(backdoored):
     assert report["asr"] > 0.5  # the backdoor is in
 
 
-def test_defend_cuts_the_backdoor(backdoored, tmp_path):
-    """FLAIN with the paper's step and rho cuts the ASR; clean accuracy drops by about rho at most."""
+def test_the_paper_rule_and_the_default_rule_cut_the_backdoor(backdoored, tmp_path):
+    """On a model 3 rounds old (ACC 0.736, ASR 0.916 when measured), Algorithm 1 (--preset paper) cuts the ASR
+    and costs about rho on the test set too (measured: ASR 0.179, ACC -1.1 points); the default rule removes it
+    (measured: ASR 0.025; ACC +4.6 points, the repair trains a model this young)."""
     out, before = backdoored
     flain("aux", "export", "--dataset", "fmnist", "--per-class", "20", "--out", tmp_path / "aux")
-    defended = flain("defend", out / "final.safetensors", "--init", out / "init.safetensors",
-                     "--aux", tmp_path / "aux", "--out", tmp_path / "clean.safetensors")
-    assert defended["flipped"] > 0 and not defended["all_selected"]
-    after = flain("eval", tmp_path / "clean.safetensors")
-    assert after["asr"] < before["asr"] / 2, (before["asr"], after["asr"])
-    assert after["acc"] >= before["acc"] - 0.03 - 0.02, (before["acc"], after["acc"])
+    common = [out / "final.safetensors", "--init", out / "init.safetensors", "--aux", tmp_path / "aux"]
+    paper = flain("defend", *common, "--preset", "paper", "--out", tmp_path / "paper.safetensors")
+    default = flain("defend", *common, "--out", tmp_path / "default.safetensors")
+    assert (paper["rule"], paper["step"], paper["rho"], paper["stop"]) == ("flain", 0.001, 0.03, "accuracy")
+    assert default["rule"] == "flain+shifts+kl+distill+sgd"
+    assert paper["flipped"] > 0 and not paper["all_selected"] and default["flipped"] > 0
+    after = {name: flain("eval", tmp_path / f"{name}.safetensors") for name in ("paper", "default")}
+    assert after["paper"]["asr"] <= 0.25 and after["paper"]["acc"] >= before["acc"] - 0.03 - 0.01, after
+    assert after["default"]["asr"] <= 0.05 and after["default"]["acc"] >= before["acc"] - 0.01, after
 
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
-# sha256 over (name, bytes) of every tensor `flain defend` wrote for each sample model with the
-# defaults of before the repair existed (step 0.001, rho 0.03, crossing): --preset paper must keep them.
-PAPER_TENSORS = {"fmnist-cba-iid": "12838ff506fd6623c31aca56acbcd77c1be878066f4261de40331dde4c9bc54e",
-                 "fmnist-dba-noniid": "677d4dfc6e7fce6a20f4a3271959e859f697d4c01b1d7cad011541248c409300"}
 
 
-def tensors_sha256(path: Path) -> str:
-    tensors = load_checkpoint(path).tensors
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].numpy().tobytes())
-    return digest.hexdigest()
-
-
-@pytest.mark.parametrize("sample", sorted(PAPER_TENSORS))
+@pytest.mark.parametrize("sample", ["fmnist-cba-iid", "fmnist-dba-noniid"])
 def test_sample_models_paper_preset_and_default_rule(sample, tmp_path):
-    """--preset paper writes what the paper's defaults always wrote; the default rule keeps far more ACC."""
+    """The default rule removes the backdoor within a point of ACC, far above the paper's rule (the tensors both
+    write are pinned in tests/test_pins.py, which needs no dataset)."""
     folder = SAMPLES / sample
     common = [folder / "final.safetensors", "--init", folder / "init.safetensors", "--aux", folder / "aux"]
     flain("defend", *common, "--preset", "paper", "--out", tmp_path / "paper.safetensors")
-    assert tensors_sha256(tmp_path / "paper.safetensors") == PAPER_TENSORS[sample]
     report = flain("defend", *common, "--out", tmp_path / "default.safetensors")
     assert report["rule"] == "flain+shifts+kl+distill+sgd" and report["stop"] == "kl" and report["kl"] == 0.07
     assert report["shifts"] == 2 and report["repair"]["optimizer"] == "sgd" and report["repair"]["lr"] == 0.1
