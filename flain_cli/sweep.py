@@ -5,26 +5,26 @@ may want to see the trade-off itself: for each threshold of the search's grid
 (lambda_k = mu + k * step, Algorithm 1), the model as `flain defend` would write it (the selected
 columns flipped or pruned, the layer rescaled to its original norm), scored on the aux set, the
 clean test set, the triggered source images (ASR) and the same images without the trigger.
-It reads test labels, so it is a diagnostic, never a defense.
+It reads test labels, so it is a diagnostic, never a defense. Each threshold's layer is the one
+:func:`flain_cli.defense.candidate` gives, the function the search keeps its model with.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .audit import AuxFeatures, check_finite, load_aux_for, load_init, load_model
 from .auxdata import AuxSet
-from .catalog import METHODS
 from .checkpoint import ModelSource
 from .datasets import load_dataset
-from .defense import apply_mask, rescale_factor, threshold
+from .defense import candidates
 from .errors import ConfigError, opt
 from .evaluation import load_test_file, resolve_attack
-from .settings import PAPER_STEP
+from .features import AuxFeatures
+from .loading import check_finite, load_aux_for, load_init, load_model
+from .settings import DEFAULT, DefenseConfig
 from .triggers import make_trigger
 
 
@@ -42,22 +42,21 @@ class SweepPoint:
 class SweepResult:
     points: list[SweepPoint]
     layer: str
-    method: str
-    step: float
+    config: DefenseConfig  # the method, step, shifts and rescale of the curve (its stop and repair play no part)
     of: int  # inputs of the layer
     attack: str | None
     n_aux: int
     n_test: int
 
 
-def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str = "flain", step: float = PAPER_STEP,
+def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, config: DefenseConfig = DEFAULT, *,
                      points: int = 25, layer: str | None = None, source: ModelSource = ModelSource(),
-                     data_dir: Path | None = None, test_file: Path | None = None, shifts: int = 0,
+                     data_dir: Path | None = None, test_file: Path | None = None,
                      device: torch.device | str = "cpu") -> SweepResult:
-    """The model unchanged, then ``points`` thresholds mu, mu + step, ... as `defend` would apply them
-    (``shifts``: on the means over moved copies of the aux images too, as `defend --shifts`)."""
-    if not (math.isfinite(step) and step > 0):
-        raise ConfigError(f"must be a finite number > 0, got {step}", param="step")
+    """The model unchanged, then the layer `flain defend` would keep at ``points`` thresholds mu, mu + step, ...
+    (:func:`flain_cli.defense.candidates`, with ``config``'s method, step, shifts and rescale; no repair),
+    each scored on the aux set, the test set, the triggered source images and the same without trigger."""
+    config.check()
     if points < 1:
         raise ConfigError(f"must be at least 1, got {points}", param="points")
     loaded = load_model(path, source, device)
@@ -77,24 +76,11 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, *, method: str
         scored["asr"] = AuxSet(trigger.stamp(test.images[is_source]), target, "triggered source images")
         scored["asr_clean"] = AuxSet(test.images[is_source], target, "source images")
     feats = {name: AuxFeatures(loaded.model, layer, images, meta, device) for name, images in scored.items()}
-    x = feats["aux"].mean_activations(shifts)
+    x = feats["aux"].mean_activations(config.shifts)
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
-    replacement = METHODS.get(method)(weight, init.tensors[f"{layer}.weight"].to(weight.dtype))
-    norm = float(torch.linalg.matrix_norm(weight.double()))
-
-    def point(lam: float | None, mask: torch.Tensor, changed: torch.Tensor | None) -> SweepPoint:
-        w = apply_mask(weight, replacement, mask)
-        scale = 1.0 if lam is None else rescale_factor(w, norm)
-        s = {name: f.accuracy(w, changed, scale) for name, f in feats.items()}
-        return SweepPoint(lam, int(mask.sum()), s["aux"], s["acc"], s.get("asr"), s.get("asr_clean"))
-
-    mask = torch.zeros_like(x, dtype=torch.bool)
-    curve = [point(None, mask, None)]
-    mu = float(x.min())
-    for k in range(points):
-        lam = threshold(mu, k, step)  # the search's own lambdas (k = 0: mu itself)
-        new = (x <= lam) & ~mask
-        mask = mask | new
-        curve.append(point(lam, mask, torch.nonzero(new).flatten()))
-    return SweepResult(curve, layer, method, step, int(x.numel()), str(attack.task) if attack else None,
-                       len(aux), len(test))
+    curve = []
+    for c in candidates(weight, init.tensors[f"{layer}.weight"].to(weight.dtype), x, config, points):
+        s = {name: f.accuracy(c.masked, c.added, c.factor) for name, f in feats.items()}
+        curve.append(SweepPoint(c.lam, int(c.mask.sum()), s["aux"], s["acc"], s.get("asr"), s.get("asr_clean")))
+    return SweepResult(curve, layer, config, int(x.numel()), str(attack.task) if attack else None, len(aux),
+                       len(test))
