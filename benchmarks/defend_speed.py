@@ -11,7 +11,6 @@ fast path), network evaluations, and whether both chose the same lambda, neurons
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import time
@@ -19,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from flain_cli.audit import AuxFeatures, load_aux_for, load_model
 from flain_cli.checkpoint import load_checkpoint
 from flain_cli.defense import search_fast, search_plain
-from flain_cli.settings import PRESETS
+from flain_cli.features import AuxFeatures
+from flain_cli.loading import load_aux_for, load_model
+from flain_cli.settings import defense_config
 
 
 def main() -> None:
@@ -41,17 +41,17 @@ def main() -> None:
     aux = load_aux_for(loaded, args.aux)
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     init = load_checkpoint(args.init).tensors[f"{layer}.weight"]
-    config = dataclasses.replace(PRESETS["paper"], step=args.step, rho=args.rho, method=args.method)
+    config = defense_config("paper", step=args.step, rho=args.rho, method=args.method)
     times: dict[str, list[float]] = {"fast": [], "plain": []}
     results = {}
     for _ in range(args.repeats):
         started = time.perf_counter()
         feats = AuxFeatures(loaded.model, layer, aux, loaded.meta)  # the fast path's one prefix pass
-        results["fast"] = search_fast(weight, init, feats.mean_activations(), feats.accuracy, config)
+        results["fast"] = search_fast(weight, init, feats.mean_activations(0), feats.accuracy, config)
         times["fast"].append(time.perf_counter() - started)
         started = time.perf_counter()
         feats = AuxFeatures(loaded.model, layer, aux, loaded.meta)
-        results["plain"] = search_plain(weight, init, feats.mean_activations(), feats.accuracy_full, config)
+        results["plain"] = search_plain(weight, init, feats.mean_activations(0), feats.accuracy_full, config)
         times["plain"].append(time.perf_counter() - started)
     fast, plain = results["fast"], results["plain"]
     report = {

@@ -23,14 +23,14 @@ Two search loops return identical results:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from .catalog import METHODS
 from .errors import ConfigError
-from .settings import PRESETS, DefenseConfig
+from .settings import DefenseConfig
 
 # (weight of the defended layer, changed) -> aux accuracy. ``changed``, when not None, holds the
 # only columns in which ``weight`` can differ from the weight of the previous call (a hint that
@@ -75,8 +75,64 @@ def rescale_factor(weight: torch.Tensor, norm: float) -> float:
 
 def rescale(weight: torch.Tensor, norm: float) -> torch.Tensor:
     """Lines 18-20: scale the layer back to the original Frobenius norm ``norm``."""
-    factor = rescale_factor(weight, norm)
+    return scaled(weight, rescale_factor(weight, norm))
+
+
+def scaled(weight: torch.Tensor, factor: float) -> torch.Tensor:
+    """``factor * weight``, computed in float64 and given back in ``weight``'s dtype (``weight`` itself for 1)."""
     return weight if factor == 1.0 else (weight.double() * factor).to(weight.dtype)
+
+
+def candidate_parts(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor,
+                    config: DefenseConfig) -> tuple[torch.Tensor, float]:
+    """The model a defense keeps for ``mask``, as the masked weight and the factor it is then scaled by.
+
+    The columns in ``mask`` take the method's values (W0 - dW for flain, 0 for prune); for flain with
+    ``config.rescale`` and at least one column changed, the layer is scaled back to the Frobenius norm of
+    ``weight`` (lines 18-20 of Algorithm 1); otherwise the factor is 1. Callers that score many masks keep
+    the two apart (the factor costs nothing to apply to an output); :func:`candidate` joins them.
+    """
+    masked = apply_mask(weight, METHODS.get(config.method)(weight, init), mask)
+    if config.method == "flain" and config.rescale and bool(mask.any()):
+        return masked, rescale_factor(masked, float(torch.linalg.matrix_norm(weight.double())))
+    return masked, 1.0
+
+
+def candidate(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor, config: DefenseConfig) -> torch.Tensor:
+    """The defended layer's weight for ``mask``: what `flain defend` keeps before any repair (candidate_parts)."""
+    return scaled(*candidate_parts(weight, init, mask, config))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The layer a defense keeps at one threshold (``lam``; None: the layer as it was), before any repair."""
+
+    lam: float | None
+    mask: torch.Tensor  # bool [in]: the columns changed
+    added: torch.Tensor  # indices of the columns changed here and not at the previous candidate
+    masked: torch.Tensor  # the weight with those columns changed, before the rescale
+    factor: float  # the rescale (candidate_parts): the weight is factor * masked
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return scaled(self.masked, self.factor)
+
+
+def candidates(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, config: DefenseConfig,
+               points: int) -> Iterator[Candidate]:
+    """The layer unchanged, then the layer a defense keeps at each of ``points`` thresholds mu + k * step,
+    k = 0, 1, ... (k = 0: mu itself; the search starts at k = 1): `flain sweep`'s curve, each entry exactly
+    the weight :func:`search_fast` would keep there (:func:`candidate`)."""
+    xd = x.double()
+    mask = torch.zeros_like(xd, dtype=torch.bool)
+    yield Candidate(None, mask, torch.zeros(0, dtype=torch.long), weight, 1.0)
+    mu = float(xd.min())
+    for k in range(points):
+        lam = threshold(mu, k, config.step)  # the search's own lambdas
+        new = xd <= lam
+        added = torch.nonzero(new & ~mask).flatten()
+        mask = new
+        yield Candidate(lam, mask, added, *candidate_parts(weight, init, mask, config))
 
 
 @dataclass(frozen=True)
@@ -116,7 +172,7 @@ def _check(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, config: De
     """The settings (``config.check``), then what they are applied to: shapes, finite activations, the step's reach."""
     config.check()
     step = config.step
-    if config.stop == "kl" and divergence is None:
+    if config.stop.needs_divergence and divergence is None:
         raise ConfigError("is needed for the kl stop: a function giving the divergence of the last scored outputs",
                           param="divergence")
     if weight.shape != init.shape or weight.dim() != 2:
@@ -143,11 +199,6 @@ def threshold(mu: float, k: int, step: float) -> float:
     return mu + k * step
 
 
-def _crossed(acc0: float, step: SearchStep, rho: float, kl: float | None) -> bool:
-    """Line 17, or ours (the step measured a divergence): the divergence reached ``kl``."""
-    return rho <= acc0 - step.acc if step.kl is None or kl is None else kl <= step.kl
-
-
 def _finish(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, config: DefenseConfig, trace: list[SearchStep],
             acc0: float, mu: float, crossed: bool, k_last: int, evaluations: int) -> SearchResult:
     """Pick the kept model, rebuild it and rescale it (flain only).
@@ -155,7 +206,7 @@ def _finish(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, config: D
     ``crossing`` keeps the model at ``lambda_{k_last}``; ``last-safe`` (when rho was crossed) the
     one at ``lambda_{k_last - 1}``, the largest threshold whose drop stayed below rho.
     """
-    method, step = config.method, config.step
+    step = config.step
     if crossed and config.select == "last-safe":
         if k_last == 1:  # the very first threshold already cost rho: keep the model as it was
             lam, acc_kept, kl_kept, mask = mu, acc0, None, torch.zeros_like(x, dtype=torch.bool)
@@ -165,30 +216,26 @@ def _finish(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, config: D
     else:
         lam, acc_kept, kl_kept = trace[-1].lam, trace[-1].acc, trace[-1].kl
         mask = x.double() <= lam
-    new = apply_mask(weight, METHODS.get(method)(weight, init), mask)
-    if method == "flain" and config.rescale and bool(mask.any()):
-        new = rescale(new, float(torch.linalg.matrix_norm(weight.double())))
+    new = candidate(weight, init, mask, config)
     return SearchResult(config, mu, acc0, lam, mask, new, acc_kept, not crossed, evaluations, trace, kl_kept)
 
 
-PAPER_SEARCH = PRESETS["paper"]  # the search functions' default: Algorithm 1 as written
-
-
 def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate,
-                 config: DefenseConfig = PAPER_SEARCH, *, divergence: Divergence | None = None,
+                 config: DefenseConfig, *, divergence: Divergence | None = None,
                  max_steps: int = MAX_THRESHOLDS) -> SearchResult:
     """Algorithm 1, one lambda at a time (the reference for :func:`search_fast`).
 
     Args: the defended layer's ``weight`` and ``init`` (W0), the mean activations ``x`` of its inputs,
-    ``evaluate`` (aux accuracy of a weight); ``config``: method, step, rho, select, stop, kl and rescale
-    (its holdout and repair are the caller's); ``divergence``: needed by ``stop="kl"`` (ours), which
-    replaces line 17's accuracy test by ``divergence() >= kl``. Returns the kept model and the curve.
+    ``evaluate`` (aux accuracy of a weight); ``config``: method, step, stop, select and rescale (its shifts,
+    holdout and repair are the caller's: PRESETS["paper"] is Algorithm 1); ``divergence``: needed by the kl
+    stop (ours), which replaces line 17's accuracy test by ``divergence() >= kl``. Returns the kept model
+    and the curve.
 
     Example: ``search_plain(W, W0, x, evaluate, dataclasses.replace(PRESETS["paper"], step=0.01))``.
     """
     _check(weight, init, x, config, divergence)
-    step, rho, kl = config.step, config.rho, config.kl
-    measure = divergence if config.stop == "kl" else None
+    step, stop = config.step, config.stop
+    measure = divergence if stop.needs_divergence else None
     replacement = METHODS.get(config.method)(weight, init)
     xd = x.double()
     mu = float(xd.min())
@@ -200,7 +247,7 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
         acc1 = evaluate(apply_mask(weight, replacement, mask), None)  # lines 15-16
         evaluations += 1
         trace.append(SearchStep(lam, int(mask.sum()), acc1, measure() if measure else None))
-        if _crossed(acc0, trace[-1], rho, kl):  # line 17
+        if stop.crossed(acc0, acc1, trace[-1].kl):  # line 17
             crossed = True
             break
         if bool(mask.all()):  # every neuron selected and rho never reached: stop
@@ -219,11 +266,11 @@ def first_k_covering(mu: float, value: float, step: float) -> int:
 
 
 def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evaluate: Evaluate,
-                config: DefenseConfig = PAPER_SEARCH, *, divergence: Divergence | None = None) -> SearchResult:
+                config: DefenseConfig, *, divergence: Divergence | None = None) -> SearchResult:
     """Algorithm 1, evaluating only the thresholds at which the selected set grows (arguments as search_plain's)."""
     _check(weight, init, x, config, divergence)
-    step, rho, kl = config.step, config.rho, config.kl
-    measure = divergence if config.stop == "kl" else None
+    step, stop = config.step, config.stop
+    measure = divergence if stop.needs_divergence else None
     replacement = METHODS.get(config.method)(weight, init)
     xd = x.double()
     values = torch.sort(xd).values.tolist()
@@ -242,7 +289,7 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
         acc1 = evaluate(current, new)
         evaluations += 1
         trace.append(SearchStep(lam, count, acc1, measure() if measure else None))
-        if _crossed(acc0, trace[-1], rho, kl):
+        if stop.crossed(acc0, acc1, trace[-1].kl):
             crossed = True
             break
         if count == z:

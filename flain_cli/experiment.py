@@ -11,13 +11,15 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
     [defense]
     methods = ["none", "prune", "flain", "rlr"]   # rlr trains again with the RLR aggregator
     aux_per_class = 20
-    rho = [0.03, 0.0]  # step, rho, holdout, shifts, aux_per_class, repair may be lists;
-                       # prune and flain run once per combination
-    repair = ["none", "distill"]  # without and with the repair (the default: distill; distill-sgd:
-                                  # the repair with SGD, `--repair-optimizer sgd`; distill-patches: with
-                                  # Adam and `--repair-patches 2`)
-    stop = ["accuracy", "kl"]     # the paper's stop (the default where rho is given, as in
-                                  # `flain defend`) and ours (`flain defend`'s default)
+    preset = "default"            # `flain defend --preset` (the default); every other key below is one
+    rho = [0.03, 0.0]             # of `flain defend`'s options by its name (repair_optimizer for
+    repair = ["none", "distill"]  # --repair-optimizer), and any of them, preset and aux_per_class may be
+    stop = ["accuracy", "kl"]     # lists: prune and flain run once per combination
+
+Each combination is one call of :func:`flain_cli.settings.defense_config`, as `flain defend` makes it,
+so a grid without a [defense] rule defends with `flain defend`'s default. A setting a combination's
+rule does not read (rho under the kl stop, kl under the accuracy stop, repair_* without the repair)
+is left out of it, and combinations that come to the same rule are one column.
 
 Every distinct training configuration is trained once into ``CACHE/train-<hash>/`` (CACHE: the
 file's ``cache``, by default its results folder ``out``; several grid files may share one); the
@@ -51,14 +53,7 @@ from .errors import ConfigError, FlainError, opt
 from .evaluation import evaluate_checkpoint
 from .events import ExperimentListener
 from .files import atomic_write, read_text
-from .settings import (
-    KL_BUDGET,
-    MAX_POINTS,
-    PAPER_RHO,
-    PAPER_STEP,
-    DefenseConfig,
-    RepairSettings,
-)
+from .settings import MAX_POINTS, OVERRIDES, DefenseConfig, RepairSettings, defense_config
 from .simulation import TrainConfig
 from .tables import FINISHED, results_csv
 from .training import RunBusy, run_lock, train_to_dir
@@ -66,47 +61,74 @@ from .training import RunBusy, run_lock, train_to_dir
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 POST_TRAINING = ("prune", "flain")
 DEFENSES = ("none", "prune", "flain", "rlr")
-# [defense] keys that may list values
-VARIED = ("step", "rho", "stop", "kl", "holdout", "shifts", "aux_per_class", "repair")
-# [defense] repair: the distillation repair with Adam (distill; `flain defend`'s default until
-# 2026-11-30, so cached grid results keep their meaning) or SGD (distill-sgd; today's default), or none
-REPAIR_RULES: dict[str, RepairSettings | None] = {
-    "distill": RepairSettings(), "distill-sgd": RepairSettings().with_optimizer("sgd"),
-    # the Adam repair with two patched copies per aux image (`--repair-optimizer adam --repair-patches 2`, opt-in)
-    "distill-patches": RepairSettings(patches=2),
-    "none": None}
-REPAIRS = tuple(REPAIR_RULES)
+RULE_KEYS = ("preset", *(k for k in OVERRIDES if k != "method"))  # the post-training rule's [defense] keys
+# [defense] keys that may list values, in the order column labels name them
+VARIED = ("preset", "step", "rho", "stop", "kl", "select", "holdout", "shifts", "rescale", "aux_per_class",
+          *(k for k in RULE_KEYS if k.startswith("repair")))
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,199}")  # a grid's name: one path component
+# in a file stem: each repair setting that differs from its optimizer's defaults, by a short name
+REPAIR_SHORT = {"steps": "s", "lr": "lr", "alpha": "a", "temperature": "t", "guard": "g", "guard_ratio": "gr",
+                "guard_rate": "gq", "patches": "p"}
+
+
+def repair_label(repair: RepairSettings | None) -> str:
+    """'none', or the repair's optimizer and each setting that differs from that optimizer's defaults."""
+    if repair is None:
+        return "none"
+    base = RepairSettings().with_optimizer(repair.optimizer)
+    return "-".join([repair.optimizer, *(f"{short}{getattr(repair, name):g}" for name, short in REPAIR_SHORT.items()
+                                        if getattr(repair, name) != getattr(base, name))])
+
+
+def stem(config: DefenseConfig, aux_per_class: int, aux_seed: int) -> str:
+    """File stem of a defended checkpoint in the cache: every setting that changes it, aux set included.
+
+    Without the repair the stem is what it was before the repair existed (``flain-step0.001-rho0.03-crossing-
+    aux20x-seed0``), so those cached defenses stay valid. The repair is named ``-repair-<optimizer>...``:
+    before 2026-12-05 it was ``-distill`` (Adam), ``-distill-sgd`` and ``-distill-patches``, names no stem
+    takes now, so an old cache entry is never read as a rule it does not hold (docs/experiments.md).
+    """
+    held = f"-holdout{config.holdout:g}" if config.holdout else ""
+    moved = f"-shifts{config.shifts}" if config.shifts else ""
+    repaired = f"-repair-{repair_label(config.repair)}" if config.repair is not None else ""
+    unscaled = "-norescale" if config.method == "flain" and not config.rescale else ""
+    return (f"{config.method}-step{config.step:g}-{config.stop.label}-{config.select}{held}{moved}{repaired}"
+            f"{unscaled}-aux{aux_per_class}x-seed{aux_seed}")
+
+
+def unread(settings: dict[str, Any]) -> set[str]:
+    """The rule settings that a combination's own rule does not read: the other stop's budget, and the
+    repair's settings without the repair."""
+    ignored = {"accuracy": {"kl"}, "kl": {"rho"}}.get(str(settings.get("stop")), set())
+    if settings.get("repair") == "none":
+        ignored |= {k for k in settings if k.startswith("repair_")}
+    return ignored
 
 
 @dataclass(frozen=True)
 class DefenseSettings:
+    """One combination of a grid's [defense] settings: the methods, the aux set, and the post-training rule as a
+    preset and the `flain defend` settings that change it (``rule``: name -> value pairs)."""
+
     methods: tuple[str, ...] = DEFENSES
     aux_per_class: int = 20
     aux_seed: int = 0
-    step: float = PAPER_STEP
-    rho: float = PAPER_RHO
-    select: str = "crossing"
-    stop: str = "kl"  # as `flain defend`; a grid that gives rho and no stop means the accuracy stop (_defense_variants)
-    kl: float = KL_BUDGET
-    holdout: float = 0.0
-    # `flain defend`'s rule until 2026-11-30 evening (shifts 0, the Adam repair); today's is shifts 2 with
-    # distill-sgd. The grid keeps the earlier one by default, so its file stems keep naming what they hold
-    shifts: int = 0
-    repair: str = "distill"  # the distillation repair with Adam (with SGD: distill-sgd), or none (the paper)
+    preset: str = "default"
+    rule: tuple[tuple[str, Any], ...] = ()
+
+    def setting(self, key: str) -> Any:
+        """A [defense] setting's value in this combination (None: not given)."""
+        return getattr(self, key) if key in ("preset", "aux_per_class") else dict(self.rule).get(key)
+
+    def config(self, method: str) -> DefenseConfig:
+        """The rule of ``method`` (prune or flain): `flain defend --preset PRESET --method METHOD ...`."""
+        given = dict(self.rule)
+        ignored = unread(given)
+        return defense_config(self.preset, method=method, **{k: v for k, v in given.items() if k not in ignored})
 
     def tag(self, method: str) -> str:
-        """File stem of a defended checkpoint: every setting that changes it, aux set included.
-
-        Without the repair and the kl stop the stem is what it was before they existed, so cached defenses stay valid.
-        """
-        held = f"-holdout{self.holdout:g}" if self.holdout else ""
-        moved = f"-shifts{self.shifts}" if self.shifts else ""
-        repaired = f"-{self.repair}" if self.repair != "none" else ""
-        budget = f"kl{self.kl:g}" if self.stop == "kl" else f"rho{self.rho:g}"
-        return (f"{method}-step{self.step:g}-{budget}-{self.select}{held}{moved}{repaired}"
-                f"-aux{self.aux_per_class}x-seed{self.aux_seed}")
+        return stem(self.config(method), self.aux_per_class, self.aux_seed)
 
     def check(self) -> None:
         """Refuse a setting out of range (one `Error:` line) before anything trains."""
@@ -118,14 +140,9 @@ class DefenseSettings:
         for method in self.methods:
             if method in POST_TRAINING:
                 try:
-                    self.config(method).check()
+                    self.config(method)
                 except ConfigError as exc:
                     raise ConfigError(f"[defense] {exc}") from None
-
-    def config(self, method: str) -> DefenseConfig:
-        return DefenseConfig(method=method, step=self.step, rho=self.rho, select=self.select, stop=self.stop,
-                             kl=self.kl, holdout=self.holdout, shifts=self.shifts,
-                             repair=REPAIR_RULES[self.repair])
 
 
 @dataclass(frozen=True)
@@ -164,22 +181,24 @@ class Experiment:
     def defenses(self) -> list[Defense]:
         """none and rlr once; prune and flain once per distinct defense, labelled by what varies.
 
-        A budget the variant's stop does not read is left out of its label (rho under the kl stop, kl
-        under the accuracy stop), and variants that differ only there are one defense: one column.
+        A setting the variant's rule does not read (`unread`) is left out of its label, and variants that
+        differ only there are one defense: one column.
         """
         variants = self.variants
-        varying = [k for k in VARIED if len({getattr(v, k) for v in variants}) > 1]
-        unread = {"kl": "rho", "accuracy": "kl"}
+        varying = [k for k in VARIED if len({json.dumps(v.setting(k)) for v in variants}) > 1]
         out: list[Defense] = []
         for method in self.defense.methods:
             seen: set[str] = set()  # the defended checkpoints' stems: one column per distinct defense
-            for v in (variants if method in POST_TRAINING else variants[:1]):
+            if method not in POST_TRAINING:  # none and rlr: no post-training rule, one column
+                out.append(Defense(method, method, variants[0]))
+                continue
+            for v in variants:
                 if (tag := v.tag(method)) in seen:
                     continue
                 seen.add(tag)
-                suffix = "".join(f" {k}={_label(getattr(v, k))}" for k in varying
-                                 if k != unread.get(v.stop)) if method in POST_TRAINING else ""
-                out.append(Defense(method + suffix, method, v))
+                ignored = unread(dict(v.rule))
+                out.append(Defense(method + "".join(f" {k}={_label(v.setting(k))}" for k in varying
+                                                    if k not in ignored), method, v))
         return out
 
     def run_dir(self, cfg: TrainConfig) -> Path:
@@ -267,29 +286,29 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
 
 
 def _defense_variants(dset: dict[str, Any]) -> tuple[DefenseSettings, ...]:
-    known = {f.name for f in dataclasses.fields(DefenseSettings)}
-    unknown = sorted(set(dset) - known)
+    known = ("methods", "aux_per_class", "aux_seed", *RULE_KEYS)
+    unknown = sorted(set(dset) - set(known))
     if unknown:
-        raise ConfigError(f"[defense] has unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    lists = {k: dset[k] if isinstance(dset.get(k), list) else [dset[k]] for k in VARIED if k in dset}
+        raise ConfigError(f"[defense] has unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    lists = {k: dset[k] if isinstance(dset[k], list) else [dset[k]] for k in VARIED if k in dset}
     for key, values in lists.items():
-        if not values or len(set(values)) != len(values):
+        if not values or len({json.dumps(v) for v in values}) != len(values):
             raise ConfigError(f"[defense] {key} must list distinct values, got {values!r}")
-    fixed = {k: v for k, v in dset.items() if k not in lists} | {"methods": tuple(dset.get("methods", DEFENSES))}
-    bad = [m for m in fixed["methods"] if m not in DEFENSES]
+    methods = dset.get("methods", list(DEFENSES))
+    if not isinstance(methods, list):
+        raise ConfigError(f"[defense] methods must be a list, got {methods!r}")
+    bad = [m for m in methods if m not in DEFENSES]
     if bad:
         raise ConfigError(f"[defense] methods {bad} unknown; choose from {', '.join(DEFENSES)}")
-    bad = [r for r in lists.get("repair", [fixed.get("repair", "distill")]) if r not in REPAIRS]
-    if bad:
-        raise ConfigError(f"[defense] repair {bad[0]!r} unknown; choose from {', '.join(REPAIRS)}")
-    if "stop" not in dset and ("rho" in dset or "kl" in dset):  # a budget names its stop, as in `flain defend`
-        if "rho" in dset and "kl" in dset:
-            raise ConfigError("[defense] gives rho and kl, the budgets of two different stops; add stop = "
-                              '"accuracy" or "kl" (or a list of both)')
-        fixed["stop"] = "accuracy" if "rho" in dset else "kl"
+    fixed = {"methods": tuple(methods)} | {k: dset[k] for k in ("aux_seed",) if k in dset}
     keys = list(lists)
-    return tuple(DefenseSettings(**fixed, **dict(zip(keys, values)))
-                 for values in itertools.product(*(lists[k] for k in keys)))
+    variants = []
+    for values in itertools.product(*(lists[k] for k in keys)):
+        chosen = dict(zip(keys, values))
+        own = {k: chosen.pop(k) for k in ("preset", "aux_per_class") if k in chosen}
+        rule = tuple((k, chosen[k]) for k in RULE_KEYS if k in chosen)
+        variants.append(DefenseSettings(**fixed, **own, rule=rule))
+    return tuple(variants)
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -429,23 +448,23 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.devic
     cell.detail = {"method": defense.method}
     if defense.method in POST_TRAINING:
         d = defense.settings
-        tag = d.tag(defense.method)
+        config = d.config(defense.method)
+        tag = stem(config, d.aux_per_class, d.aux_seed)
         model = run_dir / f"{tag}.safetensors"
         record = _read(run_dir / f"{tag}.json")
         if record is None or not model.is_file():
             cached = False
             outcome = defend_checkpoint(run_dir / "final.safetensors", run_dir / "init.safetensors",
-                                        _aux(exp, d, cfg.dataset, data_dir), d.config(defense.method),
-                                        seed=d.aux_seed, device=device)
+                                        _aux(exp, d, cfg.dataset, data_dir), config, seed=d.aux_seed,
+                                        device=device)
             save_checkpoint(model, outcome.state, outcome.meta)
             done = outcome.record
             record = {"lambda": done.lam, "flipped": done.flipped, "of": done.of,
                       "aux_acc_before": done.aux_acc_before, "aux_acc_after": done.aux_acc_after,
                       "all_selected": done.all_selected}
             _write(run_dir / f"{tag}.json", record)
-        cell.detail |= {"step": d.step, "rho": d.rho, "stop": d.stop, "kl": d.kl if d.stop == "kl" else None,
-                        "holdout": d.holdout, "shifts": d.shifts, "aux_per_class": d.aux_per_class,
-                        "repair": d.repair} | record
+        settings = {k: v for k, v in config.record().items() if k not in ("method", "repair")}
+        cell.detail |= settings | {"repair": repair_label(config.repair), "aux_per_class": d.aux_per_class} | record
     eval_path = model.with_suffix(".eval.json")
     report = _read(eval_path)
     if report is None or "asr_clean" not in report:  # (records from before asr_clean are redone)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import CheckpointError
-from .settings import KL_BUDGET, DefenseConfig, RepairSettings
+from .errors import CheckpointError, ConfigError
+from .settings import DefenseConfig
 
 RECORD_VERSION = 1  # records written before the version key had the same layout
 
@@ -68,26 +68,21 @@ class DefenseRecord:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DefenseRecord:
-        """Read ``to_json``'s layout back; records from before the kl stop read as the accuracy stop."""
+        """Read ``to_json``'s layout back (DefenseConfig.from_record: older records too)."""
         version = data.get("version", RECORD_VERSION)
         if version != RECORD_VERSION:
             raise CheckpointError(f"defense record version {version!r}; this flain-cli reads version "
                                   f"{RECORD_VERSION}: upgrade flain-cli")
         try:
             repair = data["repair"]
-            settings = None if repair is None else RepairSettings(
-                **{k: v for k, v in repair.items() if k != "aux_acc_flipped"})
-            stop = data.get("stop", "accuracy")
-            config = DefenseConfig(method=data["method"], step=data["step"], rho=data["rho"], select=data["select"],
-                                   stop=stop, kl=data.get("kl") or KL_BUDGET, holdout=data["holdout"],
-                                   shifts=data.get("shifts", 0),
-                                   rescale=data["rescale"], repair=settings)
+            config = DefenseConfig.from_record(data | {"repair": None if repair is None else {
+                k: v for k, v in repair.items() if k != "aux_acc_flipped"}})
             aux = data["aux"]
             return cls(config, data["layer"], data["lambda"], data["mu"], data["flipped"], data["of"],
                        tuple(data["neurons"]), data["all_selected"], data["aux_acc_before"], data["aux_acc_kept"],
                        data.get("kl_kept"), None if repair is None else repair.get("aux_acc_flipped"),
                        data["aux_acc_after"], data["steps"], data["evaluations"], data["seed"],
                        tuple(data["warnings"]), AuxRecord(aux["source"], aux["n"], aux["scored_on"], aux["resized"]))
-        except (KeyError, TypeError, AttributeError) as exc:
+        except (KeyError, TypeError, AttributeError, ConfigError) as exc:
             raise CheckpointError(f"the defense record is incomplete or malformed ({type(exc).__name__}: {exc})") \
                 from None

@@ -2,18 +2,26 @@
 
 Plain data, no torch: the CLI builds its options and presets from these without importing the
 library. The search that uses them is :mod:`flain_cli.defense`, the repair :mod:`flain_cli.repair`.
+
+A defense rule is a :class:`DefenseConfig`. Its field defaults *are* the default preset
+(``PRESETS["default"] == DefenseConfig()``); ``PRESETS["paper"]`` is Algorithm 1 as written. Every
+caller (`flain defend`, `flain sweep`, the grids of `flain experiment`, the labs) turns a preset and
+the settings it changes into a checked config with one function, :func:`defense_config`, whose
+keyword names are the options of `flain defend` (``repair_steps`` for ``--repair-steps``). The stop
+rule is a :data:`Stop`: the paper's :class:`AccuracyStop` or our :class:`KlStop`, each owning its
+budget, its check, its label and its record.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar
 
 from .catalog import METHODS
-from .errors import ConfigError
+from .errors import ConfigError, opt
 
 SELECTS = ("crossing", "last-safe")
-STOPS = ("accuracy", "kl")  # the paper's stop on the aux accuracy drop, or ours on the output divergence
 REPAIR_OPTIMIZERS = ("adam", "sgd")  # the repair's optimizer (repair.py)
 REPAIR_LR = {"adam": 1e-3, "sgd": 0.1}  # each optimizer's learning rate when none is given
 SGD_MOMENTUM = 0.9
@@ -23,12 +31,106 @@ MAX_SHIFTS = 10  # --shifts: (2 * 10 + 1)^2 = 441 copies of the aux set at most
 MAX_POINTS = 100  # grid points of `flain experiment` before --max-points must confirm a larger grid
 
 
+PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
+KL_BUDGET = 0.07  # the kl stop's budget (docs/results.md: how it was chosen)
+
+
+def _finite(value: Any, param: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"must be a finite number, got {value!r}", param=param)
+
+
+@dataclass(frozen=True)
+class AccuracyStop:
+    """Line 17 of Algorithm 1: stop at the first threshold whose aux accuracy drop reaches ``rho``."""
+
+    rho: float = PAPER_RHO
+    name: ClassVar[str] = "accuracy"
+    budget_param: ClassVar[str] = "rho"
+    needs_divergence: ClassVar[bool] = False
+
+    @property
+    def budget(self) -> float:
+        return self.rho
+
+    def check(self) -> None:
+        _finite(self.rho, "rho")
+        if not 0 <= self.rho <= 1:
+            raise ConfigError(f"must be in [0, 1], got {self.rho}", param="rho")
+
+    def crossed(self, acc0: float, acc: float, kl: float | None) -> bool:  # noqa: ARG002 - one signature for both
+        return self.rho <= acc0 - acc
+
+    @property
+    def label(self) -> str:
+        """The stop in a file stem: ``rho0.03``."""
+        return f"rho{self.rho:g}"
+
+    def describe(self) -> str:
+        return f"rho {self.rho:g}"
+
+    def record(self) -> dict[str, Any]:
+        return {"stop": self.name, "rho": self.rho, "kl": None}
+
+
+@dataclass(frozen=True)
+class KlStop:
+    """Ours: stop at the first threshold whose mean KL divergence of the outputs from the original model's on
+    the aux set, KL(original || candidate), reaches ``kl``."""
+
+    kl: float = KL_BUDGET
+    name: ClassVar[str] = "kl"
+    budget_param: ClassVar[str] = "kl"
+    needs_divergence: ClassVar[bool] = True
+
+    @property
+    def budget(self) -> float:
+        return self.kl
+
+    def check(self) -> None:
+        _finite(self.kl, "kl")
+        if not 0 < self.kl <= 10:
+            raise ConfigError(f"must be in (0, 10], got {self.kl}", param="kl")
+
+    def crossed(self, acc0: float, acc: float, kl: float | None) -> bool:  # noqa: ARG002 - one signature for both
+        if kl is None:
+            raise ValueError("the kl stop needs the divergence of every threshold it reads")
+        return self.kl <= kl
+
+    @property
+    def label(self) -> str:
+        return f"kl{self.kl:g}"
+
+    def describe(self) -> str:
+        return f"kl {self.kl:g}"
+
+    def record(self) -> dict[str, Any]:
+        return {"stop": self.name, "rho": None, "kl": self.kl}
+
+
+Stop = AccuracyStop | KlStop
+STOP_KINDS: dict[str, type[AccuracyStop] | type[KlStop]] = {"accuracy": AccuracyStop, "kl": KlStop}
+STOPS = tuple(STOP_KINDS)  # the paper's stop on the aux accuracy drop, or ours on the output divergence
+
+
+def make_stop(name: str, budget: float | None = None) -> Stop:
+    """The stop named ``name`` with ``budget`` (its rho or kl; None: its default)."""
+    if name not in STOP_KINDS:
+        raise ConfigError(f"must be one of {', '.join(STOPS)}, got {name!r}", param="stop")
+    kind = STOP_KINDS[name]
+    return kind() if budget is None else kind(budget)
+
+
 @dataclass(frozen=True)
 class RepairSettings:
-    """How the repair trains (the defaults are the setting fixed on the tuning trainings)."""
+    """How the repair trains; the defaults are the default preset's (SGD, the rule chosen in docs/results.md)."""
 
     steps: int = 100
-    lr: float = REPAIR_LR["adam"]
+    # "sgd" (momentum SGD_MOMENTUM) moves each input's weights in proportion to its activation; "adam" moves
+    # near-silent inputs' weights as much as busy ones' (repair.py). Each has its own learning rate (REPAIR_LR):
+    # change the optimizer with with_optimizer
+    optimizer: str = "sgd"
+    lr: float = REPAIR_LR["sgd"]
     alpha: float = 0.8  # weight of the distillation term; 1 - alpha goes to the labels
     temperature: float = 4.0
     # the silent-neuron guard (ours, opt-in: weight 0 is off; repair.py): the repaired model must also
@@ -36,10 +138,6 @@ class RepairSettings:
     guard: float = 0.0  # weight of that term
     guard_ratio: float = 2.0  # candidates: the guard_ratio x flipped inputs of lowest mean activation
     guard_rate: float = 0.01  # share of the candidates switched on in each perturbed copy
-    # ours, opt-in: "sgd" (momentum SGD_MOMENTUM) moves each input's weights in proportion to its
-    # activation, where Adam moves near-silent inputs' weights as much as busy ones' (repair.py);
-    # give it its own learning rate: with_optimizer (the CLI uses it when --repair-lr is not given)
-    optimizer: str = "adam"
     # ours, opt-in (0: off): copies of each aux image with one white square (side 2-6, at a random place)
     # that must give the teacher's outputs on the clean image (repair.py, patched_copies)
     patches: int = 0
@@ -49,65 +147,63 @@ class RepairSettings:
         return replace(self, optimizer=optimizer, lr=REPAIR_LR.get(optimizer, self.lr))
 
     def check(self) -> None:
-        if not (isinstance(self.steps, int) and 1 <= self.steps <= 100_000):
-            raise ConfigError(f"repair steps must be an integer from 1 to 100000, got {self.steps}")
-        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
-            raise ConfigError(f"repair lr must be in (0, 1], got {self.lr}")
+        if isinstance(self.steps, bool) or not (isinstance(self.steps, int) and 1 <= self.steps <= 100_000):
+            raise ConfigError(f"must be a whole number from 1 to 100000, got {self.steps!r}", param="repair_steps")
+        for name in ("lr", "alpha", "temperature", "guard", "guard_ratio", "guard_rate"):
+            _finite(getattr(self, name), f"repair_{name}")
+        if not 0 < self.lr <= 1:
+            raise ConfigError(f"must be in (0, 1], got {self.lr}", param="repair_lr")
         if not 0 <= self.alpha <= 1:
-            raise ConfigError(f"repair alpha must be in [0, 1], got {self.alpha}")
-        if not (math.isfinite(self.temperature) and 0 < self.temperature <= 100):
-            raise ConfigError(f"repair temperature must be in (0, 100], got {self.temperature}")
-        if not (math.isfinite(self.guard) and 0 <= self.guard <= 100):
-            raise ConfigError(f"repair guard must be in [0, 100] (0: off), got {self.guard}")
-        if not (math.isfinite(self.guard_ratio) and 0 < self.guard_ratio <= 100):
-            raise ConfigError(f"repair guard_ratio must be in (0, 100], got {self.guard_ratio}")
+            raise ConfigError(f"must be in [0, 1], got {self.alpha}", param="repair_alpha")
+        if not 0 < self.temperature <= 100:
+            raise ConfigError(f"must be in (0, 100], got {self.temperature}", param="repair_temperature")
+        if not 0 <= self.guard <= 100:
+            raise ConfigError(f"must be in [0, 100] (0: off), got {self.guard}", param="repair_guard")
+        if not 0 < self.guard_ratio <= 100:
+            raise ConfigError(f"must be in (0, 100], got {self.guard_ratio}", param="repair_guard_ratio")
         if not 0 < self.guard_rate <= 1:
-            raise ConfigError(f"repair guard_rate must be in (0, 1], got {self.guard_rate}")
+            raise ConfigError(f"must be in (0, 1], got {self.guard_rate}", param="repair_guard_rate")
         if isinstance(self.patches, bool) or not (isinstance(self.patches, int) and 0 <= self.patches <= MAX_PATCHES):
-            raise ConfigError(f"repair patches must be a whole number from 0 (off) to {MAX_PATCHES}, "
-                              f"got {self.patches}")
+            raise ConfigError(f"must be a whole number from 0 (off) to {MAX_PATCHES}, got {self.patches!r}",
+                              param="repair_patches")
         if self.optimizer not in REPAIR_OPTIMIZERS:
-            raise ConfigError(f"repair optimizer must be one of {', '.join(REPAIR_OPTIMIZERS)}, "
-                              f"got {self.optimizer!r}")
+            raise ConfigError(f"must be one of {', '.join(REPAIR_OPTIMIZERS)}, got {self.optimizer!r}",
+                              param="repair_optimizer")
 
     def record(self) -> dict[str, float | int | str]:
-        """Its settings; the guard's only when it is on, the optimizer only when it is not Adam and the
-        patches only when there are some, so records without them read (and key caches) as before they existed."""
+        """Its settings; the guard's only when it is on and the patches only when there are some (records
+        written before they existed read the same)."""
         values = asdict(self)
-        if self.optimizer == "adam":
-            del values["optimizer"]
         if not self.patches:
             del values["patches"]
         return values if self.guard else {k: v for k, v in values.items() if not k.startswith("guard")}
 
-
-PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
-KL_BUDGET = 0.07  # the kl stop's budget, chosen on the tuning trainings (docs/results.md)
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> RepairSettings:
+        """Read :meth:`record` back. Records without an optimizer were written when the repair only had Adam."""
+        return cls(**({"optimizer": "adam"} | data))
 
 
 @dataclass(frozen=True)
 class DefenseConfig:
     """Every setting of a post-training defense: the search (Algorithm 1) and the optional repair.
 
-    ``stop="kl"`` (ours, the default): the search stops where the mean KL divergence of the outputs from
-    the original model's on the aux set reaches ``kl``, instead of where the aux accuracy has dropped by
-    ``rho`` ("accuracy", line 17 of Algorithm 1). Each stop ignores the other's budget.
-    ``holdout`` > 0 (ours): the mean activations come from a share 1-holdout of the aux set and the
-    stopping rule's measures from the held-out rest. ``shifts`` > 0 (ours): the mean activations over
-    the aux images and their translations by up to that many pixels (AuxFeatures.mean_activations).
-    ``repair`` (ours, :mod:`flain_cli.repair`): after the search, distil the original model into the
-    defended one on the aux set; None turns it off. ``stop="accuracy"`` without the repair is Algorithm 1
-    exactly (the paper preset).
+    The field defaults are the default preset. ``stop``: :class:`KlStop` (ours) or :class:`AccuracyStop`
+    (line 17 of Algorithm 1). ``holdout`` > 0 (ours): the mean activations come from a share 1-holdout of the
+    aux set and the stopping rule's measures from the held-out rest. ``shifts`` > 0 (ours): the mean
+    activations over the aux images and their translations by up to that many pixels
+    (AuxFeatures.mean_activations); 0 is the paper's mean over the aux images. ``repair`` (ours,
+    :mod:`flain_cli.repair`): after the search, distil the original model into the defended one on the aux
+    set; None turns it off. ``AccuracyStop()``, ``shifts=0`` and no repair is Algorithm 1 exactly (the paper
+    preset).
     """
 
     method: str = "flain"
     step: float = PAPER_STEP
-    rho: float = PAPER_RHO
+    stop: Stop = KlStop()
     select: str = "crossing"
-    stop: str = "kl"
-    kl: float = KL_BUDGET
     holdout: float = 0.0
-    shifts: int = 0  # 0: the mean over the aux images themselves, the paper's
+    shifts: int = 2
     rescale: bool = True  # lines 18-20 of Algorithm 1 (flain only); False is an ablation
     repair: RepairSettings | None = RepairSettings()
 
@@ -117,7 +213,7 @@ class DefenseConfig:
         '+distill' when the repair runs, '+guard' with its guard, '+patches' with patched copies, '+sgd'
         when it trains with SGD."""
         repair = self.repair
-        return (self.method + ("+shifts" if self.shifts else "") + ("+kl" if self.stop == "kl" else "")
+        return (self.method + ("+shifts" if self.shifts else "") + ("+kl" if isinstance(self.stop, KlStop) else "")
                 + ("+distill" if repair is not None else "")
                 + ("+guard" if repair is not None and repair.guard else "")
                 + ("+patches" if repair is not None and repair.patches else "")
@@ -126,17 +222,13 @@ class DefenseConfig:
     def check(self) -> None:
         """Refuse settings out of range before any work (those that need the activations are checked later)."""
         METHODS.check(self.method)
-        for name, value in (("step", self.step), ("rho", self.rho), ("kl", self.kl), ("holdout", self.holdout)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"must be a finite number, got {value!r}", param=name)
+        for name in ("step", "holdout"):
+            _finite(getattr(self, name), name)
         if not self.step > 0:
             raise ConfigError(f"must be > 0, got {self.step}", param="step")
-        if not 0 <= self.rho <= 1:
-            raise ConfigError(f"must be in [0, 1], got {self.rho}", param="rho")
-        if not 0 < self.kl <= 10:
-            raise ConfigError(f"must be in (0, 10], got {self.kl}", param="kl")
-        if self.stop not in STOPS:
+        if not isinstance(self.stop, AccuracyStop | KlStop):
             raise ConfigError(f"must be one of {', '.join(STOPS)}, got {self.stop!r}", param="stop")
+        self.stop.check()
         if isinstance(self.shifts, bool) or not isinstance(self.shifts, int) or not 0 <= self.shifts <= MAX_SHIFTS:
             raise ConfigError(f"must be a whole number of pixels from 0 to {MAX_SHIFTS}, got {self.shifts!r}",
                               param="shifts")
@@ -144,22 +236,107 @@ class DefenseConfig:
             raise ConfigError(f"must be in [0, 1), got {self.holdout}", param="holdout")
         if self.select not in SELECTS:
             raise ConfigError(f"must be one of {', '.join(SELECTS)}, got {self.select!r}", param="select")
+        if not isinstance(self.rescale, bool):
+            raise ConfigError(f"must be true or false, got {self.rescale!r}", param="rescale")
         if self.repair is not None:
             self.repair.check()
 
-    def record(self) -> dict:
-        return {"rule": self.rule, "method": self.method, "step": self.step, "rho": self.rho, "select": self.select,
-                "stop": self.stop, "kl": self.kl if self.stop == "kl" else None, "holdout": self.holdout,
-                "shifts": self.shifts, "rescale": self.rescale,
-                "repair": None if self.repair is None else self.repair.record()}
+    def record(self) -> dict[str, Any]:
+        """The settings in the checkpoint's flat layout (docs/checkpoint-format.md)."""
+        return ({"rule": self.rule, "method": self.method, "step": self.step} | self.stop.record()
+                | {"select": self.select, "holdout": self.holdout, "shifts": self.shifts, "rescale": self.rescale,
+                   "repair": None if self.repair is None else self.repair.record()})
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> DefenseConfig:
+        """Read :meth:`record` back; records from before the kl stop read as the accuracy stop, from before
+        --shifts as shifts 0."""
+        name = data.get("stop", "accuracy")
+        budget = data.get(STOP_KINDS[name].budget_param) if name in STOP_KINDS else None
+        repair = data["repair"]
+        return cls(method=data["method"], step=data["step"], stop=make_stop(name, budget),
+                   select=data["select"], holdout=data["holdout"], shifts=data.get("shifts", 0),
+                   rescale=data["rescale"], repair=None if repair is None else RepairSettings.from_record(repair))
 
 
-# Named settings. "paper": Algorithm 1 as written (step 0.001, rho 0.03 on the aux accuracy, the
-# crossing model, rescale, no repair). "default": the same search on the means over the aux images
-# and their moves by up to 2 pixels (shifts 2), stopped on the outputs' divergence (kl 0.07) and
-# followed by the distillation repair trained with SGD: the rule that kept the most tuning cells
-# within target (docs/results.md, "FLAIN that keeps accuracy"). The defaults before it: shifts 0 and
-# the Adam repair (`--shifts 0 --repair-optimizer adam`, until 2026-11-30 evening), and before that
-# the paper's stop then the Adam repair (add `--stop accuracy`).
-PRESETS: dict[str, DefenseConfig] = {"default": DefenseConfig(shifts=2, repair=RepairSettings().with_optimizer("sgd")),
-                                     "paper": DefenseConfig(stop="accuracy", repair=None)}
+# Named settings: "default" is the rule docs/results.md chose (the field defaults above); "paper" is
+# Algorithm 1 as written (step 0.001, rho 0.03 on the aux accuracy, the crossing model, rescale, the
+# mean over the aux images themselves, no repair).
+PRESETS: dict[str, DefenseConfig] = {"default": DefenseConfig(),
+                                     "paper": DefenseConfig(stop=AccuracyStop(), shifts=0, repair=None)}
+DEFAULT = PRESETS["default"]
+
+REPAIR_CHOICES = ("distill", "none")  # the repair: on (distillation) or off
+# the settings defense_config takes besides the preset: `flain defend`'s options by their library names
+OVERRIDES = ("method", "step", "stop", "rho", "kl", "select", "holdout", "shifts", "rescale", "repair",
+             *(f"repair_{f}" for f in ("steps", "optimizer", "lr", "alpha", "temperature", "guard", "guard_ratio",
+                                       "guard_rate", "patches")))
+
+
+def defense_config(preset: str = "default", **overrides: Any) -> DefenseConfig:
+    """The preset, with every setting given in ``overrides`` in its place, checked.
+
+    Args:
+        preset: a name of PRESETS.
+        overrides: settings by `flain defend`'s option names (OVERRIDES: ``rho`` for ``--rho``,
+            ``repair_steps`` for ``--repair-steps``...); None means "not given".
+
+    A budget without ``stop`` picks its stop: ``rho`` the accuracy stop, ``kl`` the kl stop; a budget the
+    chosen stop does not read is refused. ``repair`` is "distill" or "none". ``repair_optimizer`` without
+    ``repair_lr`` brings that optimizer's learning rate. Raises ConfigError naming the setting at fault.
+
+    Example: ``defense_config("paper", rho=0.02)``; ``defense_config(repair="none")``.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(given) - set(OVERRIDES))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(OVERRIDES)}")
+    if preset not in PRESETS:
+        raise ConfigError(f"must be one of {', '.join(PRESETS)}, got {preset!r}", param="preset")
+    base = PRESETS[preset]
+    rho, kl, stop_name = given.pop("rho", None), given.pop("kl", None), given.pop("stop", None)
+    if stop_name is None and rho is not None and kl is not None:
+        raise ConfigError(f"{opt('rho')} and {opt('kl')} are the budgets of two different stops; give one, or "
+                          f"{opt('stop')} to choose")
+    if stop_name is None:
+        stop_name = "accuracy" if rho is not None else "kl" if kl is not None else base.stop.name
+    stop = make_stop(stop_name, rho if stop_name == "accuracy" else kl)
+    if stop_name == base.stop.name and rho is None and kl is None:
+        stop = base.stop
+    if stop_name == "kl" and rho is not None:
+        raise ConfigError(f"is the accuracy stop's budget and has no effect with {opt('stop')} kl; drop it or "
+                          f"pass {opt('stop')} accuracy", param="rho")
+    if stop_name == "accuracy" and kl is not None:
+        raise ConfigError(f"is the kl stop's budget and has no effect with {opt('stop')} accuracy; drop it or "
+                          f"pass {opt('stop')} kl", param="kl")
+    repair = _repair(base.repair, given.pop("repair", None),
+                     {k.removeprefix("repair_"): given.pop(k) for k in list(given) if k.startswith("repair_")})
+    config = replace(base, stop=stop, repair=repair, **given)
+    config.check()
+    return config
+
+
+def _repair(base: RepairSettings | None, choice: str | None, given: dict[str, Any]) -> RepairSettings | None:
+    """The repair of :func:`defense_config`: ``base`` (the preset's), switched by ``choice``, changed by ``given``."""
+    if choice is not None and choice not in REPAIR_CHOICES:
+        hint = (f"; the optimizer is {opt('repair_optimizer')} and the patched copies {opt('repair_patches')}"
+                if isinstance(choice, str) and choice.startswith("distill-") else "")
+        raise ConfigError(f"must be one of {', '.join(REPAIR_CHOICES)}, got {choice!r}{hint}", param="repair")
+    on = base is not None if choice is None else choice == "distill"
+    if given and not on:
+        raise ConfigError(f"has no effect without the repair; drop it or pass {opt('repair')} distill",
+                          param=f"repair_{next(iter(given))}")
+    if not on:
+        return None
+    settings = base or RepairSettings()
+    if "optimizer" in given:  # with its own learning rate, unless repair_lr gives one
+        optimizer = given.pop("optimizer")
+        if optimizer not in REPAIR_OPTIMIZERS:
+            raise ConfigError(f"must be one of {', '.join(REPAIR_OPTIMIZERS)}, got {optimizer!r}",
+                              param="repair_optimizer")
+        settings = settings.with_optimizer(optimizer)
+    settings = replace(settings, **given)
+    if not settings.guard and {"guard_ratio", "guard_rate"} & set(given):
+        raise ConfigError(f"{opt('repair_guard_ratio')} and {opt('repair_guard_rate')} shape the guard, which is "
+                          f"off; drop them or pass {opt('repair_guard')} 1")
+    return settings

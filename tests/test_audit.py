@@ -6,13 +6,15 @@ import json
 import pytest
 import torch
 
-from flain_cli.audit import AuxFeatures, defend_checkpoint, load_aux_for, load_model, scan_checkpoint
+from flain_cli.audit import defend_checkpoint, scan_checkpoint
 from flain_cli.checkpoint import load_checkpoint, model_meta, save_checkpoint
 from flain_cli.datasets import normalize
 from flain_cli.errors import CheckpointError, ConfigError
+from flain_cli.features import AuxFeatures
+from flain_cli.loading import load_aux_for, load_model
 from flain_cli.models import build_model
 from flain_cli.records import DefenseRecord
-from flain_cli.settings import PRESETS, DefenseConfig
+from flain_cli.settings import PRESETS, defense_config
 
 from .conftest import write_aux_folder
 
@@ -30,7 +32,7 @@ PAPER = PRESETS["paper"]
                                                        ("flain", 0.05, "default")])
 def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, method, rho, preset):
     out, _ = tiny_run
-    config = DefenseConfig(method=method, step=0.01, rho=rho, stop="accuracy", repair=PRESETS[preset].repair)
+    config = defense_config(preset, method=method, step=0.01, rho=rho, shifts=0)
     fast = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config, plain=True)
     assert fast.result.lam == plain.result.lam
@@ -44,7 +46,7 @@ def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, meth
 def test_the_kl_stop_on_a_trained_model(tiny_run, aux_dir, kl):
     """Both loops agree; the kept model is the first whose outputs diverge by kl; the original diverges by 0."""
     out, _ = tiny_run
-    config = DefenseConfig(step=0.01, stop="kl", kl=kl, repair=None)
+    config = defense_config(step=0.01, kl=kl, shifts=0, repair="none")
     fast = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config, plain=True)
     assert fast.result.lam == plain.result.lam and torch.equal(fast.result.mask, plain.result.mask)
@@ -64,7 +66,7 @@ def test_the_kl_stop_on_a_trained_model(tiny_run, aux_dir, kl):
 def test_only_the_defended_weight_changes(tiny_run, aux_dir):
     out, _ = tiny_run
     outcome = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
-                                DefenseConfig(stop="accuracy", rho=0.05, repair=None))
+                                defense_config("paper", rho=0.05))
     original = load_checkpoint(out / "final.safetensors")
     changed = [k for k in original.tensors if not torch.equal(original.tensors[k], outcome.state[k])]
     assert changed == ["fc1.weight"]
@@ -83,7 +85,7 @@ def test_only_the_defended_weight_changes(tiny_run, aux_dir):
 
 def test_scan_means_are_the_fc1_inputs(tiny_run, aux_dir):
     out, _ = tiny_run
-    res = scan_checkpoint(out / "final.safetensors", aux_dir)
+    res = scan_checkpoint(out / "final.safetensors", aux_dir, shifts=0)
     assert res.layer == "fc1" and res.means.shape == (3136,) and res.n_aux == 80
     assert bool((res.means >= 0).all())  # ReLU'd inputs
     loaded = load_model(out / "final.safetensors")
@@ -124,9 +126,9 @@ def test_mismatched_init_is_refused(tiny_run, aux_dir, tmp_path):
 def test_holdout_scores_on_the_held_out_images(tiny_run, aux_dir):
     out, _ = tiny_run
     plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
-                              DefenseConfig(stop="accuracy", rho=0.05, repair=None))
+                              defense_config("paper", rho=0.05))
     held = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
-                             DefenseConfig(stop="accuracy", rho=0.05, holdout=0.5, repair=None))
+                             defense_config("paper", rho=0.05, holdout=0.5))
     assert plain.meta["defense"]["aux"]["scored_on"] == 80 and plain.meta["defense"]["holdout"] == 0.0
     assert held.meta["defense"]["aux"]["scored_on"] == 40 and held.meta["defense"]["holdout"] == 0.5
     assert not torch.equal(plain.result.mask, held.result.mask) or plain.result.acc0 != held.result.acc0
@@ -153,12 +155,12 @@ def test_shifted_means_average_the_features_of_every_translated_copy(tiny_run, a
     expected = torch.cat(copies).mean(0).float()
     shifted = feats.mean_activations(1)
     assert torch.allclose(shifted, expected, rtol=1e-5, atol=1e-7)
-    assert not torch.equal(shifted, feats.mean_activations())
+    assert not torch.equal(shifted, feats.mean_activations(0))
 
 
 def test_defend_with_shifts_records_them_and_is_deterministic(tiny_run, aux_dir):
     out, _ = tiny_run
-    config = DefenseConfig(step=0.01, stop="kl", kl=0.05, shifts=1)
+    config = defense_config(step=0.01, kl=0.05, shifts=1, repair_optimizer="adam")
     first = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     again = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
@@ -175,9 +177,9 @@ def test_defend_with_shifts_records_them_and_is_deterministic(tiny_run, aux_dir)
 
 def test_the_repair_keeps_the_flip_and_touches_only_fc1_and_after(tiny_run, aux_dir):
     out, _ = tiny_run
-    config = DefenseConfig(stop="accuracy", rho=0.05)  # the search, then the repair
+    config = defense_config(rho=0.05, shifts=0, repair_optimizer="adam")  # the search, then the repair
     paper = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir,
-                              DefenseConfig(stop="accuracy", rho=0.05, repair=None))
+                              defense_config("paper", rho=0.05))
     repaired = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     again = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     original = load_checkpoint(out / "final.safetensors").tensors

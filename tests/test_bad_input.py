@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from flain_cli.checkpoint import load_checkpoint, save_checkpoint
+from flain_cli.settings import PRESETS
 
 from .conftest import invoke
 
@@ -101,7 +102,8 @@ def test_the_search_functions_refuse_non_finite_activations():
     from flain_cli.errors import ConfigError
     w, w0 = torch.ones(2, 3), torch.zeros(2, 3)
     with pytest.raises(ConfigError, match="NaN or Inf"):
-        search_fast(w, w0, torch.tensor([0.0, float("nan"), 1.0]), lambda weight, changed=None: 1.0)
+        search_fast(w, w0, torch.tensor([0.0, float("nan"), 1.0]), lambda weight, changed=None: 1.0,
+                    PRESETS["paper"])
 
 
 def test_the_repair_on_a_large_aux_set_is_warned_about(tiny_run, tmp_path):
@@ -327,7 +329,7 @@ def test_the_flower_engine_and_ray_without_the_extra_are_one_clear_error(fmnist_
 @pytest.mark.parametrize(("args", "code", "start"), [
     (["scan", "{final}", "--aux", "{aux}", "--lowest", "-5"], 2, "Usage: "),
     (["sweep", "{final}", "--init", "{init}", "--aux", "{aux}", "--step", "nan"], 1,
-     "Error: --step must be a finite number > 0, got nan"),
+     "Error: --step must be a finite number, got nan"),
     (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--method", "../x"], 1, "Error: "),
     (["defend", "{final}", "--init", "{init}", "--aux", "{aux}", "--holdout", "1"], 1,
      "Error: --holdout must be in [0, 1), got 1.0"),

@@ -124,7 +124,7 @@ def test_scan_json_csv_and_table(tiny_run, aux_dir, tmp_path):
     assert table.exit_code == 0 and "histogram" in table.stdout and "3 least active" in table.stdout
     assert "inputs of fc2" in " ".join(table.stdout.split())
     moved = json.loads(invoke("scan", run / "final.safetensors", "--aux", aux_dir, "--shifts", "1", "--json").stdout)
-    assert moved["shifts"] == 1 and report["shifts"] == 0 and moved["means"] != report["means"]
+    assert moved["shifts"] == 1 and report["shifts"] == 2 and moved["means"] != report["means"]  # defend's default
     assert len(moved["means"]) == 3136
 
 
@@ -160,7 +160,7 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     assert adam["rule"] == "flain+distill" and (adam["repair"]["lr"], adam["shifts"]) == (0.001, 0)
     meta = load_checkpoint(tmp_path / "d.safetensors").meta["defense"]
     assert meta["rule"] == "flain+distill" and meta["repair"]["steps"] == 20 and meta["step"] == 0.001
-    assert "guard" not in meta["repair"] and "optimizer" not in meta["repair"]  # off / Adam: as before they existed
+    assert "guard" not in meta["repair"] and meta["repair"]["optimizer"] == "adam"  # guard off: as before it existed
     guard = json.loads(invoke("defend", *plain, "--repair-steps", "20", "--repair-optimizer", "adam",
                               "--repair-guard", "1", "--out", tmp_path / "g.safetensors").stdout)
     assert guard["rule"] == "flain+distill+guard" and guard["flipped"] == adam["flipped"]
@@ -183,7 +183,7 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
     assert (lr["repair"]["optimizer"], lr["repair"]["lr"]) == ("sgd", 0.02)
     back = json.loads(invoke("defend", *plain, "--repair-steps", "20", "--repair-optimizer", "adam",
                              "--repair-lr", "0.002", "--out", tmp_path / "a2.safetensors").stdout)
-    assert "optimizer" not in back["repair"] and back["repair"]["lr"] == 0.002
+    assert back["repair"]["optimizer"] == "adam" and back["repair"]["lr"] == 0.002
     assert "patches" not in back["repair"] and "patches" not in meta["repair"]  # off: as before it existed
     # the patched copies (opt-in): named in the rule, the JSON and the metadata; the same flip; deterministic
     patched = [*plain, "--repair-steps", "20", "--repair-patches", "2"]
@@ -200,37 +200,35 @@ def test_presets_and_the_repair_options(tiny_run, aux_dir, tmp_path):
 
 
 def test_the_earlier_defaults_are_options_away():
-    """Today's default preset is the one before it plus --shifts 2 and the SGD repair, and nothing else."""
-    from flain_cli.cli.defend import build_config
-    from flain_cli.settings import PRESETS, DefenseConfig, RepairSettings
-    unset = dict.fromkeys(("steps", "lr", "alpha", "temperature", "guard", "guard_ratio", "guard_rate"))
+    """Today's default preset is the field defaults; the earlier defaults are a few settings away."""
+    from flain_cli.settings import PRESETS, AccuracyStop, DefenseConfig, KlStop, RepairSettings, defense_config
+    assert PRESETS["default"] == DefenseConfig() == defense_config()
+    assert DefenseConfig() == DefenseConfig(stop=KlStop(0.07), shifts=2, repair=RepairSettings(optimizer="sgd", lr=0.1))
+    earlier = DefenseConfig(shifts=0, repair=RepairSettings(optimizer="adam", lr=0.001))  # until 2026-11-30 evening
+    assert defense_config(shifts=0, repair_optimizer="adam") == earlier
+    assert defense_config(shifts=0, repair_optimizer="adam", stop="accuracy") == DefenseConfig(
+        stop=AccuracyStop(0.03), shifts=0, repair=earlier.repair)  # and the one before it
+    assert defense_config("paper") == PRESETS["paper"] == DefenseConfig(stop=AccuracyStop(), shifts=0, repair=None)
 
-    def config(optimizer, shifts, stop=None):
-        return build_config("default", None, None, None, None, None, None, None, unset | {"optimizer": optimizer},
-                            stop, None, shifts)
-    assert PRESETS["default"] == DefenseConfig(shifts=2, repair=RepairSettings(optimizer="sgd", lr=0.1))
-    assert config(None, None) == PRESETS["default"]
-    assert config("adam", 0) == DefenseConfig()  # the default until 2026-11-30 evening
-    assert config("adam", 0, "accuracy") == DefenseConfig(stop="accuracy")  # and the one before it
 
 @pytest.mark.parametrize(("options", "message"), [
     (["--repair", "none", "--repair-steps", "5"],
      "Error: --repair-steps has no effect without the repair; drop it or pass --repair distill"),
     (["--preset", "paper", "--repair-lr", "0.1"],
      "Error: --repair-lr has no effect without the repair; drop it or pass --repair distill"),
-    (["--repair-alpha", "2"], "Error: repair alpha must be in [0, 1], got 2.0"),
-    (["--repair-steps", "0"], "Error: repair steps must be an integer from 1 to 100000, got 0"),
-    (["--repair-temperature", "nan"], "Error: repair temperature must be in (0, 100], got nan"),
+    (["--repair-alpha", "2"], "Error: --repair-alpha must be in [0, 1], got 2.0"),
+    (["--repair-steps", "0"], "Error: --repair-steps must be a whole number from 1 to 100000, got 0"),
+    (["--repair-temperature", "nan"], "Error: --repair-temperature must be a finite number, got nan"),
     (["--repair", "none", "--repair-guard", "1"],
      "Error: --repair-guard has no effect without the repair; drop it or pass --repair distill"),
     (["--repair-guard-rate", "0.1"], "Error: --repair-guard-ratio and --repair-guard-rate shape the guard, which is "
                                      "off; drop them or pass --repair-guard 1"),
-    (["--repair-guard", "1", "--repair-guard-rate", "2"], "Error: repair guard_rate must be in (0, 1], got 2.0"),
+    (["--repair-guard", "1", "--repair-guard-rate", "2"], "Error: --repair-guard-rate must be in (0, 1], got 2.0"),
     (["--preset", "paper", "--repair-optimizer", "sgd"],
      "Error: --repair-optimizer has no effect without the repair; drop it or pass --repair distill"),
     (["--repair", "none", "--repair-patches", "2"],
      "Error: --repair-patches has no effect without the repair; drop it or pass --repair distill"),
-    (["--repair-patches", "65"], "Error: repair patches must be a whole number from 0 (off) to 64, got 65"),
+    (["--repair-patches", "65"], "Error: --repair-patches must be a whole number from 0 (off) to 64, got 65"),
 ])
 def test_bad_repair_settings_are_one_error_line(tiny_run, aux_dir, tmp_path, options, message):
     run, _ = tiny_run

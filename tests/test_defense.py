@@ -10,16 +10,16 @@ from hypothesis import strategies as st
 
 from flain_cli.defense import first_k_covering, flip_updates, prune_columns, rescale, search_fast, search_plain
 from flain_cli.errors import ConfigError
-from flain_cli.settings import PRESETS
+from flain_cli.settings import PRESETS, KlStop, make_stop
 
 W0 = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 W = torch.tensor([[2.0, 0.0, 3.5], [3.0, 5.5, 8.0]])  # dW = [[1, -2, .5], [-1, .5, 2]]
 X = torch.tensor([0.0, 0.5, 2.0])
 
 
-def cfg(**settings):
-    """The paper's search settings with some replaced."""
-    return dataclasses.replace(PRESETS["paper"], **settings)
+def cfg(stop: str = "accuracy", rho: float = 0.03, kl: float = 0.07, **settings):
+    """The paper's search settings with some replaced (the stop by its name and budgets)."""
+    return dataclasses.replace(PRESETS["paper"], stop=make_stop(stop, rho if stop == "accuracy" else kl), **settings)
 
 
 def losing(per_column: float = 0.02):
@@ -66,7 +66,7 @@ def test_the_kl_stop_fires_at_the_first_divergence_over_its_budget(search):
     res = search(W, W0, X, evaluate, cfg(step=0.1, rho=0.03, stop="kl", kl=0.5), divergence=divergence)
     # lambda 0.1 flips column 0 (0.3 < 0.5); lambda 0.5 adds column 1 (0.6 >= 0.5): stop there
     assert res.lam == pytest.approx(0.5) and res.mask.tolist() == [True, True, False] and not res.all_selected
-    assert res.kl_kept == pytest.approx(0.6) and res.config.stop == "kl" and res.config.kl == 0.5
+    assert res.kl_kept == pytest.approx(0.6) and res.config.stop == KlStop(0.5)
     assert [s.kl for s in res.trace][-1] == pytest.approx(0.6) and all(s.kl < 0.5 for s in res.trace[:-1])
     assert search(W, W0, X, losing(per_column=0.0), cfg(step=0.1, rho=0.03)).all_selected
     last_safe = search(W, W0, X, evaluate, cfg(step=0.1, rho=0.03, stop="kl", kl=0.5, select="last-safe"),
@@ -145,7 +145,7 @@ def test_bad_parameters():
         with pytest.raises(ConfigError):
             search_fast(W, W0, X, losing(), cfg(**kwargs))
     with pytest.raises(ConfigError):
-        search_fast(W, W0[:, :2], X, losing())
+        search_fast(W, W0[:, :2], X, losing(), cfg())
 
 
 @settings(max_examples=60, deadline=None)

@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from flain_cli.cli.app import app
 from flain_cli.errors import ConfigError
 from flain_cli.experiment import Cell, load_experiment, write_results
+from flain_cli.settings import AccuracyStop, KlStop
 
 runner = CliRunner()
 
@@ -189,22 +190,28 @@ def test_a_worker_behind_does_not_overwrite_finished_results(tmp_path):
 
 
 def test_named_settings_may_vary_too(tmp_path):
-    """stop and repair are names, not numbers: a grid listing them labels its columns by them."""
+    """stop and repair are names, not numbers: a grid listing them labels its columns by them; a repair setting
+    under repair none is not read, so it makes no column of its own."""
     config = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
                    .replace("rho = 0.05", 'rho = 0.05\nstop = ["accuracy", "kl"]\n'
-                                          'repair = ["none", "distill", "distill-sgd"]'))
+                                          'repair = ["none", "distill"]\nrepair_optimizer = ["adam", "sgd"]'))
     defenses = load_experiment(config).defenses
     assert [d.label for d in defenses] == [
-        "none", "flain stop=accuracy repair=none", "flain stop=accuracy repair=distill",
-        "flain stop=accuracy repair=distill-sgd", "flain stop=kl repair=none", "flain stop=kl repair=distill",
-        "flain stop=kl repair=distill-sgd"]
+        "none", "flain stop=accuracy repair=none", "flain stop=accuracy repair=distill repair_optimizer=adam",
+        "flain stop=accuracy repair=distill repair_optimizer=sgd", "flain stop=kl repair=none",
+        "flain stop=kl repair=distill repair_optimizer=adam", "flain stop=kl repair=distill repair_optimizer=sgd"]
     sgd = defenses[-1]
-    assert sgd.settings.config("flain").rule == "flain+kl+distill+sgd" and sgd.settings.config("flain").repair.lr == 0.1
+    assert sgd.settings.config("flain").rule == "flain+shifts+kl+distill+sgd"
+    assert sgd.settings.config("flain").repair.lr == 0.1
     assert sgd.settings.tag("flain") != defenses[-2].settings.tag("flain")  # cached apart
     patched = load_experiment(write(tmp_path, TINY.format(per_class=3).replace(
-        "rho = 0.05", 'rho = 0.05\nrepair = "distill-patches"'))).defenses[1].settings
-    assert patched.config("flain").rule == "flain+distill+patches" and patched.config("flain").repair.patches == 2
-    assert "distill-patches" in patched.tag("flain")
+        "rho = 0.05", 'rho = 0.05\nrepair_optimizer = "adam"\nrepair_patches = 2'))).defenses[1].settings
+    assert patched.config("flain").rule == "flain+shifts+distill+patches"
+    assert patched.config("flain").repair.patches == 2
+    assert patched.tag("flain").endswith("-shifts2-repair-adam-p2-aux3x-seed0")
+    with pytest.raises(ConfigError, match="repair must be one of distill, none, got 'distill-sgd'; the optimizer is "
+                                          "repair_optimizer"):
+        load_experiment(write(tmp_path, TINY.format(per_class=3).replace("rho = 0.05", 'repair = "distill-sgd"')))
 
 
 def test_a_budget_the_stop_does_not_read_makes_no_column(tmp_path):
@@ -224,17 +231,18 @@ def test_listed_shifts_make_one_column_each_with_its_own_checkpoint(tmp_path):
     assert [d.label for d in defenses] == ["none", "flain shifts=0", "flain shifts=2"]
     assert [d.settings.config("flain").shifts for d in defenses[1:]] == [0, 2]
     tags = [d.settings.tag("flain") for d in defenses[1:]]
-    assert "shifts" not in tags[0] and tags[1] == tags[0].replace("-distill", "-shifts2-distill")
+    assert "shifts" not in tags[0] and tags[1] == tags[0].replace("-repair", "-shifts2-repair")
 
 
 def test_a_budget_names_its_stop_as_in_defend(tmp_path):
     """No stop and no budget: flain defend's kl stop; rho alone: the accuracy stop; both: refused."""
     base = TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
-    stops = {name: [d.settings.stop for d in load_experiment(write(tmp_path, text, f"{name}.toml")).defenses]
+    stops = {name: [d.settings.config(d.method).stop for d in load_experiment(write(tmp_path, text, f"{name}.toml"))
+                    .defenses if d.method == "flain"]
              for name, text in (("rho", base), ("none", base.replace("rho = 0.05\n", "")),
                                 ("kl", base.replace("rho = 0.05", "kl = 0.1")))}
-    assert stops == {"rho": ["accuracy", "accuracy"], "none": ["kl", "kl"], "kl": ["kl", "kl"]}
-    with pytest.raises(ConfigError, match="rho and kl, the budgets of two different stops"):
+    assert stops == {"rho": [AccuracyStop(0.05)], "none": [KlStop()], "kl": [KlStop(0.1)]}
+    with pytest.raises(ConfigError, match=r"^\[defense\] rho and kl are the budgets of two different stops"):
         load_experiment(write(tmp_path, base.replace("rho = 0.05", "rho = 0.05\nkl = 0.1"), "both.toml"))
 
 
@@ -274,4 +282,4 @@ def test_the_rules_grids_hold_the_paper_preset_and_todays_default():
         columns = {d.label: d.settings.config(d.method) for d in flain}
         assert len(columns) == 12
         assert columns["flain stop=accuracy shifts=0 repair=none"] == PRESETS["paper"]
-        assert columns["flain stop=kl shifts=2 repair=distill-sgd"] == PRESETS["default"]
+        assert columns["flain stop=kl shifts=2 repair=distill repair_optimizer=sgd"] == PRESETS["default"]

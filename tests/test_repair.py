@@ -11,6 +11,12 @@ from flain_cli.errors import ConfigError
 from flain_cli.repair import GUARD_COPIES, distill_repair, guard_inputs, repair_loss
 from flain_cli.settings import REPAIR_LR, SGD_MOMENTUM, DefenseConfig, RepairSettings
 
+ADAM = RepairSettings().with_optimizer("adam")  # the repair the tests below were written for
+
+
+def adam(**settings) -> RepairSettings:
+    return dataclasses.replace(ADAM, **settings)
+
 
 def problem(seed=0, n=48, d=12, h=6, k=4):
     g = torch.Generator().manual_seed(seed)
@@ -49,7 +55,7 @@ def reference(features, labels, teacher, weight, bias, head, frozen, settings):
 
 def test_frozen_columns_stay_bit_for_bit_and_the_rest_moves():
     features, labels, teacher, weight, bias, head, frozen = problem()
-    res = distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=30))
+    res = distill_repair(features, labels, teacher, weight, bias, head, frozen, adam(steps=30))
     assert torch.equal(res.weight[:, frozen], weight[:, frozen])
     assert not torch.equal(res.weight[:, ~frozen], weight[:, ~frozen])
     assert not torch.equal(res.bias, bias) and set(res.head) == {"1.weight", "1.bias"}
@@ -75,7 +81,7 @@ def test_deterministic_and_without_bias():
     a = distill_repair(features, labels, teacher, weight, bias, head, frozen)
     b = distill_repair(features, labels, teacher, weight, bias, head, frozen)
     assert torch.equal(a.weight, b.weight) and torch.equal(a.head["1.weight"], b.head["1.weight"])
-    nobias = distill_repair(features, labels, teacher, weight, None, head, frozen, RepairSettings(steps=5))
+    nobias = distill_repair(features, labels, teacher, weight, None, head, frozen, adam(steps=5))
     assert nobias.bias is None and torch.equal(nobias.weight[:, frozen], weight[:, frozen])
 
 
@@ -87,7 +93,7 @@ def test_deterministic_and_without_bias():
 def test_bad_settings_are_refused(bad):
     features, labels, teacher, weight, bias, head, frozen = problem()
     with pytest.raises(ConfigError, match="repair"):
-        distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(**bad))
+        distill_repair(features, labels, teacher, weight, bias, head, frozen, adam(**bad))
 
 
 def test_sgd_moves_the_weights_of_a_near_silent_input_less_than_adam():
@@ -103,11 +109,13 @@ def test_sgd_moves_the_weights_of_a_near_silent_input_less_than_adam():
     assert moved["sgd"] < 1e-3 < 0.1 < moved["adam"]  # Adam moves it about as much as a busy input
 
 
-def test_the_optimizer_is_recorded_only_when_it_is_sgd():
-    assert "optimizer" not in RepairSettings().record()
-    assert RepairSettings(optimizer="sgd").record()["optimizer"] == "sgd"
-    assert DefenseConfig(repair=RepairSettings(optimizer="sgd")).rule == "flain+kl+distill+sgd"
-    assert DefenseConfig().rule == "flain+kl+distill"
+def test_the_optimizer_is_recorded_and_records_without_one_read_as_adam():
+    assert RepairSettings().record()["optimizer"] == "sgd" and ADAM.record()["optimizer"] == "adam"
+    assert RepairSettings.from_record(ADAM.record()) == ADAM
+    old = {k: v for k, v in ADAM.record().items() if k != "optimizer"}  # written when Adam was the only one
+    assert RepairSettings.from_record(old) == ADAM
+    assert DefenseConfig().rule == "flain+shifts+kl+distill+sgd"
+    assert DefenseConfig(shifts=0, repair=ADAM).rule == "flain+kl+distill"
 
 
 def test_a_mask_of_the_wrong_size_is_refused():
@@ -119,7 +127,7 @@ def test_a_mask_of_the_wrong_size_is_refused():
 def test_guard_inputs_switch_on_only_the_lowest_mean_candidates():
     features, *_ = problem(n=400, d=40)
     activations = torch.linspace(0, 1, 40).flip(0)  # input 39 has the lowest mean, input 0 the highest
-    settings = RepairSettings(guard=1.0, guard_ratio=2.0, guard_rate=0.2)
+    settings = adam(guard=1.0, guard_ratio=2.0, guard_rate=0.2)
     perturbed = guard_inputs(features, activations, 5, settings)  # 5 flipped -> the 10 lowest are candidates
     assert perturbed.shape == (GUARD_COPIES * 400, 40)
     on = perturbed != features.repeat(GUARD_COPIES, 1)
@@ -135,8 +143,8 @@ def test_the_guard_keeps_the_outputs_when_silent_inputs_fire():
     away from the teacher's less than after the plain repair; the frozen columns stay as they were."""
     features, labels, teacher, weight, bias, head, frozen = problem(seed=7, n=200, d=30)
     activations = features.mean(0)
-    settings = RepairSettings(steps=150, lr=0.01)
-    guarded = RepairSettings(steps=150, lr=0.01, guard=1.0, guard_ratio=3.0, guard_rate=0.2)
+    settings = adam(steps=150, lr=0.01)
+    guarded = adam(steps=150, lr=0.01, guard=1.0, guard_ratio=3.0, guard_rate=0.2)
     probe = guard_inputs(features, activations, int(frozen.sum()), dataclasses.replace(guarded, guard_rate=0.3))
 
     def drift(res):
@@ -145,7 +153,7 @@ def test_the_guard_keeps_the_outputs_when_silent_inputs_fire():
         with torch.no_grad():
             out = net(probe @ res.weight.T + res.bias)
         return float(repair_loss(out, teacher.repeat(GUARD_COPIES, 1), labels.repeat(GUARD_COPIES),
-                                 RepairSettings(alpha=1.0)))
+                                 adam(alpha=1.0)))
 
     plain = distill_repair(features, labels, teacher, weight, bias, head, frozen, settings, activations)
     guard = distill_repair(features, labels, teacher, weight, bias, head, frozen, guarded, activations)
@@ -165,24 +173,24 @@ def test_a_signal_that_something_swallowed_stops_the_repair_at_its_next_step(mon
     monkeypatch.setattr(signals, "_received", signal.SIGTERM)  # the handler ran; its exception went nowhere
     features, labels, teacher, weight, bias, head, frozen = problem()
     with pytest.raises(signals.Interrupted) as info:
-        distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=30))
+        distill_repair(features, labels, teacher, weight, bias, head, frozen, adam(steps=30))
     assert info.value.exit_code == 143
     monkeypatch.setattr(signals, "_received", None)  # no signal: the poll does nothing
-    assert distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=3)).loss_after
+    assert distill_repair(features, labels, teacher, weight, bias, head, frozen, adam(steps=3)).loss_after
 
 
 def test_the_patch_term_trains_towards_the_clean_outputs_and_keeps_the_flip():
     """Patched copies add a distillation term; without their inputs the repair refuses, with them it is
     deterministic, keeps the flipped columns bit for bit and differs from the repair without them."""
     features, labels, teacher, weight, bias, head, frozen = problem()
-    settings = RepairSettings(steps=20, patches=2)
+    settings = adam(steps=20, patches=2)
     with pytest.raises(ConfigError, match="patched copies"):
         distill_repair(features, labels, teacher, weight, bias, head, frozen, settings)
     patched = features.repeat(2, 1) + 0.5 * torch.rand(2 * len(features), features.shape[1],
                                                         generator=torch.Generator().manual_seed(3))
     a = distill_repair(features, labels, teacher, weight, bias, head, frozen, settings, patched=patched)
     b = distill_repair(features, labels, teacher, weight, bias, head, frozen, settings, patched=patched)
-    plain = distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=20))
+    plain = distill_repair(features, labels, teacher, weight, bias, head, frozen, adam(steps=20))
     assert torch.equal(a.weight, b.weight) and torch.equal(a.weight[:, frozen], weight[:, frozen])
     assert not torch.equal(a.weight, plain.weight)
     # the patched copies' target is the teacher on the clean images, copy after copy (distillation only)
@@ -193,6 +201,6 @@ def test_the_patch_term_trains_towards_the_clean_outputs_and_keeps_the_flip():
     # patched inputs equal to the clean ones add a second copy of the distillation term, the same target:
     # twice the loss, which Adam's steps do not see (it divides by the gradients' scale)
     same = distill_repair(features, labels, teacher, weight, bias, head, frozen,
-                          RepairSettings(steps=20, alpha=1.0, patches=1), patched=features.clone())
-    once = distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(steps=20, alpha=1.0))
+                          adam(steps=20, alpha=1.0, patches=1), patched=features.clone())
+    once = distill_repair(features, labels, teacher, weight, bias, head, frozen, adam(steps=20, alpha=1.0))
     assert torch.allclose(same.weight, once.weight, atol=1e-6) and not torch.allclose(a.weight, once.weight, atol=1e-6)

@@ -6,12 +6,14 @@ and usage errors are answered without them (tests/test_startup.py)."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
 import sys
 import traceback
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
@@ -44,9 +46,10 @@ SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Folder with the dataset's files (flat, or torchvision's <root>/<Name>/raw/).",
     show_default=False)]
+ESSENTIALS = "Essentials"  # the help panel of the options most runs need
 AuxOpt = Annotated[Path, typer.Option(
     "--aux", help="Clean aux set: a folder AUX/<class>/<image>.png, or a .safetensors/.npz with images and labels.",
-    show_default=False)]
+    show_default=False, rich_help_panel=ESSENTIALS)]
 ShiftsOpt = Annotated[int, typer.Option(
     "--shifts", min=0, max=MAX_SHIFTS, metavar="N",
     help="Order the inputs by their means over the aux images and their copies moved by up to N pixels, as "
@@ -54,26 +57,9 @@ ShiftsOpt = Annotated[int, typer.Option(
 LayerOpt = Annotated[str | None, typer.Option(help="Linear layer to work on (default: the checkpoint's defended "
                                                    "layer, fc1).",
                                               show_default=False)]
-ArchOpt = Annotated[str | None, typer.Option(help="Architecture, for checkpoints without flain-cli metadata.",
-                                             show_default=False)]
-DatasetOpt = Annotated[str | None, typer.Option(help="Dataset (default: from the checkpoint).", show_default=False)]
-ModelDefOpt = Annotated[str | None, typer.Option(
-    "--model-def", metavar="FILE.py:NAME",
-    help="Your own model class (or a function returning the nn.Module) for a checkpoint of an architecture that is "
-         "not built in. This RUNS the code in FILE.py: pass only files you trust. Needs --dataset.",
-    show_default=False)]
-MeanOpt = Annotated[str | None, typer.Option(
-    "--mean", metavar="M[,M,M]", help="Input normalization: mean per channel on the 0-1 scale (0.5, or "
-                                      "0.485,0.456,0.406), with --std. Default: the checkpoint's recorded "
-                                      "normalization, else the dataset's.", show_default=False)]
-StdOpt = Annotated[str | None, typer.Option(
-    "--std", metavar="S[,S,S]", help="Input normalization: std per channel, with --mean.", show_default=False)]
-ClassNamesOpt = Annotated[Path | None, typer.Option(
-    "--class-names", help="A text file of class names, one per line in class-index order, for a label set that is "
-                          "not the dataset's (aux class folders may be named by them).", show_default=False)]
-StrictOpt = Annotated[bool, typer.Option(
-    "--strict/--no-strict", help="Refuse a checkpoint holding tensors the architecture lacks (e.g. global_step); "
-                                 "--no-strict ignores them and says so.")]
+SOURCE_PANEL = "Model source (for checkpoints without flain-cli metadata)"
+DatasetOpt = Annotated[str | None, typer.Option(help="Dataset (default: from the checkpoint).", show_default=False,
+                                                rich_help_panel=SOURCE_PANEL)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never an input).")]
 
 
@@ -98,16 +84,86 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def model_source(arch: str | None, dataset: str | None, model_def: str | None, strict: bool, mean: str | None,
-                 std: str | None, class_names: Path | None) -> ModelSource:
-    """The model options every command that loads a checkpoint shares, as one library object."""
-    from ..checkpoint import ModelSource
+# The options that say how to read a checkpoint as a model, shared by every command that loads one: declared
+# once here, added to a command by @with_model_source, handed to it as one SourceOptions.
+SOURCE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "arch": (Annotated[str | None, typer.Option(
+        help="Architecture (default: from the checkpoint; needed when it has no flain-cli metadata).",
+        show_default=False, rich_help_panel=SOURCE_PANEL)], None),
+    "dataset": (DatasetOpt, None),
+    "model_def": (Annotated[str | None, typer.Option(
+        "--model-def", metavar="FILE.py:NAME",
+        help="Your own model class (or a function returning the nn.Module) for a checkpoint of an architecture that "
+             "is not built in. This RUNS the code in FILE.py: pass only files you trust. Needs --dataset.",
+        show_default=False, rich_help_panel=SOURCE_PANEL)], None),
+    "strict": (Annotated[bool, typer.Option(
+        "--strict/--no-strict", help="Refuse a checkpoint holding tensors the architecture lacks (e.g. "
+                                     "global_step); --no-strict ignores them and says so.",
+        rich_help_panel=SOURCE_PANEL)], True),
+    "mean": (Annotated[str | None, typer.Option(
+        "--mean", metavar="M[,M,M]", help="Input normalization: mean per channel on the 0-1 scale (0.5, or "
+                                          "0.485,0.456,0.406), with --std. Default: the checkpoint's recorded "
+                                          "normalization, else the dataset's.", show_default=False,
+        rich_help_panel=SOURCE_PANEL)], None),
+    "std": (Annotated[str | None, typer.Option(
+        "--std", metavar="S[,S,S]", help="Input normalization: std per channel, with --mean.", show_default=False,
+        rich_help_panel=SOURCE_PANEL)], None),
+    "class_names": (Annotated[Path | None, typer.Option(
+        "--class-names", help="A text file of class names, one per line in class-index order, for a label set that "
+                              "is not the dataset's (aux class folders may be named by them).", show_default=False,
+        rich_help_panel=SOURCE_PANEL)], None),
+}
 
-    names = None
-    if class_names is not None:
-        names = [line.strip() for line in read_text(class_names, "--class-names", max_bytes=1 << 20).splitlines()
-                 if line.strip()]
-    return ModelSource(arch, dataset, model_def, strict, parse_normalization(mean, std), names)
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """The model-source options as the user gave them (SOURCE_OPTIONS)."""
+
+    arch: str | None = None
+    dataset: str | None = None
+    model_def: str | None = None
+    strict: bool = True
+    mean: str | None = None
+    std: str | None = None
+    class_names: Path | None = None
+
+    def build(self) -> ModelSource:
+        """As one library object (reads --class-names)."""
+        from ..checkpoint import ModelSource
+
+        names = None
+        if self.class_names is not None:
+            names = [line.strip() for line in read_text(self.class_names, "--class-names", max_bytes=1 << 20)
+                     .splitlines() if line.strip()]
+        return ModelSource(self.arch, self.dataset, self.model_def, self.strict,
+                           parse_normalization(self.mean, self.std), names)
+
+    def inputs(self) -> dict[str, Path | None]:
+        """The files among them, for the command's FilePlan."""
+        from ..modeldef import model_def_file
+
+        return {"--model-def": model_def_file(self.model_def), "--class-names": self.class_names}
+
+
+def with_model_source(command: Callable[..., R]) -> Callable[..., R]:
+    """Give ``command`` the model-source options (SOURCE_OPTIONS), placed before its ``device`` option (or last);
+    it receives them as one ``source: SourceOptions`` argument."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "source"]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, (annotation, default) in SOURCE_OPTIONS.items()]
+    at = next((i for i, p in enumerate(own) if p.name == "device"), len(own))
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[:at]] + added + [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own[at:]]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> R:
+        source = SourceOptions(**{name: kwargs.pop(name) for name in SOURCE_OPTIONS})
+        return command(source=source, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params} | {"return": signature.return_annotation}
+    return wrapper
 
 
 def parse_normalization(mean: str | None, std: str | None) -> tuple[list[float], list[float]] | None:

@@ -9,31 +9,24 @@ import typer
 from rich.table import Table
 
 from .common import (
-    ClassNamesOpt,
     DataDirOpt,
-    DatasetOpt,
     DeviceOpt,
     JsonOpt,
-    MeanOpt,
     ModelArg,
-    ModelDefOpt,
-    StdOpt,
-    StrictOpt,
+    SourceOptions,
     fmt,
-    model_source,
     out,
     print_json,
     print_notes,
     resolve_device,
+    with_model_source,
 )
 
 
+@with_model_source
 def evaluate_command(
     model: ModelArg,
-    dataset: DatasetOpt = None,
     data_dir: DataDirOpt = None,
-    arch: Annotated[str | None, typer.Option(help="Architecture (default: from the checkpoint).",
-                                             show_default=False)] = None,
     attack: Annotated[str | None, typer.Option(
         help="Attack task SRC:TGT or all:TGT to measure (default: from the checkpoint); 'none' skips ASR.",
         show_default=False)] = None,
@@ -47,18 +40,15 @@ def evaluate_command(
     test: Annotated[Path | None, typer.Option(
         help="Evaluate on this file (.safetensors/.npz with images and labels) instead of the dataset's test split.",
         show_default=False)] = None,
-    strict: StrictOpt = True,
-    model_def: ModelDefOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    class_names: ClassNamesOpt = None,
+    *,
+    source: SourceOptions,
     device: DeviceOpt = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
     """Report clean accuracy (ACC) and attack success rate (ASR) on the test set."""
     from ..evaluation import evaluate_checkpoint
 
-    report = evaluate_checkpoint(model, source=model_source(arch, dataset, model_def, strict, mean, std, class_names),
+    report = evaluate_checkpoint(model, source=source.build(),
                                  data_dir=data_dir, attack=attack, trigger=trigger, device=resolve_device(device),
                                  test_file=test, trigger_image=trigger_image, trigger_mask=trigger_mask)
     print_notes(report.notes)

@@ -9,28 +9,23 @@ import typer
 from rich.table import Table
 
 from ..files import FilePlan
+from ..settings import DEFAULT
 from ..tables import means_csv
 from .common import (
-    ArchOpt,
     AuxOpt,
-    ClassNamesOpt,
-    DatasetOpt,
     DeviceOpt,
     ForceOpt,
     JsonOpt,
     LayerOpt,
-    MeanOpt,
     ModelArg,
-    ModelDefOpt,
     ShiftsOpt,
-    StdOpt,
-    StrictOpt,
+    SourceOptions,
     err,
-    model_source,
     out,
     print_json,
     print_notes,
     resolve_device,
+    with_model_source,
 )
 
 if TYPE_CHECKING:
@@ -50,6 +45,7 @@ def histogram_rows(values: torch.Tensor, bins: int = 12, width: int = 40) -> lis
     return [(f"{edges[i]:.4f} - {edges[i + 1]:.4f}", c, "#" * round(width * c / top)) for i, c in enumerate(counts)]
 
 
+@with_model_source
 def scan(
     model: ModelArg,
     aux: AuxOpt,
@@ -57,14 +53,9 @@ def scan(
     lowest: Annotated[int, typer.Option(min=1, help="How many of the least active neurons to list.")] = 10,
     csv: Annotated[Path | None, typer.Option(help="Write 'neuron,mean' for every neuron to this CSV file.",
                                              show_default=False)] = None,
-    shifts: ShiftsOpt = 0,
-    arch: ArchOpt = None,
-    dataset: DatasetOpt = None,
-    strict: StrictOpt = True,
-    model_def: ModelDefOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    class_names: ClassNamesOpt = None,
+    shifts: ShiftsOpt = DEFAULT.shifts,
+    *,
+    source: SourceOptions,
     device: DeviceOpt = "cpu",
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -73,14 +64,10 @@ def scan(
     import torch
 
     from ..audit import scan_checkpoint
-    from ..modeldef import model_def_file
 
     torch_device = resolve_device(device)
-    source = model_source(arch, dataset, model_def, strict, mean, std, class_names)
-    inputs = {"MODEL": model, "--aux": aux, "--model-def": model_def_file(model_def),
-              "--class-names": class_names}
-    with FilePlan(inputs, {"--csv": csv}, force=force).writing() as stage:
-        res = scan_checkpoint(model, aux, layer=layer, source=source, shifts=shifts, device=torch_device)
+    with FilePlan({"MODEL": model, "--aux": aux} | source.inputs(), {"--csv": csv}, force=force).writing() as stage:
+        res = scan_checkpoint(model, aux, layer=layer, source=source.build(), shifts=shifts, device=torch_device)
         means = res.means
         if csv is not None:
             stage["--csv"].write_text(means_csv(means))
