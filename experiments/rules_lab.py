@@ -1,209 +1,195 @@
-"""Lab for FLAIN selection, stopping and repair rules: ACC/ASR of candidate rules on one model.
+"""Lab for FLAIN's selection, stopping and repair rules on one model, all through the library.
 
-    .venv/bin/python experiments/rules_lab.py RUN_DIR AUX      # flip curves by four neuron statistics
+    .venv/bin/python experiments/rules_lab.py orderings RUN_DIR AUX [--shifts N]
+    .venv/bin/python experiments/rules_lab.py trace RUN_DIR AUX [--shifts N] [--out TRACES.jsonl]
+    .venv/bin/python experiments/rules_lab.py repair RUN_DIR AUX [--kl 0.07 ...] [--variant NAME ...]
 
-Computes the fc1 inputs once for the aux set, the clean test images not in the aux set, and the
-triggered source images among them, then scores each candidate model from fc1 on in float64.
-A research tool (docs/results.md, "FLAIN that keeps accuracy"), not part of flain-cli: the rule
-that won lives in flain_cli/repair.py. ``distill`` here is the same loss as ``distill_repair``.
+RUN_DIR holds init.safetensors and final.safetensors (``--model-def FILE.py:NAME --dataset D`` for an
+architecture that is not built in); AUX an aux set. The defended layer's inputs are computed once for the
+aux set, the test images not in it and the triggered source images among them
+(:class:`flain_cli.features.FeatureSets`); each candidate layer is the one `flain defend` keeps
+(:func:`flain_cli.defense.candidate`) and each repair is `flain defend`'s (:meth:`AuxFeatures.repair`).
+Scores are ``aux/test/trig`` accuracies; ``trig`` is the ASR.
+
+- ``orderings``: flip the lowest 5-60 % of the inputs ranked by four statistics of their activations on
+  the aux set (mean, rate of being on, max, 90th percentile), with and without the rescale, and with the
+  bias compensating the flip's mean change (``+comp``).
+- ``trace``: Algorithm 1's thresholds one by one: aux accuracy, agreement with the original model and the
+  mean KL divergence of the outputs, then the test ACC change and ASR of the model defend would keep.
+- ``repair``: at the kl stop, the repair with variants. Names: ``base`` (`flain defend`'s), ``adam``
+  (its Adam), then any of ``sN`` (N steps), ``lrX``, ``pK`` (K patched copies), ``gB`` (the guard with
+  weight B), ``fR`` (freeze the R x flipped inputs of lowest mean, not only the flipped ones), ``a``
+  (every column of the layer trains, the flipped ones too), e.g. ``"adam p2"``, ``"base f2"``.
+
+Research code: run it only on trainings that are never reported. Variants measured and dropped before
+2026-12-05 (mixup, the layers before fc1 trainable, the head frozen) live in the history of
+experiments/repair_lab.py (commit 4fcaa4f); their figures in docs/results.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 from pathlib import Path
 
 import torch
 
-from flain_cli.audit import load_aux_for, load_model
-from flain_cli.checkpoint import load_checkpoint
+from flain_cli.checkpoint import ModelSource
 from flain_cli.datasets import load_dataset
-from flain_cli.evaluation import resolve_attack
-from flain_cli.triggers import make_trigger
+from flain_cli.defense import candidate, first_k_covering, threshold
+from flain_cli.evaluation import attack_sets, resolve_attack
+from flain_cli.features import FeatureSets
+from flain_cli.loading import load_aux_for, load_init, load_model
+from flain_cli.settings import DEFAULT, KL_BUDGET, defense_config
 
-
-def features(model, layer, images_uint8, meta):
-    prefix, _ = model.split_at(layer)
-    from flain_cli.datasets import normalize
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(images_uint8), 2000):
-            x = normalize(images_uint8[s:s + 2000], meta.norm.mean, meta.norm.std)
-            out.append(prefix(x).double())
-    return torch.cat(out)
+FLIP, FLIP_UNSCALED = defense_config("paper"), defense_config("paper", rescale=False)
 
 
 class Lab:
-    def __init__(self, run: Path, aux_path: Path, layer="fc1", exclude_aux=True):
-        self.loaded = load_model(run / "final.safetensors")
-        init = load_checkpoint(run / "init.safetensors")
-        meta = self.loaded.meta
-        self.meta = meta
-        model = self.loaded.model
-        self.layer = layer
-        aux = load_aux_for(self.loaded, aux_path)
-        test = load_dataset(meta.dataset).test
-        # test images not in the aux set (match by pixels+label)
-        def key(im):
-            return hash(im.numpy().tobytes())
-        aux_keys = {key(im) for im in aux.images}
-        keep = torch.tensor([key(im) not in aux_keys for im in test.images])
-        self.n_excluded = int((~keep).sum())
-        timg, tlab = test.images[keep], test.labels[keep]
-        attack = resolve_attack(self.loaded.ckpt, meta.num_classes)
-        trig = make_trigger(attack.trigger, *meta.input_shape[1:])
-        src = attack.task.is_source(tlab)
-        self.target = attack.task.target
-        self.images = {"test": timg, "trig": trig.stamp(timg[src])}  # kept for variants that change the layers before
-        self.F = {"aux": features(model, layer, aux.images, meta),
-                  "test": features(model, layer, timg, meta),
-                  "trig": features(model, layer, self.images["trig"], meta)}
-        self.aux_images = aux.images
-        self.model = model
-        self.Y = {"aux": aux.labels, "test": tlab,
-                  "trig": torch.full((int(src.sum()),), self.target, dtype=torch.long)}
-        _, suffix = model.split_at(layer)
-        self.rest = copy.deepcopy(suffix[1:]).double().eval()
-        self.W = self.loaded.ckpt.tensors[f"{layer}.weight"].double()
-        self.b = self.loaded.ckpt.tensors[f"{layer}.bias"].double()
-        self.W0 = init.tensors[f"{layer}.weight"].double()
-        self.xbar = self.F["aux"].mean(0)
+    """One model, its W0 and an aux set; scores on the aux set, the disjoint test set and the triggered images."""
 
-    @torch.no_grad()
-    def score(self, W, b, rest=None, sets=("aux", "test", "trig")):
-        rest = rest or self.rest
-        r = {}
-        for s in sets:
-            pred = rest(torch.addmm(b, self.F[s], W.T)).argmax(1)
-            r[s] = float((pred == self.Y[s]).double().mean())
-        return r
+    def __init__(self, run: Path, aux_path: Path, source: ModelSource = ModelSource(), shifts: int = 0,
+                 device: str = "cpu", data_dir: Path | None = None, attack: str | None = None,
+                 trigger: str | None = None) -> None:
+        self.loaded = loaded = load_model(run / "final.safetensors", source, device)
+        meta = loaded.meta
+        self.layer = meta.defended_layer
+        init = load_init(run / "init.safetensors", loaded, strict=source.strict)
+        aux = load_aux_for(loaded, aux_path)
+        test = load_dataset(meta.test_dataset(run / "final.safetensors"), data_dir).test
+        test = test.without(aux.images, aux.labels)
+        spec = resolve_attack(loaded.ckpt, meta.num_classes, attack, trigger)
+        if spec is None:
+            raise SystemExit(f"{run}: no attack is recorded; pass --attack SRC:TGT (and --trigger)")
+        sets = {"aux": aux} | {{"acc": "test", "asr": "trig"}[k]: v for k, v in
+                               attack_sets(test, spec, meta.input_shape).items() if k != "asr_clean"}
+        self.sets = FeatureSets(loaded.model, self.layer, sets, meta, device)
+        self.W = loaded.ckpt.tensors[f"{self.layer}.weight"]
+        self.W0 = init.tensors[f"{self.layer}.weight"]
+        self.x = self.sets["aux"].mean_activations(shifts)
+        self.base = self.score(self.W)
+
+    def score(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, float]:
+        tensors = {f"{self.layer}.weight": weight} | ({} if bias is None else {f"{self.layer}.bias": bias})
+        return self.sets.scores_of(tensors)
+
+    def dacc(self, scores: dict[str, float]) -> float:
+        return 100 * (scores["test"] - self.base["test"])
 
 
-def variants(lab, mask, rescale_on=True):
-    """Flipped weight for a mask; returns dict name -> (W, b)."""
-    W, W0, b = lab.W, lab.W0, lab.b
-    Wf = torch.where(mask.view(1, -1), W0 - (W - W0), W)
-    n0 = torch.linalg.matrix_norm(W)
-    Wr = Wf * (n0 / torch.linalg.matrix_norm(Wf))
-    def comp(Wn):
-        return b + (W - Wn) @ lab.xbar
-    return {"flip": (Wf, b), "flip+rs": (Wr, b), "flip+comp": (Wf, comp(Wf)), "flip+rs+comp": (Wr, comp(Wr))}
-
-
-def sweep(lab, counts):
-    order = torch.argsort(lab.xbar)
-    rows = []
-    for n in counts:
-        mask = torch.zeros_like(lab.xbar, dtype=torch.bool)
-        mask[order[:n]] = True
-        lam = float(lab.xbar[order[n - 1]]) if n else None
-        row = {"n": n, "lam": lam}
-        for name, (W, b) in variants(lab, mask).items():
-            s = lab.score(W, b)
-            row[name] = (round(s["aux"], 3), round(s["test"], 4), round(s["trig"], 3))
-        rows.append(row)
-    return rows
-
-
-def distill(lab, W, b, *, epochs=100, lr=1e-3, temp=2.0, alpha=0.5, train_w=False, mask=None, seed=0,
-            feats=None):
-    """Fine-tune fc1's bias (and unflipped columns if train_w) and the layers after it on the aux set,
-    matching the original model's soft outputs (temperature ``temp``) and the labels."""
-    torch.manual_seed(seed)
-    F = lab.F["aux"] if feats is None else feats
-    Y = lab.Y["aux"]
-    with torch.no_grad():
-        teacher = lab.rest(torch.addmm(lab.b, F, lab.W.T))
-    rest = copy.deepcopy(lab.rest).eval()
-    bb = b.clone().requires_grad_(True)
-    params = [bb] + list(rest.parameters())
-    Wt = W.clone()
-    if train_w:
-        Wt.requires_grad_(True)
-        params.append(Wt)
-    opt = torch.optim.Adam(params, lr=lr)
-    keep = (~mask).double().view(1, -1) if (train_w and mask is not None) else None
-    for _ in range(epochs):
-        opt.zero_grad()
-        out = rest(torch.addmm(bb, F, Wt.T))
-        target = Y[:len(F)] if len(F) == len(Y) else teacher.argmax(1)
-        loss = (1 - alpha) * torch.nn.functional.cross_entropy(out, target)
-        loss = loss + alpha * temp * temp * torch.nn.functional.kl_div(
-            torch.log_softmax(out / temp, 1), torch.log_softmax(teacher / temp, 1), log_target=True,
-            reduction="batchmean")
-        loss.backward()
-        if keep is not None:
-            Wt.grad.mul_(keep)
-        opt.step()
-    return Wt.detach(), bb.detach(), rest
-
-
-def orderings(lab):
-    F = lab.F["aux"]
-    return {"mean": lab.xbar, "rate": (F > 0).double().mean(0), "max": F.max(0).values,
-            "q90": torch.quantile(F, 0.9, dim=0)}
-
-
-def sweep_order(lab, stat, counts, kinds=("flip+rs", "flip", "flip+comp")):
-    order = torch.argsort(stat + 1e-12 * lab.xbar, stable=True)
-    rows = []
-    for n in counts:
-        mask = torch.zeros_like(lab.xbar, dtype=torch.bool)
-        mask[order[:n]] = True
-        v = variants(lab, mask)
-        rows.append((n, {k: lab.score(*v[k]) for k in kinds}))
-    return rows
-
-
-def fmt(s):
+def fmt(s: dict[str, float]) -> str:
     return f"{s['aux']:.3f}/{s['test']:.4f}/{s['trig']:.3f}"
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
+def orderings(lab: Lab) -> None:
+    feats = lab.sets["aux"].features64
+    stats = {"mean": lab.x.double(), "rate": (feats > 0).double().mean(0), "max": feats.max(0).values,
+             "q90": torch.quantile(feats, 0.9, dim=0)}
+    bias = lab.sets["aux"].bias
+    z = lab.x.numel()
+    for name, stat in stats.items():
+        print("== order by", name)
+        order = torch.argsort(stat.cpu() + 1e-12 * lab.x.double(), stable=True)
+        for share in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6):
+            mask = torch.zeros(z, dtype=torch.bool)
+            mask[order[:int(z * share)]] = True
+            flipped, unscaled = candidate(lab.W, lab.W0, mask, FLIP), candidate(lab.W, lab.W0, mask, FLIP_UNSCALED)
+            comp = bias.cpu() + (lab.W.double() - unscaled.double()) @ lab.x.double()  # the flip's mean change undone
+            print(int(mask.sum()), f"flip+rs {fmt(lab.score(flipped))}  flip {fmt(lab.score(unscaled))}  "
+                  f"flip+comp {fmt(lab.score(unscaled, comp))}", flush=True)
+
+
+def trace(lab: Lab, step: float = DEFAULT.step) -> list[dict[str, float]]:
+    """Every threshold of the search where the selection grows, until aux accuracy has dropped by 0.2."""
+    aux = lab.sets["aux"]
+    xd = lab.x.double()
+    mu, previous, rows = float(xd.min()), torch.zeros_like(xd, dtype=torch.bool), []
+    for value in sorted(set(xd.tolist())):
+        lam = threshold(mu, first_k_covering(mu, value, step), step)  # the search's own thresholds
+        mask = xd <= lam
+        added = torch.nonzero(mask & ~previous).flatten()
+        if not len(added):
+            continue
+        previous = mask
+        acc = aux.accuracy(candidate(lab.W, lab.W0, mask, FLIP_UNSCALED), added)
+        agree, kl = aux.agreement(), aux.divergence()  # of the model just scored
+        kept = lab.score(candidate(lab.W, lab.W0, mask, FLIP))
+        rows.append({"lam": lam, "n": int(mask.sum()), "acc": acc, "agree": agree, "kl": kl,
+                     "dacc": lab.dacc(kept), "asr": kept["trig"]})
+        if int(mask.sum()) == xd.numel() or acc < lab.base["aux"] - 0.2:
+            break
+    return rows
+
+
+def parse_variant(name: str) -> tuple[dict, float, bool]:
+    """(repair settings for defense_config, freeze ratio, every column trains) of a variant name."""
+    parts = name.split()
+    settings: dict = {"repair_optimizer": "adam"} if parts[0] == "adam" else {}
+    freeze, all_columns = 1.0, False
+    short = {"s": "repair_steps", "lr": "repair_lr", "p": "repair_patches", "g": "repair_guard"}
+    for part in parts[1:]:
+        if part == "a":
+            all_columns = True
+        elif part.startswith("f"):
+            freeze = float(part[1:])
+        else:
+            key = next(k for k in sorted(short, key=len, reverse=True) if part.startswith(k))
+            settings[short[key]] = json.loads(part[len(key):])
+    return settings, freeze, all_columns
+
+
+def repair_variants(lab: Lab, budgets: list[float], names: list[str]) -> None:
+    rows = trace(lab)
+    aux = lab.sets["aux"]
+    for budget in budgets:
+        row = next((r for r in rows if r["kl"] >= budget), rows[-1])
+        mask = lab.x.double() <= row["lam"]
+        flipped = candidate(lab.W, lab.W0, mask, FLIP)
+        print(f"kl {budget} stop: {row['n']} flipped, flip {row['dacc']:+.2f} / {row['asr']:.3f}", flush=True)
+        for name in names:
+            settings, freeze, all_columns = parse_variant(name)
+            repair = defense_config(**settings).repair
+            assert repair is not None
+            frozen = torch.zeros_like(mask)
+            if not all_columns:
+                frozen[torch.argsort(lab.x, stable=True)[:int(round(freeze * int(mask.sum())))]] = True
+                frozen |= mask
+            s = lab.sets.scores_of(aux.repair(flipped, frozen, repair, lab.x))
+            print(f"    {name}: {lab.dacc(s):+.2f} / {s['trig']:.3f}", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("orderings", "trace", "repair"))
     ap.add_argument("run", type=Path)
-    ap.add_argument("aux", type=Path)
-    ap.add_argument("--what", default="sweep")
-    a = ap.parse_args()
-    lab = Lab(a.run, a.aux)
-    base = lab.score(lab.W, lab.b)
-    print("no defense aux/test/asr", fmt(base), "excluded", lab.n_excluded)
-    if a.what == "sweep":
-        z = lab.xbar.numel()
-        counts = [int(z * f) for f in (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6)]
-        for name, stat in orderings(lab).items():
-            print("== order by", name)
-            for n, r in sweep_order(lab, stat, counts):
-                print(n, "  ".join(f"{k}: {fmt(v)}" for k, v in r.items()))
+    ap.add_argument("aux", type=Path, nargs="+")
+    ap.add_argument("--shifts", type=int, default=0, help="rank by the means over moved copies (defend --shifts)")
+    ap.add_argument("--kl", type=float, nargs="+", default=[KL_BUDGET])
+    ap.add_argument("--variant", action="append", default=[])
+    ap.add_argument("--out", type=Path, help="trace: append one JSON line per aux set")
+    ap.add_argument("--model-def", help="FILE.py:NAME, for an architecture that is not built in")
+    ap.add_argument("--dataset", help="the dataset of such a model")
+    ap.add_argument("--data-dir", type=Path, help="the dataset's files (default: where flain finds them)")
+    ap.add_argument("--attack", help="SRC:TGT to measure, for a model whose metadata records none")
+    ap.add_argument("--trigger", help="the trigger stamped for it (default: the recorded one, else cba)")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    source = ModelSource(dataset=args.dataset, model_def=args.model_def)
+    for aux in args.aux:
+        lab = Lab(args.run, aux, source, args.shifts, args.device, args.data_dir, args.attack, args.trigger)
+        print(f"{args.run} {aux}: no defense aux/test/asr {fmt(lab.base)}", flush=True)
+        if args.what == "orderings":
+            orderings(lab)
+        elif args.what == "trace":
+            rows = trace(lab)
+            for r in rows[::max(1, len(rows) // 20)]:
+                print(json.dumps({k: round(v, 4) for k, v in r.items()}))
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(json.dumps({"run": str(args.run), "aux": str(aux), "base": lab.base, "rows": rows}) + "\n")
+        else:
+            repair_variants(lab, args.kl, args.variant or ["base"])
 
 
-def paper_mask(lab, step=0.001, rho=0.03, select="crossing"):
-    import dataclasses
-
-    from flain_cli.defense import search_fast
-    from flain_cli.settings import PRESETS
-    F, Y = lab.F["aux"], lab.Y["aux"]
-
-    def ev(w, changed=None):
-        return float((lab.rest(torch.addmm(lab.b, F, w.double().T)).argmax(1) == Y).double().mean())
-    with torch.no_grad():
-        res = search_fast(lab.W, lab.W0, lab.xbar, ev, dataclasses.replace(PRESETS["paper"], step=step, rho=rho,
-                                                                                 select=select))
-    return res
-
-
-def augment(images, copies, gen, shift=2, hflip=False):
-    """uint8 [N,C,H,W] -> [N*copies, C,H,W], random translations up to `shift` pixels."""
-    out = []
-    n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (shift, shift, shift, shift))
-    for _ in range(copies):
-        dx = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
-        dy = torch.randint(0, 2 * shift + 1, (n,), generator=gen)
-        batch = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
-        if hflip:
-            f = torch.rand(n, generator=gen) < 0.5
-            batch[f] = batch[f].flip(-1)
-        out.append(batch)
-    return torch.cat(out)
+if __name__ == "__main__":
+    main()

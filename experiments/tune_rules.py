@@ -1,107 +1,96 @@
 """Compare defense rules over trainings and aux draws, on the test images outside each aux set.
 
     .venv/bin/python experiments/tune_rules.py RUN_DIR [RUN_DIR...] --rule SPEC [--rule SPEC...] \
-        [--aux-seeds 0 1 2] [--per-class 20] [--device cuda] [--out rows.jsonl]
+        [--aux-seeds 0 1 2] [--per-class 20 [80 ...]] [--device cuda] [--out rows.jsonl] \
+        [--model-def FILE.py:NAME --dataset fmnist]
 
-A SPEC is a preset name followed by settings to change, e.g. ``default``, ``paper``,
-``"default holdout=0.5"``, ``"paper step=0.0001 rho=0.024"``, ``"default repair.steps=300"``
-(any DefenseConfig field; ``repair.X`` for a RepairSettings field; ``repair=none``).
-Each RUN_DIR holds a `flain train` run's init.safetensors and final.safetensors (Fashion-MNIST).
-For each aux draw (`export_aux` of the test split, seed S) and each rule, `defend_checkpoint`
-runs exactly as `flain defend` does; the defended model is scored on the test images *not* in
-that aux set. One JSON line per (run, draw, rule) goes to --out, and a summary per rule (how many
-meet the target ASR <= 0.03 within 1 ACC point, worst and mean) is printed at the end. Run it
-only on trainings that are never reported: it is how a rule gets chosen.
+A SPEC is a preset name followed by `flain defend` settings by their library names, e.g. ``default``,
+``paper``, ``"default holdout=0.5"``, ``"paper step=0.0001 rho=0.024"``, ``"default repair_steps=300"``,
+``"default repair=none"``: exactly :func:`flain_cli.settings.defense_config`'s arguments (values are read
+as JSON where they parse, else as text). ``--rules ablation`` adds the paper's Algorithm 1 with one
+factor changed at a time, and ``--rhos R [R ...]`` adds ``paper rho=R`` and ``default rho=R`` for each R.
+
+Each RUN_DIR holds a `flain train` run's init.safetensors and final.safetensors, or any model and W0
+that `flain defend` reads (``--model-def``/``--dataset`` for an architecture that is not built in). For
+each aux size and draw (`flain aux export` of the test split, seed S) and each rule,
+`defend_checkpoint` runs exactly as `flain defend` does; the defended model is scored
+(`evaluation.evaluate_loaded`) on the test images *not* in that aux set (`Split.without`). One JSON
+line per (run, size, draw, rule) goes to --out, and a summary per rule (how many meet the target
+ASR <= 0.03 within 1 ACC point, worst and mean) is printed at the end. Run it only on trainings that
+are never reported: it is how a rule gets chosen.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from flain_cli.audit import defend_checkpoint
 from flain_cli.auxdata import export_aux
-from flain_cli.checkpoint import build_from, load_checkpoint, resolve_model_meta
-from flain_cli.datasets import Split, load_dataset
-from flain_cli.evaluation import resolve_attack
-from flain_cli.metrics import evaluate
-from flain_cli.settings import PRESETS, DefenseConfig, RepairSettings
-from flain_cli.triggers import make_trigger
+from flain_cli.checkpoint import ModelSource
+from flain_cli.datasets import load_dataset
+from flain_cli.evaluation import evaluate_loaded
+from flain_cli.loading import load_aux_for, load_model
+from flain_cli.settings import DefenseConfig, defense_config
+
+# the paper's Algorithm 1, then one factor at a time, then the default rule (experiments/ablation.py before
+# 2026-12-05; docs/results.md, "The ablation")
+ABLATION = ["paper", "paper rescale=false", "paper select=last-safe", "paper rho=0.01", "paper rho=0",
+            "paper step=0.0001 rho=0.024", "paper holdout=0.5", "default", "default rho=0.01"]
 
 
 def parse_rule(spec: str) -> DefenseConfig:
-    """``"default holdout=0.5 repair.steps=300"`` -> the default preset with those two settings changed."""
-    name, *changes = spec.split()
-    config = PRESETS[name]
+    """``"default holdout=0.5 repair_steps=300"`` -> defense_config("default", holdout=0.5, repair_steps=300)."""
+    preset, *changes = spec.split()
+    settings: dict[str, Any] = {}
     for change in changes:
         key, _, text = change.partition("=")
-        if key == "repair" and text == "none":
-            config = dataclasses.replace(config, repair=None)
-        elif key.startswith("repair."):
-            field = key.removeprefix("repair.")
-            kind = type(getattr(RepairSettings(), field))
-            config = dataclasses.replace(config, repair=dataclasses.replace(config.repair or RepairSettings(),
-                                                                            **{field: kind(text)}))
-        else:
-            kind = type(getattr(config, key))
-            value = text.lower() in ("1", "true", "yes") if kind is bool else kind(text)
-            config = dataclasses.replace(config, **{key: value})
-    config.check()
-    return config
+        try:
+            settings[key] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[key] = text
+    return defense_config(preset, **settings)
 
 
-def score(state_or_path, meta_ckpt, test: Split, data, device) -> tuple[float, float, float]:
-    """ACC, ASR and ASR's floor (the source images taken for the target without trigger) of a checkpoint
-    (path) or of defended tensors with the original's metadata."""
-    ckpt = load_checkpoint(state_or_path) if isinstance(state_or_path, Path) else meta_ckpt
-    meta = resolve_model_meta(ckpt)
-    attack = resolve_attack(ckpt, meta.num_classes)
-    model = build_from(ckpt, meta)
-    if not isinstance(state_or_path, Path):
-        model.load_state_dict(state_or_path)
-    trigger = make_trigger(attack.trigger, *data.spec.shape[1:])
-    res = evaluate(model.to(device), test, data.spec, attack.task, trigger, device=device)
-    return res.acc, res.asr, res.asr_clean
-
-
-def compare(runs: list[Path], rules: list[str], aux_seeds: list[int], per_class: int, device: str,
-            out: Path | None) -> list[dict]:
+def compare(runs: list[Path], rules: list[str], aux_seeds: list[int], sizes: list[int], device: str = "cpu",
+            out: Path | None = None, source: ModelSource = ModelSource(), data_dir: Path | None = None,
+            attack: str | None = None, trigger: str | None = None) -> list[dict]:
     configs = {spec: parse_rule(spec) for spec in rules}
     rows: list[dict] = []
     sink = out.open("a") if out else None
-    data = load_dataset("fmnist")
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in aux_seeds:
-            aux = Path(tmp) / f"aux-{seed}"
-            manifest = export_aux("fmnist", per_class, aux, seed=seed)
-            keep = torch.ones(len(data.test), dtype=torch.bool)
-            keep[torch.tensor(manifest["indices"])] = False
-            disjoint = Split(data.test.images[keep], data.test.labels[keep])
-            for run in runs:
-                final, init = run / "final.safetensors", run / "init.safetensors"
-                ckpt = load_checkpoint(final)
-                acc0, asr0, floor0 = score(final, None, disjoint, data, device)
-                for spec, config in configs.items():
-                    outcome = defend_checkpoint(final, init, aux, config, seed=seed, device=device)
-                    acc, asr, floor = score(outcome.state, ckpt, disjoint, data, device)
-                    d = outcome.meta["defense"]
-                    row = {"run": str(run), "aux_seed": seed, "per_class": per_class, "rule": spec,
-                           "config": config.record(), "flipped": d["flipped"], "of": d["of"], "acc0": acc0,
-                           "asr0": asr0, "floor0": floor0, "acc": acc, "asr": asr, "floor": floor,
-                           "dacc": acc - acc0, "n_test": len(disjoint)}
-                    rows.append(row)
-                    print(f"{run.name} aux{seed} [{spec}]: {d['flipped']} flipped, "
-                          f"dACC {100 * (acc - acc0):+.2f}, ASR {asr:.3f} (no trigger {floor:.3f}, "
-                          f"before the defense {floor0:.3f})", flush=True)
-                    if sink:
-                        sink.write(json.dumps(row) + "\n")
-                        sink.flush()
+        for run in runs:
+            final, init = run / "final.safetensors", run / "init.safetensors"
+            loaded = load_model(final, source, device)
+            dataset = loaded.meta.test_dataset(final)
+            test = load_dataset(dataset, data_dir).test
+            for per_class in sizes:
+                for seed in aux_seeds:
+                    aux = Path(tmp) / f"aux-{dataset}-{per_class}-{seed}"
+                    if not aux.exists():
+                        export_aux(dataset, per_class, aux, seed=seed, data_dir=data_dir)
+                    held = load_aux_for(loaded, aux)
+                    disjoint = test.without(held.images, held.labels)
+                    before = evaluate_loaded(loaded, disjoint, device=device, attack=attack, trigger=trigger)
+                    for spec, config in configs.items():
+                        outcome = defend_checkpoint(final, init, aux, config, source=source, seed=seed, device=device)
+                        after = evaluate_loaded(loaded, disjoint, outcome.state, device, attack, trigger)
+                        d = outcome.record
+                        row = {"run": str(run), "aux_seed": seed, "per_class": per_class, "rule": spec,
+                               "config": config.record(), "flipped": d.flipped, "of": d.of, "acc0": before.acc,
+                               "asr0": before.asr, "floor0": before.asr_clean, "acc": after.acc, "asr": after.asr,
+                               "floor": after.asr_clean, "dacc": after.acc - before.acc, "n_test": len(disjoint)}
+                        rows.append(row)
+                        print(f"{run.name} aux {per_class}x seed {seed} [{spec}]: {d.flipped} flipped, "
+                              f"dACC {100 * row['dacc']:+.2f}, ASR {after.asr:.3f} (no trigger {after.asr_clean:.3f}, "
+                              f"before the defense {before.asr_clean:.3f})", flush=True)
+                        if sink:
+                            sink.write(json.dumps(row) + "\n")
+                            sink.flush()
     return rows
 
 
@@ -120,14 +109,27 @@ def summary(rows: list[dict], rules: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", type=Path, nargs="+")
-    parser.add_argument("--rule", dest="rules", action="append", required=True)
+    parser.add_argument("--rule", dest="rules", action="append", default=[])
+    parser.add_argument("--rules", dest="named", choices=("ablation",), help="add a named list of rules")
+    parser.add_argument("--rhos", type=float, nargs="+", default=[], help="add paper rho=R and default rho=R")
     parser.add_argument("--aux-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--per-class", type=int, nargs="+", default=[20])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--model-def", help="FILE.py:NAME, for an architecture that is not built in")
+    parser.add_argument("--dataset", help="the dataset of such a model")
+    parser.add_argument("--data-dir", type=Path, help="the dataset's files (default: where flain finds them)")
+    parser.add_argument("--attack", help="SRC:TGT to measure, for a model whose metadata records none")
+    parser.add_argument("--trigger", help="the trigger stamped for it (default: the recorded one, else cba)")
     args = parser.parse_args()
-    rows = compare(args.runs, args.rules, args.aux_seeds, args.per_class, args.device, args.out)
-    print("\n" + summary(rows, args.rules))
+    rules = args.rules + (ABLATION if args.named == "ablation" else []) + [
+        f"{preset} rho={rho}" for preset in ("paper", "default") for rho in args.rhos]
+    if not rules:
+        parser.error("give at least one --rule, --rules or --rhos")
+    source = ModelSource(dataset=args.dataset, model_def=args.model_def)
+    rows = compare(args.runs, rules, args.aux_seeds, args.per_class, args.device, args.out, source, args.data_dir,
+                   args.attack, args.trigger)
+    print("\n" + summary(rows, rules))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,18 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def without(self, images: torch.Tensor, labels: torch.Tensor) -> Split:
+        """This split without every image that also stands, pixel for pixel and with its label, in ``images``:
+        the test images an aux set drawn from this split does not hold, for scoring a defense on data it never
+        saw (the labs; the CLI scores on the whole split, as the paper does)."""
+        def key(image: torch.Tensor, label: int) -> tuple[bytes, int]:
+            return image.contiguous().numpy().tobytes(), label
+
+        taken = {key(image, int(label)) for image, label in zip(images, labels.tolist())}
+        keep = torch.tensor([key(image, label) not in taken for image, label in zip(self.images, self.labels.tolist())],
+                            dtype=torch.bool)
+        return Split(self.images[keep], self.labels[keep])
+
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [N, C, H, W] -> float32, scaled to [0, 1] then standardized per channel."""

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .attack import AttackTask
-from .auxdata import load_aux
+from .auxdata import AuxSet, load_aux
 from .checkpoint import Checkpoint, ModelMeta, ModelSource, conformed_model, dataset_spec, load_checkpoint
 from .datasets import Split, load_dataset
 from .errors import ConfigError, opt
+from .loading import LoadedModel
 from .metrics import EvalResult, evaluate
 from .triggers import AnyTrigger, load_trigger_image, make_trigger
 
@@ -78,3 +80,33 @@ def evaluate_checkpoint(path: Path, *, source: ModelSource = ModelSource(), data
         trig = make_trigger(spec_attack.trigger, *spec.shape[1:]) if spec_attack else None
     result = evaluate(model, test, spec, spec_attack.task if spec_attack else None, trig, device)
     return CheckpointEval(meta, spec_attack, result, ckpt.notes)
+
+
+def attack_sets(test: Split, attack: AttackSpec | None, shape: tuple[int, int, int]) -> dict[str, AuxSet]:
+    """The image sets a defense is scored on, named as the sweep's columns: ``acc`` (the clean test images), and
+    with an attack ``asr`` (the source-class images with the full trigger, labelled with the target) and
+    ``asr_clean`` (the same images without it, labelled with the target: ASR's floor)."""
+    sets = {"acc": AuxSet(test.images, test.labels, "test")}
+    if attack is not None:
+        trigger = make_trigger(attack.trigger, *shape[1:])
+        is_source = attack.task.is_source(test.labels)
+        target = torch.full((int(is_source.sum()),), attack.task.target, dtype=torch.long)
+        sets["asr"] = AuxSet(trigger.stamp(test.images[is_source]), target, "triggered source images")
+        sets["asr_clean"] = AuxSet(test.images[is_source], target, "source images")
+    return sets
+
+
+def evaluate_loaded(loaded: LoadedModel, test: Split, tensors: dict[str, torch.Tensor] | None = None,
+                    device: torch.device | str = "cpu", attack: str | None = None,
+                    trigger: str | None = None) -> EvalResult:
+    """ACC and ASR (of the attack its metadata records, or ``attack``/``trigger`` as `flain eval` takes them) of a
+    loaded model, or of the model with ``tensors`` (e.g. a defense's ``state``) in place of its own; the model
+    itself is left as it was. The labs' one score function."""
+    meta = loaded.meta
+    spec = resolve_attack(loaded.ckpt, meta.num_classes, attack, trigger)
+    model = loaded.model
+    if tensors is not None:
+        model = copy.deepcopy(model)
+        model.load_state_dict(tensors)
+    stamp = make_trigger(spec.trigger, *meta.input_shape[1:]) if spec else None
+    return evaluate(model, test, dataset_spec(meta), spec.task if spec else None, stamp, device)

@@ -97,6 +97,13 @@ class AuxFeatures:
                                                 log_target=True, reduction="batchmean"))
 
     @torch.no_grad()
+    def agreement(self) -> float:
+        """Share of the aux images on which the outputs last scored pick the original model's class."""
+        if self._logits is None:
+            raise RuntimeError("agreement() before any accuracy(): nothing scored yet")
+        return float((self._logits.argmax(1) == self.original_logits().argmax(1)).double().mean())
+
+    @torch.no_grad()
     def accuracy(self, weight: torch.Tensor, changed: torch.Tensor | None = None, scale: float = 1.0) -> float:
         """Aux accuracy with the layer's weight replaced, updating only the changed columns.
 
@@ -116,6 +123,20 @@ class AuxFeatures:
                 pre.addmm_(self.features64[:, cols], (new.double() - old.double()).T)
                 self._weight[:, cols] = new
         return self._score(pre if scale == 1.0 else (pre - self.bias) * scale + self.bias)
+
+    @torch.no_grad()
+    def accuracy_of(self, tensors: dict[str, torch.Tensor]) -> float:
+        """Accuracy with the defended layer's weight and bias and any parameters of the layers after it taken from
+        ``tensors`` (by the model's names, as :meth:`repair` gives them), float64 from the layer on."""
+        device = self.features64.device
+        weight = tensors.get(f"{self.layer}.weight", self.linear.weight.detach()).to(device, torch.float64)
+        bias = tensors.get(f"{self.layer}.bias")
+        bias = self.bias if bias is None else bias.to(device, torch.float64)
+        names = dict(self.rest.named_parameters())
+        head = {k: v.to(device, torch.float64) for k, v in tensors.items() if k in names}
+        self.evaluations += 1
+        self._logits = functional_call(self.rest, head, (torch.addmm(bias, self.features64, weight.T),))
+        return float((self._logits.argmax(dim=1) == self.labels).double().mean())
 
     @torch.no_grad()
     def accuracy_full(self, weight: torch.Tensor, changed: torch.Tensor | None = None) -> float:
@@ -168,3 +189,24 @@ class AuxFeatures:
         return out | {name: value.cpu() for name, value in result.head.items()}
 
 
+
+
+class FeatureSets:
+    """Several image sets (the aux set, clean test images, triggered ones...) pushed once through the layers
+    before ``layer``; the share of each that the model gets right with a new defended layer. `flain sweep` and
+    the labs in experiments/ score every candidate this way."""
+
+    def __init__(self, model: torch.nn.Module, layer: str, sets: dict[str, AuxSet], meta: ModelMeta,
+                 device: torch.device | str = "cpu") -> None:
+        self.sets = {name: AuxFeatures(model, layer, images, meta, device) for name, images in sets.items()}
+
+    def __getitem__(self, name: str) -> AuxFeatures:
+        return self.sets[name]
+
+    def scores(self, weight: torch.Tensor, changed: torch.Tensor | None = None, scale: float = 1.0) -> dict[str, float]:
+        """Each set's accuracy with the layer's weight ``scale * weight`` (AuxFeatures.accuracy: incremental)."""
+        return {name: f.accuracy(weight, changed, scale) for name, f in self.sets.items()}
+
+    def scores_of(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Each set's accuracy with the layer and the layers after it from ``tensors`` (AuxFeatures.accuracy_of)."""
+        return {name: f.accuracy_of(tensors) for name, f in self.sets.items()}

@@ -16,16 +16,14 @@ from pathlib import Path
 
 import torch
 
-from .auxdata import AuxSet
 from .checkpoint import ModelSource
 from .datasets import load_dataset
 from .defense import candidates
 from .errors import ConfigError, opt
-from .evaluation import load_test_file, resolve_attack
-from .features import AuxFeatures
+from .evaluation import attack_sets, load_test_file, resolve_attack
+from .features import FeatureSets
 from .loading import check_finite, load_aux_for, load_init, load_model
 from .settings import DEFAULT, DefenseConfig
-from .triggers import make_trigger
 
 
 @dataclass(frozen=True)
@@ -67,20 +65,13 @@ def sweep_checkpoint(path: Path, init_path: Path, aux_path: Path, config: Defens
     layer = layer or meta.defended_layer
     aux = load_aux_for(loaded, aux_path)
     test = load_test_file(test_file, meta) if test_file else load_dataset(dataset, data_dir).test
-    scored = {"aux": aux, "acc": AuxSet(test.images, test.labels, "test")}
     attack = resolve_attack(loaded.ckpt, meta.num_classes)
-    if attack is not None:
-        trigger = make_trigger(attack.trigger, *meta.input_shape[1:])
-        is_source = attack.task.is_source(test.labels)
-        target = torch.full((int(is_source.sum()),), attack.task.target, dtype=torch.long)
-        scored["asr"] = AuxSet(trigger.stamp(test.images[is_source]), target, "triggered source images")
-        scored["asr_clean"] = AuxSet(test.images[is_source], target, "source images")
-    feats = {name: AuxFeatures(loaded.model, layer, images, meta, device) for name, images in scored.items()}
+    feats = FeatureSets(loaded.model, layer, {"aux": aux} | attack_sets(test, attack, meta.input_shape), meta, device)
     x = feats["aux"].mean_activations(config.shifts)
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     curve = []
     for c in candidates(weight, init.tensors[f"{layer}.weight"].to(weight.dtype), x, config, points):
-        s = {name: f.accuracy(c.masked, c.added, c.factor) for name, f in feats.items()}
+        s = feats.scores(c.masked, c.added, c.factor)
         curve.append(SweepPoint(c.lam, int(c.mask.sum()), s["aux"], s["acc"], s.get("asr"), s.get("asr_clean")))
     return SweepResult(curve, layer, config, int(x.numel()), str(attack.task) if attack else None, len(aux),
                        len(test))

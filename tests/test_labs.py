@@ -1,0 +1,66 @@
+"""The labs in experiments/ run on the library (no copies of its flip, rescale, repair or scoring), on built-in
+models and on --model-def ones, and agree with `flain defend` + `flain eval`."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from flain_cli.checkpoint import ModelSource
+
+from .conftest import invoke
+from .test_model_def import DEFS, bright, trained  # noqa: F401 - bright is a fixture
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def lab_module(name: str):
+    spec = importlib.util.spec_from_file_location(f"lab_{name}", EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tune_rules_scores_what_defend_writes_on_the_held_out_test_images(tiny_run, tmp_path):
+    tune = lab_module("tune_rules")
+    run, data = tiny_run
+    rows = tune.compare([run], ["paper rho=0.05", "default repair_steps=5"], [0], [3], data_dir=data)
+    assert [r["rule"] for r in rows] == ["paper rho=0.05", "default repair_steps=5"]
+    assert all(r["n_test"] == 200 - 30 and r["flipped"] > 0 for r in rows)  # the 30 aux images are left out
+    # the same defense through the CLI, scored by `flain eval` on the same held-out images
+    aux = tmp_path / "aux"
+    assert invoke("aux", "export", "--dataset", "fmnist", "--data-dir", data, "--per-class", "3", "--seed", "0",
+                  "--out", aux).exit_code == 0
+    from flain_cli.datasets import load_dataset
+    from flain_cli.loading import load_aux_for, load_model
+    held = load_aux_for(load_model(run / "final.safetensors"), aux)
+    test = load_dataset("fmnist", data).test.without(held.images, held.labels)
+    import numpy as np
+    np.savez(tmp_path / "test.npz", images=test.images[:, 0].numpy(), labels=test.labels.numpy())
+    out = tmp_path / "d.safetensors"
+    assert invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux,
+                  "--preset", "paper", "--rho", "0.05", "--out", out).exit_code == 0
+    report = json.loads(invoke("eval", out, "--test", tmp_path / "test.npz", "--json").stdout)
+    assert (rows[0]["acc"], rows[0]["asr"]) == (report["acc"], report["asr"])
+    assert "| paper rho=0.05 | 1 |" in tune.summary(rows, ["paper rho=0.05"])
+    assert tune.parse_rule("paper select=last-safe rescale=false").select == "last-safe"
+
+
+def test_the_rules_lab_runs_on_a_model_def_model(tmp_path, bright, capsys):  # noqa: F811 - the fixture
+    aux_dir, data = bright
+    run = trained(tmp_path, "TinyResNet")
+    lab_mod = lab_module("rules_lab")
+    lab = lab_mod.Lab(run, aux_dir, ModelSource(dataset="fmnist", model_def=f"{DEFS}:TinyResNet"), data_dir=data,
+                      attack="0:5")
+    assert lab.layer == "fc" and lab.x.shape == (16,) and set(lab.base) == {"aux", "test", "trig"}
+    rows = lab_mod.trace(lab, step=0.01)
+    assert rows and [r["n"] for r in rows] == sorted(r["n"] for r in rows) and rows[0]["kl"] >= 0
+    lab_mod.repair_variants(lab, [0.5], ["base s5", "adam s5 p1", "base s5 f2"])
+    lab_mod.orderings(lab)
+    printed = capsys.readouterr().out
+    assert "base s5:" in printed and "adam s5 p1:" in printed and "== order by q90" in printed
+    with pytest.raises(SystemExit, match="no attack is recorded"):
+        lab_mod.Lab(run, aux_dir, ModelSource(dataset="fmnist", model_def=f"{DEFS}:TinyResNet"), data_dir=data)
