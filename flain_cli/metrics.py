@@ -15,7 +15,7 @@ from .triggers import AnyTrigger
 @dataclass(frozen=True)
 class EvalResult:
     acc: float
-    asr: float | None  # None when no attack is known
+    asr: float | None  # None when no attack is known, or no source-class image was there to trigger
     n_clean: int
     n_triggered: int
     per_class_acc: tuple[float, ...]
@@ -39,11 +39,12 @@ def predict(model: nn.Module, images: torch.Tensor, spec: DatasetSpec, device: t
 
 
 def attack_success_rate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask, trigger: AnyTrigger,
-                        device: torch.device | str = "cpu") -> tuple[float, int]:
-    """Share of source-class test images, stamped with the full trigger, classified as the target."""
+                        device: torch.device | str = "cpu") -> tuple[float | None, int]:
+    """Share of source-class test images, stamped with the full trigger, classified as the target (None: the split
+    holds no source-class image, so nothing was measured)."""
     idx = torch.nonzero(task.is_source(split.labels)).flatten()
     if len(idx) == 0:
-        return 0.0, 0
+        return None, 0
     preds = predict(model, trigger.stamp(split.images[idx]), spec, device)
     return float((preds == task.target).float().mean()), len(idx)
 
@@ -59,9 +60,10 @@ def evaluate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask
         trigger: stamped in full on the source-class images for ASR.
 
     Returns:
-        ``EvalResult``: ``acc``; ``asr`` (share of triggered source images predicted as the target;
-        None without a task) with ``n_triggered``; ``asr_clean``, the same share without the trigger
-        (the classes' natural confusion, ASR's floor); per-class accuracy.
+        ``EvalResult``: ``acc``; ``asr`` (share of triggered source images predicted as the target; None
+        without a task, or when the split holds no source-class image) with ``n_triggered``;
+        ``asr_clean``, the same share without the trigger (the classes' natural confusion, ASR's
+        floor); per-class accuracy.
 
     Example: ``evaluate(model, load_dataset("fmnist").test, DATASETS.get("fmnist"), task, trigger).acc``.
     """
@@ -75,6 +77,6 @@ def evaluate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask
     if task is not None and trigger is not None:
         asr, n_triggered = attack_success_rate(model, split, spec, task, trigger, device)
         source = task.is_source(split.labels)
-        asr_clean = float((preds[source] == task.target).float().mean()) if bool(source.any()) else 0.0
+        asr_clean = float((preds[source] == task.target).float().mean()) if bool(source.any()) else None
     return EvalResult(float(correct.float().mean()) if len(split) else float("nan"), asr, len(split),
                       n_triggered, per_class, asr_clean)

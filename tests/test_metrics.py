@@ -65,3 +65,25 @@ def test_attack_task_parsing():
     for bad in ("0-5", "a:b", "0:10", "4:4", "0:5:1"):
         with pytest.raises(ConfigError):
             AttackTask.parse(bad, 10)
+
+
+def test_asr_is_not_measured_when_the_split_holds_no_source_image(tiny_run, tmp_path):
+    """No class-0 image to trigger: ASR and its floor are None (null in JSON), not a success rate of 0."""
+    import json
+
+    import numpy as np
+
+    from .conftest import invoke, make_images
+    images, labels = make_images(40, 5)
+    keep = labels != 0
+    test = tmp_path / "no-source.npz"
+    np.savez(test, images=images[keep], labels=labels[keep].astype(np.int64))  # [N, H, W]: grey
+    res = evaluate(ReadsPixels(), Split(torch.from_numpy(images[keep][:, None]), torch.from_numpy(labels[keep])),
+                   SPEC, AttackTask(0, 5), make_trigger("cba", 28, 28))
+    assert (res.asr, res.asr_clean, res.n_triggered) == (None, None, 0)
+    run, _ = tiny_run
+    report = invoke("eval", run / "final.safetensors", "--test", test, "--json")
+    assert report.exit_code == 0, report.output
+    assert (json.loads(report.stdout)["asr"], json.loads(report.stdout)["n_triggered"]) == (None, 0)
+    table = invoke("eval", run / "final.safetensors", "--test", test)
+    assert "not measured" in " ".join(table.stdout.split())

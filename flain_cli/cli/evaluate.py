@@ -8,19 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import (
-    DataDirOpt,
-    DeviceOpt,
-    JsonOpt,
-    ModelArg,
-    SourceOptions,
-    fmt,
-    out,
-    print_json,
-    print_notes,
-    resolve_device,
-    with_model_source,
-)
+from .common import DataDirOpt, DeviceOpt, JsonOpt, ModelArg, SourceOptions, resolve_device, with_model_source
+from .output import fmt, out, print_json, print_notes
 
 
 @with_model_source
@@ -67,6 +56,8 @@ def evaluate_command(
     table.add_column("images", justify="right")
     table.add_row("ACC (clean test)", fmt(res.acc), str(res.n_clean))
     attack_label = f"ASR ({spec_attack.task}, {spec_attack.trigger})" if spec_attack else "ASR (no attack known)"
+    if spec_attack and res.asr is None:
+        attack_label += ": not measured, no source-class image in the test set"
     table.add_row(attack_label, fmt(res.asr), str(res.n_triggered))
     if spec_attack:
         table.add_row(f"  the same images without the trigger -> {spec_attack.task.target}", fmt(res.asr_clean),
