@@ -122,6 +122,23 @@ def test_rlr_and_sampling_run():
     assert res.history[0].acc is not None  # the last round is always evaluated
 
 
+def test_rlr_is_applied_coordinate_by_coordinate():
+    """One round from the same seed: the clients' updates are the same under both aggregators, so RLR's step is
+    FedAvg's, negated exactly where the clients' signs disagree (|sum of signs| < 3 of 4 clients) and kept
+    elsewhere. A run that ignored the aggregator setting would give FedAvg's step everywhere."""
+    data = _dataset()
+    one = dataclasses.replace(CFG, rounds=1, eval_every=5)
+    avg, rlr = simulate(one, data), simulate(dataclasses.replace(one, aggregator="rlr"), data)
+    assert all(torch.equal(avg.init_state[k], rlr.init_state[k]) for k in avg.init_state)
+    w0 = avg.init_state["fc1.weight"]
+    step_avg, step_rlr = avg.final_state["fc1.weight"] - w0, rlr.final_state["fc1.weight"] - w0
+    assert torch.allclose(step_rlr.abs(), step_avg.abs(), atol=1e-6)
+    flipped = (step_rlr * step_avg < 0)
+    moved = step_avg.abs() > 1e-5
+    share = float(flipped[moved].float().mean())
+    assert 0.05 < share < 0.95, share  # some coordinates flipped, not all
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_reduced_precision_trains_close_to_fp32_and_is_recorded(precision):
     """Autocast changes the arithmetic, not the run: the same seeds give a nearby model, reproducibly."""
