@@ -47,3 +47,29 @@ def test_sample_models_are_real_small_and_described():
         assert final.meta["dataset"] == "fmnist" and final.meta["train_config"]["train_samples"] is None
         assert (folder / "aux" / "aux.json").is_file() and folder.name in readme
     assert (samples / "fmnist-test-2000.npz").is_file()
+
+
+def sample_rows() -> list[str]:
+    """The sample models' table rows, rendered from sample_models/figures.json (the one source)."""
+    import json
+    figures = json.loads((ROOT / "sample_models" / "figures.json").read_text())
+    rows = []
+    for name, label in (("fmnist-cba-iid", "CBA (0, 5), IID"), ("fmnist-dba-noniid", "DBA (0, 5), Dirichlet 0.5")):
+        f = figures[name]
+        none = f["none"]
+
+        def cell(r: dict) -> str:
+            return f"{r['acc']:.4f} ({100 * (r['acc'] - none['acc']):+.2f}) / {r['asr']:.3f}"
+        rows.append(f"| `{name}` | {label} | {none['acc']:.4f} / {none['asr']:.3f} | {cell(f['paper'])} | "
+                    f"{cell(f['default'])} |")
+    return rows
+
+
+def test_the_sample_model_figures_come_from_one_source():
+    """README.md and sample_models/README.md show the figures of sample_models/figures.json, which the e2e test
+    measures again; a figure edited in one place only fails here."""
+    rows = sample_rows()
+    for doc in (ROOT / "README.md", ROOT / "sample_models" / "README.md"):
+        text = doc.read_text()
+        for row in rows:
+            assert row in text, f"{doc.name} does not show {row}"

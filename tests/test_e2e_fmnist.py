@@ -67,7 +67,7 @@ def test_sample_models_paper_preset_and_default_rule(sample, tmp_path):
     write are pinned in tests/test_pins.py, which needs no dataset)."""
     folder = SAMPLES / sample
     common = [folder / "final.safetensors", "--init", folder / "init.safetensors", "--aux", folder / "aux"]
-    flain("defend", *common, "--preset", "paper", "--out", tmp_path / "paper.safetensors")
+    paper_report = flain("defend", *common, "--preset", "paper", "--out", tmp_path / "paper.safetensors")
     report = flain("defend", *common, "--out", tmp_path / "default.safetensors")
     assert report["rule"] == "flain+shifts+kl+distill+sgd" and report["stop"] == "kl" and report["kl"] == 0.07
     assert report["shifts"] == 2 and report["repair"]["optimizer"] == "sgd" and report["repair"]["lr"] == 0.1
@@ -76,3 +76,9 @@ def test_sample_models_paper_preset_and_default_rule(sample, tmp_path):
     assert before["asr"] > 0.95 and default["asr"] <= 0.03 and paper["asr"] <= 0.03
     assert default["acc"] >= paper["acc"] + 0.02  # measured: +2.9 (CBA) and +6.3 (DBA) points
     assert default["acc"] >= before["acc"] - 0.01  # the issue's target: measured -0.96 and -0.97 points
+    # the figures the docs show (sample_models/figures.json) are what flain measures today
+    figures = json.loads((SAMPLES / "figures.json").read_text())[sample]
+    for name, measured, defended in (("none", before, None), ("paper", paper, paper_report),
+                                     ("default", default, report)):
+        assert round(measured["acc"], 4) == figures[name]["acc"] and round(measured["asr"], 3) == figures[name]["asr"]
+        assert defended is None or defended["flipped"] == figures[name]["flipped"]
