@@ -40,72 +40,70 @@ def _finite(value: Any, param: str) -> None:
         raise ConfigError(f"must be a finite number, got {value!r}", param=param)
 
 
-@dataclass(frozen=True)
-class AccuracyStop:
-    """Line 17 of Algorithm 1: stop at the first threshold whose aux accuracy drop reaches ``rho``."""
+class _Stop:
+    """What both stops share: a budget (the field named ``budget_param``) in a range, its label and its record.
+    A stop states its name, budget, whether it reads the outputs' divergence and the budget's range as class
+    keywords; it adds ``crossed``, the test of line 17."""
 
-    rho: float = PAPER_RHO
-    name: ClassVar[str] = "accuracy"
-    budget_param: ClassVar[str] = "rho"
-    needs_divergence: ClassVar[bool] = False
+    name: ClassVar[str]
+    budget_param: ClassVar[str]  # the budget's field and setting: rho or kl
+    needs_divergence: ClassVar[bool]  # the search must measure the outputs' divergence at each threshold
+    low: ClassVar[float]
+    high: ClassVar[float]
+    low_allowed: ClassVar[bool]  # whether the budget may be ``low`` itself
+
+    def __init_subclass__(cls, *, name: str, budget_param: str, needs_divergence: bool, low: float, high: float,
+                          low_allowed: bool) -> None:
+        super().__init_subclass__()
+        cls.name, cls.budget_param, cls.needs_divergence = name, budget_param, needs_divergence
+        cls.low, cls.high, cls.low_allowed = low, high, low_allowed
 
     @property
     def budget(self) -> float:
-        return self.rho
+        return float(getattr(self, self.budget_param))
+
+    @property
+    def label(self) -> str:
+        """The stop in a file stem: ``rho0.03``, ``kl0.07``."""
+        return f"{self.budget_param}{self.budget:g}"
+
+    def describe(self) -> str:
+        return f"{self.budget_param} {self.budget:g}"
+
+    def record(self) -> dict[str, Any]:
+        """The stop in the checkpoint's flat layout: its name, and its budget beside the other stop's (null)."""
+        return {"stop": self.name, "rho": None, "kl": None} | {self.budget_param: getattr(self, self.budget_param)}
 
     def check(self) -> None:
-        _finite(self.rho, "rho")
-        if not 0 <= self.rho <= 1:
-            raise ConfigError(f"must be in [0, 1], got {self.rho}", param="rho")
+        value = getattr(self, self.budget_param)
+        _finite(value, self.budget_param)
+        if not (self.low <= value if self.low_allowed else self.low < value) or value > self.high:
+            raise ConfigError(f"must be in {'[' if self.low_allowed else '('}{self.low:g}, {self.high:g}], got {value}",
+                              param=self.budget_param)
+
+
+@dataclass(frozen=True)
+class AccuracyStop(_Stop, name="accuracy", budget_param="rho", needs_divergence=False, low=0, high=1,
+                   low_allowed=True):
+    """Line 17 of Algorithm 1: stop at the first threshold whose aux accuracy drop reaches ``rho``."""
+
+    rho: float = PAPER_RHO
 
     def crossed(self, acc0: float, acc: float, kl: float | None) -> bool:  # noqa: ARG002 - one signature for both
         return self.rho <= acc0 - acc
 
-    @property
-    def label(self) -> str:
-        """The stop in a file stem: ``rho0.03``."""
-        return f"rho{self.rho:g}"
-
-    def describe(self) -> str:
-        return f"rho {self.rho:g}"
-
-    def record(self) -> dict[str, Any]:
-        return {"stop": self.name, "rho": self.rho, "kl": None}
-
 
 @dataclass(frozen=True)
-class KlStop:
+class KlStop(_Stop, name="kl", budget_param="kl", needs_divergence=True, low=0, high=10, low_allowed=False):
     """Ours: stop at the first threshold whose mean KL divergence of the outputs from the original model's on
     the aux set, KL(original || candidate), reaches ``kl``."""
 
     kl: float = KL_BUDGET
-    name: ClassVar[str] = "kl"
-    budget_param: ClassVar[str] = "kl"
-    needs_divergence: ClassVar[bool] = True
-
-    @property
-    def budget(self) -> float:
-        return self.kl
-
-    def check(self) -> None:
-        _finite(self.kl, "kl")
-        if not 0 < self.kl <= 10:
-            raise ConfigError(f"must be in (0, 10], got {self.kl}", param="kl")
 
     def crossed(self, acc0: float, acc: float, kl: float | None) -> bool:  # noqa: ARG002 - one signature for both
         if kl is None:
             raise ValueError("the kl stop needs the divergence of every threshold it reads")
         return self.kl <= kl
-
-    @property
-    def label(self) -> str:
-        return f"kl{self.kl:g}"
-
-    def describe(self) -> str:
-        return f"kl {self.kl:g}"
-
-    def record(self) -> dict[str, Any]:
-        return {"stop": self.name, "rho": None, "kl": self.kl}
 
 
 Stop = AccuracyStop | KlStop

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flain_cli.checkpoint import load_checkpoint
-from flain_cli.cli import common
+from flain_cli.cli import output
 from flain_cli.cli.app import app
 
 from .conftest import make_images, write_aux_folder
@@ -51,7 +51,7 @@ def test_demo_before_and_after(monkeypatch, samples, tmp_path):
     assert ev["acc"] == pytest.approx(report["before"]["acc"]) and ev["asr"] == pytest.approx(report["before"]["asr"])
     # wide enough for a row per line; the console fixed its width at import where COLUMNS was exported then
     # (as on the GPU machine, COLUMNS=80), so set it on the console, not in the environment
-    monkeypatch.setattr(common.out, "_width", 200)
+    monkeypatch.setattr(output.out, "_width", 200)
     table = runner.invoke(app, ["demo", "--samples-dir", str(samples), "--sample", "tiny-cba", "--out",
                                 str(tmp_path / "demo"), "--test-subset", "--force"])
     assert table.exit_code == 0 and "FLAIN --preset paper" in table.stdout

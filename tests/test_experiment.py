@@ -3,12 +3,14 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from flain_cli.checkpoint import load_checkpoint
 from flain_cli.cli.app import app
 from flain_cli.errors import ConfigError
 from flain_cli.experiment import Cell, load_experiment, write_results
-from flain_cli.settings import AccuracyStop, KlStop
+from flain_cli.settings import PRESETS, AccuracyStop, KlStop
 
 runner = CliRunner()
 
@@ -283,3 +285,29 @@ def test_the_rules_grids_hold_the_paper_preset_and_todays_default():
         assert len(columns) == 12
         assert columns["flain stop=accuracy shifts=0 repair=none"] == PRESETS["paper"]
         assert columns["flain stop=kl shifts=2 repair=distill repair_optimizer=sgd"] == PRESETS["default"]
+
+
+def test_a_grid_without_a_rule_is_flain_defend_with_no_options_and_its_cell_is_defend_plus_eval(tmp_path, fmnist_dir):
+    """A [defense] table that names no rule defends with `flain defend`'s default: the grid's checkpoint holds bit
+    for bit the tensors of `flain defend MODEL --init INIT --aux AUX` on the same training and aux set, and the
+    cell's ACC and ASR are what `flain eval` says of that file."""
+    grid = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"flain"')
+                 .replace("rho = 0.05\n", "repair_steps = 5\n"))  # the one setting: a short repair, for speed
+    plain = write(tmp_path, TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"flain"')
+                  .replace("rho = 0.05\n", ""), "plain.toml")
+    assert load_experiment(plain).defenses[0].settings.config("flain") == PRESETS["default"]
+    res = run(grid, "--out", tmp_path / "out", "--data-dir", fmnist_dir, "--json")
+    assert res.exit_code == 0, res.output
+    (row,) = json.loads(res.stdout)["rows"]
+    (train,) = (tmp_path / "out").glob("train-*")
+    (aux,) = (tmp_path / "out").glob("aux-*")
+    direct = tmp_path / "direct.safetensors"
+    defended = runner.invoke(app, ["defend", str(train / "final.safetensors"), "--init",
+                                   str(train / "init.safetensors"), "--aux", str(aux), "--repair-steps", "5",
+                                   "--out", str(direct)])
+    assert defended.exit_code == 0, defended.output
+    ours, theirs = load_checkpoint(row["checkpoint"]).tensors, load_checkpoint(direct).tensors
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    evaluated = json.loads(runner.invoke(app, ["eval", str(direct), "--data-dir", str(fmnist_dir), "--json"]).stdout)
+    assert (row["acc"], row["asr"], row["asr_clean"]) == (evaluated["acc"], evaluated["asr"], evaluated["asr_clean"])
+    assert row["rule"] == "flain+shifts+kl+distill+sgd" and row["repair"] == "sgd-s5" and row["flipped"] > 0

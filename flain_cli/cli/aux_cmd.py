@@ -11,7 +11,8 @@ import typer
 from ..catalog import DATASETS
 from ..errors import ConfigError
 from ..files import FilePlan
-from .common import DataDirOpt, ForceOpt, JsonOpt, SeedOpt, out, print_json
+from .common import DataDirOpt, ForceOpt, JsonOpt, SeedOpt
+from .output import out, print_json
 
 
 class ExportFormat(str, Enum):

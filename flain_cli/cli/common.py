@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
-import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
-from rich.console import Console
 
 from ..errors import ConfigError, FlainError
 from ..files import read_text
 from ..settings import MAX_SHIFTS
 from ..signals import command_started, interrupt_behind, interrupt_note
+from .output import err
 
 if TYPE_CHECKING:
     import torch
@@ -32,10 +30,6 @@ if TYPE_CHECKING:
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-# markup off: paths and labels are printed as given (`runs[/x].safetensors` is a valid file name)
-out = Console(highlight=False, markup=False)  # data: tables (stdout)
-err = Console(stderr=True, highlight=False, markup=False)  # people: progress, warnings, errors (stderr)
 
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint (.safetensors) to read.",
                                           show_default=False)]
@@ -178,12 +172,6 @@ def parse_normalization(mean: str | None, std: str | None) -> tuple[list[float],
         raise ConfigError(f"--mean {mean!r} / --std {std!r} must be numbers separated by commas") from None
 
 
-def print_notes(notes: Iterable[str]) -> None:
-    """How a checkpoint was read (format, prefix stripped, dtype), on stderr."""
-    for note in notes:
-        err.print(f"note: {note}", soft_wrap=True)
-
-
 def interrupt_code(exc: KeyboardInterrupt) -> int:
     """Exit code for an interrupt: 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
     return getattr(exc, "exit_code", 130)
@@ -202,28 +190,6 @@ def interrupted(exc: KeyboardInterrupt) -> NoReturn:
     """End the command for an interrupt: one line, exit 130 or 143."""
     err.print(f"Interrupted ({interrupt_name(exc)}); {interrupt_note()}")
     raise typer.Exit(interrupt_code(exc))
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: write null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def print_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(_clean(obj)) + "\n")
-    sys.stdout.flush()
-
-
-def fmt(value: float | None, digits: int = 4) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
 class Settings:

@@ -33,13 +33,10 @@ from .common import (
     ModelArg,
     SeedOpt,
     SourceOptions,
-    err,
-    out,
-    print_json,
-    print_notes,
     resolve_device,
     with_model_source,
 )
+from .output import err, out, print_json, print_notes
 
 if TYPE_CHECKING:
     from ..defense import SearchStep

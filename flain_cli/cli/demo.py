@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..files import FilePlan
-from .common import DeviceOpt, ForceOpt, JsonOpt, fmt, out, print_json, resolve_device
+from .common import DeviceOpt, ForceOpt, JsonOpt, resolve_device
+from .output import fmt, out, print_json
 
 
 def demo(

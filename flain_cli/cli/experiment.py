@@ -12,18 +12,8 @@ from ..errors import FlainError
 from ..events import ExperimentListener, RoundLog
 from ..files import FilePlan
 from ..settings import MAX_POINTS
-from .common import (
-    DataDirOpt,
-    DeviceOpt,
-    JsonOpt,
-    as_interrupt,
-    err,
-    interrupt_code,
-    interrupt_name,
-    out,
-    print_json,
-    resolve_device,
-)
+from .common import DataDirOpt, DeviceOpt, JsonOpt, as_interrupt, interrupt_code, interrupt_name, resolve_device
+from .output import err, out, print_json
 
 
 class _RichListener(ExperimentListener):

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from ..catalog import ARCHITECTURES
-from .common import JsonOpt, out, print_json, print_notes
+from .common import JsonOpt
+from .output import out, print_json, print_notes
 
 MAX_ROWS = 40
 

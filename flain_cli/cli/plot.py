@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -9,7 +10,8 @@ import typer
 
 from ..files import FilePlan
 from ..plots import check_png, plot_activations, plot_grid, plot_sweep, plot_trace, plot_training
-from .common import ForceOpt, JsonOpt, out, print_json
+from .common import ForceOpt, JsonOpt
+from .output import out, print_json
 
 app = typer.Typer(help="Draw PNG figures (needs matplotlib, the optional 'plot' extra of flain-cli).",
                   no_args_is_help=True)
@@ -18,11 +20,15 @@ OutOpt = Annotated[Path, typer.Option("--out", help="PNG file to write.", show_d
 TitleOpt = Annotated[str | None, typer.Option(help="Figure title.", show_default=False)]
 
 
-def _done(path: Path, as_json: bool) -> None:
+def _draw(inputs: dict[str, Path | None], out_path: Path, force: bool, as_json: bool,
+          draw: Callable[[Path], object]) -> None:
+    """Every plot command: its inputs and its PNG declared, ``draw(staged path)``, then say what was written."""
+    with FilePlan(inputs, {"--out": check_png(out_path)}, force=force).writing() as stage:
+        draw(stage["--out"])
     if as_json:
-        print_json({"out": str(path)})
+        print_json({"out": str(out_path)})
     else:
-        out.print(f"wrote {path}")
+        out.print(f"wrote {out_path}")
 
 
 def training(runs: Annotated[list[Path], typer.Argument(
@@ -35,28 +41,23 @@ def training(runs: Annotated[list[Path], typer.Argument(
                  show_default=False)] = None,
              force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """ACC and ASR per round, for one training or several side by side."""
-    inputs = {f"RUN {i + 1}": r / "train.json" if r.is_dir() else r for i, r in enumerate(runs)}
-    with FilePlan(inputs, {"--out": check_png(out_path)}, force=force).writing() as stage:
-        plot_training(runs, stage["--out"], title, labels)
-    _done(out_path, as_json)
+    inputs: dict[str, Path | None] = {f"RUN {i + 1}": r / "train.json" if r.is_dir() else r
+                                      for i, r in enumerate(runs)}
+    _draw(inputs, out_path, force, as_json, lambda png: plot_training(runs, png, title, labels))
 
 
 def trace(trace_csv: Annotated[Path, typer.Argument(metavar="TRACE.csv", help="A `flain defend --trace` file.",
                                                     show_default=False)],
           out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """The search curve: aux accuracy and neurons selected against the threshold lambda."""
-    with FilePlan({"TRACE.csv": trace_csv}, {"--out": check_png(out_path)}, force=force).writing() as stage:
-        plot_trace(trace_csv, stage["--out"], title)
-    _done(out_path, as_json)
+    _draw({"TRACE.csv": trace_csv}, out_path, force, as_json, lambda png: plot_trace(trace_csv, png, title))
 
 
 def sweep(sweep_csv: Annotated[Path, typer.Argument(metavar="SWEEP.csv", help="A `flain sweep --csv` file.",
                                                     show_default=False)],
           out_path: OutOpt, title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """ACC, ASR, ASR without trigger and aux accuracy against the threshold lambda."""
-    with FilePlan({"SWEEP.csv": sweep_csv}, {"--out": check_png(out_path)}, force=force).writing() as stage:
-        plot_sweep(sweep_csv, stage["--out"], title)
-    _done(out_path, as_json)
+    _draw({"SWEEP.csv": sweep_csv}, out_path, force, as_json, lambda png: plot_sweep(sweep_csv, png, title))
 
 
 def activations(means_csv: Annotated[Path, typer.Argument(metavar="MEANS.csv", help="A `flain scan --csv` file.",
@@ -64,9 +65,8 @@ def activations(means_csv: Annotated[Path, typer.Argument(metavar="MEANS.csv", h
                 out_path: OutOpt, bins: Annotated[int, typer.Option(min=1, max=10_000, help="Histogram bins.")] = 60,
                 title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """Histogram of the mean activations of the defended layer's inputs."""
-    with FilePlan({"MEANS.csv": means_csv}, {"--out": check_png(out_path)}, force=force).writing() as stage:
-        plot_activations(means_csv, stage["--out"], bins, title)
-    _done(out_path, as_json)
+    _draw({"MEANS.csv": means_csv}, out_path, force, as_json,
+          lambda png: plot_activations(means_csv, png, bins, title))
 
 
 def grid(results: Annotated[Path, typer.Argument(
@@ -83,6 +83,5 @@ def grid(results: Annotated[Path, typer.Argument(
              show_default=False)] = None,
          title: TitleOpt = None, force: ForceOpt = False, as_json: JsonOpt = False) -> None:
     """ACC and ASR of each defense against a grid key: one row of panels per value of the other keys."""
-    with FilePlan({"RESULTS": results}, {"--out": check_png(out_path)}, force=force).writing() as stage:
-        plot_grid(results, stage["--out"], x, over, defenses, title)
-    _done(out_path, as_json)
+    _draw({"RESULTS": results}, out_path, force, as_json,
+          lambda png: plot_grid(results, png, x, over, defenses, title))

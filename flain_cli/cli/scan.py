@@ -11,22 +11,9 @@ from rich.table import Table
 from ..files import FilePlan
 from ..settings import DEFAULT
 from ..tables import means_csv
-from .common import (
-    AuxOpt,
-    DeviceOpt,
-    ForceOpt,
-    JsonOpt,
-    LayerOpt,
-    ModelArg,
-    ShiftsOpt,
-    SourceOptions,
-    err,
-    out,
-    print_json,
-    print_notes,
-    resolve_device,
-    with_model_source,
-)
+from . import common
+from .common import SourceOptions, with_model_source
+from .output import err, out, print_json, print_notes
 
 if TYPE_CHECKING:
     import torch
@@ -47,25 +34,25 @@ def histogram_rows(values: torch.Tensor, bins: int = 12, width: int = 40) -> lis
 
 @with_model_source
 def scan(
-    model: ModelArg,
-    aux: AuxOpt,
-    layer: LayerOpt = None,
+    model: common.ModelArg,
+    aux: common.AuxOpt,
+    layer: common.LayerOpt = None,
     lowest: Annotated[int, typer.Option(min=1, help="How many of the least active neurons to list.")] = 10,
     csv: Annotated[Path | None, typer.Option(help="Write 'neuron,mean' for every neuron to this CSV file.",
                                              show_default=False)] = None,
-    shifts: ShiftsOpt = DEFAULT.shifts,
+    shifts: common.ShiftsOpt = DEFAULT.shifts,
     *,
     source: SourceOptions,
-    device: DeviceOpt = "cpu",
-    force: ForceOpt = False,
-    as_json: JsonOpt = False,
+    device: common.DeviceOpt = "cpu",
+    force: common.ForceOpt = False,
+    as_json: common.JsonOpt = False,
 ) -> None:
     """Print the mean activation of each input neuron of a Linear layer over the aux set."""
     import torch
 
     from ..audit import scan_checkpoint
 
-    torch_device = resolve_device(device)
+    torch_device = common.resolve_device(device)
     with FilePlan({"MODEL": model, "--aux": aux} | source.inputs(), {"--csv": csv}, force=force).writing() as stage:
         res = scan_checkpoint(model, aux, layer=layer, source=source.build(), shifts=shifts, device=torch_device)
         means = res.means

@@ -23,12 +23,10 @@ from .common import (
     ModelArg,
     ShiftsOpt,
     SourceOptions,
-    fmt,
-    out,
-    print_json,
     resolve_device,
     with_model_source,
 )
+from .output import fmt, out, print_json
 
 
 @with_model_source

@@ -21,14 +21,11 @@ from .common import (
     JsonOpt,
     SeedOpt,
     as_interrupt,
-    err,
-    fmt,
     interrupt_code,
     interrupt_name,
-    out,
-    print_json,
     resolve_device,
 )
+from .output import err, fmt, out, print_json
 
 if TYPE_CHECKING:
     import torch
