@@ -59,3 +59,54 @@ def choose_poisoned(labels: torch.Tensor, task: AttackTask, pdr: float,
     if count:
         mask[torch.from_numpy(rng.choice(candidates, size=count, replace=False))] = True
     return mask
+
+
+# ---- stronger attackers: what a malicious client does to its update (pure functions over state_dict deltas)
+
+ADAPTIVE_SHARE = 0.05  # the FLAIN-aware attacker guards the 5 % of the defended layer's inputs its trigger raises most
+
+
+def neurotoxin_masks(previous: dict[str, torch.Tensor], share: float, names: list[str]) -> dict[str, torch.Tensor]:
+    """Neurotoxin (Zhang et al. 2022): bool masks over the tensors ``names`` that keep every coordinate except the
+    ``share`` % with the largest magnitude in the previous global update ``previous``, ranked over all of them
+    together: the coordinates benign clients write most are left alone, so the backdoor lives where they do not."""
+    flat = torch.cat([previous[n].detach().abs().flatten().float() for n in names])
+    count = int(flat.numel() * share / 100)
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if count:
+        keep[torch.topk(flat, count).indices] = False
+    masks, start = {}, 0
+    for n in names:
+        size = previous[n].numel()
+        masks[n] = keep[start:start + size].view_as(previous[n]).to(previous[n].device)
+        start += size
+    return masks
+
+
+def boosted(update: dict[str, torch.Tensor], factor: float, names: list[str]) -> dict[str, torch.Tensor]:
+    """Model replacement / boosting (Bagdasaryan et al. 2020): the tensors ``names`` of the update times ``factor``,
+    so that they survive averaging with the benign updates (the others, e.g. BatchNorm counters, as they are)."""
+    return {n: t * factor if n in names else t for n, t in update.items()}
+
+
+def projected(update: dict[str, torch.Tensor], radius: float, names: list[str]) -> dict[str, torch.Tensor]:
+    """The update onto the L2 ball of ``radius`` (over the tensors ``names`` together), as an attacker facing norm
+    clipping sends it: unchanged inside the ball, scaled down to its surface outside."""
+    norm = float(torch.stack([(update[n].double() ** 2).sum() for n in names]).sum().sqrt())
+    if norm <= radius:
+        return update
+    return boosted(update, radius / norm, names)
+
+
+def trigger_inputs(clean: torch.Tensor, triggered: torch.Tensor, share: float = ADAPTIVE_SHARE) -> torch.Tensor:
+    """The indices of the defended layer's inputs that the trigger raises most (mean on ``triggered`` rows minus
+    mean on ``clean`` rows, ``[N, in]`` each): the ``share`` of them, at least one."""
+    raised = triggered.mean(0) - clean.mean(0)
+    return torch.topk(raised, max(1, round(share * raised.numel()))).indices
+
+
+def adaptive_penalty(clean: torch.Tensor, chosen: torch.Tensor, level: float) -> torch.Tensor:
+    """The FLAIN-aware attacker's loss term: for each chosen input, how far its mean activation over the clean rows
+    ``clean`` ``[B, in]`` falls short of ``level`` (a typical clean activation), averaged. It is zero when those
+    inputs are as busy on clean images as a typical input, and FLAIN then no longer reads them as silent."""
+    return torch.relu(level - clean[:, chosen].mean(0)).mean()

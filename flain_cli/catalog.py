@@ -21,19 +21,24 @@ if TYPE_CHECKING:  # the implementations' types (annotations only: importing the
     from .aggregation import AggregatorSettings, Update
     from .datasets import DatasetSpec
     from .models import Architecture
-    from .triggers import Trigger
+    from .triggers import Trigger, TriggerSpec
 
 DATASETS: Registry[DatasetSpec] = Registry("dataset", ("fmnist", "mnist", "emnist", "cifar10"), "flain_cli.datasets")
 ARCHITECTURES: Registry[Architecture] = Registry(
-    "architecture", ("cnn-mnist", "cnn-fmnist", "cnn-fmnist-ref", "cnn-cifar"), "flain_cli.models")
-TRIGGERS: Registry[Callable[[int, int], Trigger]] = Registry(
-    "trigger", ("cba", "dba", "pix3", "pix5", "pix7", "pix9"), "flain_cli.triggers")
+    "architecture", ("cnn-mnist", "cnn-fmnist", "cnn-fmnist-ref", "cnn-cifar", "lenet5", "resnet-small", "mlp"),
+    "flain_cli.models")
+TRIGGERS: Registry[Callable[[TriggerSpec, tuple[int, int, int]], Trigger]] = Registry(
+    "trigger", ("cba", "dba", "pix3", "pix5", "pix7", "pix9", "checker", "blend", "sig"), "flain_cli.triggers")
 SPLITS: Registry[Callable[..., list[torch.Tensor]]] = Registry("split", ("iid", "dirichlet"), "flain_cli.splits")
 AGGREGATORS: Registry[Callable[[list[Update], list[float], AggregatorSettings], Update]] = Registry(
     "aggregator", ("fedavg", "rlr"), "flain_cli.aggregation")
 # a method maps (W, W0) to the values its selected columns take; the search applies it per mask
 METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry(
     "method", ("flain", "prune"), "flain_cli.defense")
+
+# triggers' settings (triggers.py): blend's weight when none is given, the checkerboard's top-left pixel by default
+BLEND_ALPHA = 0.15  # the literature uses 0.1-0.2
+CHECKER_POS = (1, 1)  # the top-left corner, away from the CBA block
 
 # how clients train: float32, or autocast to bfloat16/float16 (the model and optimizer stay float32);
 # "auto" picks bf16 where the device supports it and is resolved before a run starts (simulation.py)

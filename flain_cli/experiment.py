@@ -53,6 +53,7 @@ from .errors import ConfigError, FlainError, opt
 from .evaluation import evaluate_checkpoint
 from .events import ExperimentListener
 from .files import atomic_write, read_text
+from .metrics import EvalResult, der
 from .settings import MAX_POINTS, OVERRIDES, DefenseConfig, RepairSettings, defense_config
 from .simulation import TrainConfig
 from .tables import FINISHED, results_csv
@@ -465,17 +466,37 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.devic
             _write(run_dir / f"{tag}.json", record)
         settings = {k: v for k, v in config.record().items() if k not in ("method", "repair")}
         cell.detail |= settings | {"repair": repair_label(config.repair), "aux_per_class": d.aux_per_class} | record
+    report, fresh = _evaluated(model, cfg, device, data_dir, datasets)
+    cell.acc, cell.asr = report["acc"], report["asr"]
+    cell.detail = cell.detail | {k: report[k] for k in EVAL_KEYS[2:]} | {"checkpoint": str(model)}
+    if defense.method in POST_TRAINING:  # the change against the undefended model, and BackdoorBench's DER
+        before, fresh_before = _evaluated(run_dir / "final.safetensors", cfg, device, data_dir, datasets)
+        fresh = fresh or fresh_before
+        ratings = {name: der(_result(before), _result(report), all_classes) for name, all_classes in
+                   (("der", False), ("der_all", True))}
+        cell.detail |= {"d_acc": report["acc"] - before["acc"]} | ratings
+    cell.status = "cached" if cached and not fresh else "done"
+
+
+EVAL_KEYS = ("acc", "asr", "asr_clean", "asr_all", "ra")  # what a cell keeps of `flain eval`, in .eval.json
+
+
+def _evaluated(model: Path, cfg: TrainConfig, device: torch.device | str, data_dir: Path | None,
+               datasets: dict[str, Dataset]) -> tuple[dict[str, Any], bool]:
+    """The model's `flain eval` figures, from its .eval.json (written here the first time); and whether they were
+    computed now. Records without every key of EVAL_KEYS (written before they existed) are redone."""
     eval_path = model.with_suffix(".eval.json")
     report = _read(eval_path)
-    if report is None or "asr_clean" not in report:  # (records from before asr_clean are redone)
-        cached = False
-        data = _dataset(cfg.dataset, data_dir, datasets)
-        res = evaluate_checkpoint(model, device=device, test=data.test).result
-        report = {"acc": res.acc, "asr": res.asr, "asr_clean": res.asr_clean}
-        _write(eval_path, report)
-    cell.acc, cell.asr = report["acc"], report["asr"]
-    cell.detail = cell.detail | {"asr_clean": report["asr_clean"], "checkpoint": str(model)}
-    cell.status = "cached" if cached else "done"
+    if report is not None and all(k in report for k in EVAL_KEYS):
+        return report, False
+    res = evaluate_checkpoint(model, device=device, test=_dataset(cfg.dataset, data_dir, datasets).test).result
+    report = {k: getattr(res, k) for k in EVAL_KEYS}
+    _write(eval_path, report)
+    return report, True
+
+
+def _result(report: dict[str, Any]) -> EvalResult:
+    return EvalResult(report["acc"], report["asr"], 0, 0, (), report["asr_clean"], report["asr_all"], report["ra"])
 
 
 def varying_keys(exp: Experiment) -> list[str]:

@@ -249,7 +249,8 @@ def _train_on_node(msg: Message, context: Context) -> Message:  # noqa: ARG001 -
     torch.manual_seed(seed)  # dropout
     model = build_model(cfg.arch, num_classes).to(device)
     state = {name: t.to(device) for name, t in msg.content.array_records["arrays"].to_torch_state_dict().items()}
-    update = train_client(model, state, clients[k], dataset, make_trigger(cfg.trigger, *dataset.spec.shape[1:]),
+    trigger = make_trigger(cfg.trigger_spec, *dataset.spec.shape[1:], channels=dataset.spec.shape[0])
+    update = train_client(model, state, clients[k], dataset, trigger,
                           task.target if task else None, cfg, torch.Generator().manual_seed(seed), device)
     reply = RecordDict({"update": ArrayRecord({name: t.cpu() for name, t in update.items()}),
                         "metrics": MetricRecord({"client": k, "num-examples": len(clients[k].indices),
@@ -363,6 +364,9 @@ def simulate_flower(cfg: TrainConfig, dataset: Dataset, device: torch.device | s
     cfg.validate(dataset.spec.num_classes)
     if cfg.precision == "auto":
         raise ConfigError("is auto: resolve it for the device first (resolve_precision)", param="precision")
+    if cfg.neurotoxin:
+        raise ConfigError("is not run on the flower engine: its nodes are not sent the previous global update it "
+                          "masks with; use --engine builtin", param="neurotoxin")
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)  # W0 exactly as the built-in loop draws it

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
+import torch
 from torch import nn
 
 from .catalog import ARCHITECTURES
@@ -60,10 +61,10 @@ class Architecture:
 
 
 
-def _register(name: str, input_shape: tuple[int, int, int],
-              description: str) -> Callable[[Callable[[int], LayerStack]], Callable[[int], LayerStack]]:
+def _register(name: str, input_shape: tuple[int, int, int], description: str,
+              defended: str = "fc1") -> Callable[[Callable[[int], LayerStack]], Callable[[int], LayerStack]]:
     def add(build: Callable[[int], LayerStack]) -> Callable[[int], LayerStack]:
-        ARCHITECTURES.register(name)(Architecture(name, input_shape, "fc1", build, description))
+        ARCHITECTURES.register(name)(Architecture(name, input_shape, defended, build, description))
         return build
 
     return add
@@ -119,6 +120,57 @@ def cnn_cifar(num_classes: int) -> LayerStack:
                ("fc2", nn.Linear(1024, 512)), ("relu8", nn.ReLU()), ("drop3", nn.Dropout(0.5)),
                ("fc3", nn.Linear(512, num_classes))]
     return LayerStack(OrderedDict(layers))
+
+
+@_register("lenet5", (1, 28, 28), "LeNet-5: 2 conv (5x5) + 3 fc, a small fc1 (400->120)")
+def lenet5(num_classes: int) -> LayerStack:
+    return LayerStack(OrderedDict([
+        ("conv1", nn.Conv2d(1, 6, 5, padding=2)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+        ("conv2", nn.Conv2d(6, 16, 5)), ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)), ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(400, 120)), ("relu3", nn.ReLU()),
+        ("fc2", nn.Linear(120, 84)), ("relu4", nn.ReLU()),
+        ("fc3", nn.Linear(84, num_classes)),
+    ]))
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with BatchNorm and a shortcut (a 1x1 convolution where the shape changes), then ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = (nn.Sequential() if stride == 1 and cin == cout else
+                         nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.relu(self.bn1(self.conv1(x)))
+        return nn.functional.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+@_register("resnet-small", (1, 28, 28), "a small ResNet: 3 residual blocks, global average pooling, one Linear "
+                                        "(fc 64->classes): FLAIN's layer is the classifier", defended="fc")
+def resnet_small(num_classes: int) -> LayerStack:
+    return LayerStack(OrderedDict([
+        ("conv1", nn.Conv2d(1, 16, 3, padding=1, bias=False)), ("bn1", nn.BatchNorm2d(16)), ("relu1", nn.ReLU()),
+        ("block1", ResidualBlock(16, 16, 1)), ("block2", ResidualBlock(16, 32, 2)),
+        ("block3", ResidualBlock(32, 64, 2)),
+        ("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+        ("fc", nn.Linear(64, num_classes)),
+    ]))
+
+
+@_register("mlp", (1, 28, 28), "an MLP: 784->256->128->classes; fc1 reads the normalized pixels, which can be "
+                               "negative (defend warns that FLAIN's premise fails there)")
+def mlp(num_classes: int) -> LayerStack:
+    return LayerStack(OrderedDict([
+        ("flatten", nn.Flatten()),
+        ("fc1", nn.Linear(784, 256)), ("relu1", nn.ReLU()),
+        ("fc2", nn.Linear(256, 128)), ("relu2", nn.ReLU()),
+        ("fc3", nn.Linear(128, num_classes)),
+    ]))
 
 
 def build_model(arch: str, num_classes: int) -> LayerStack:

@@ -13,13 +13,14 @@ stopped. training.py stores it on disk; this module does no I/O.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -27,16 +28,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from .aggregation import AGGREGATORS, AggregatorSettings, Update, apply_update
-from .attack import AttackTask, choose_poisoned
+from .attack import AttackTask, adaptive_penalty, boosted, choose_poisoned, neurotoxin_masks, projected, trigger_inputs
 from .catalog import PRECISIONS
 from .datasets import Dataset, Split
 from .errors import ConfigError
 from .events import Listener, RoundLog
 from .metrics import evaluate
-from .models import ARCHITECTURES, build_model
+from .models import ARCHITECTURES, LayerStack, build_model
 from .signals import stop_if_signalled
 from .splits import SPLITS, balanced_subset
-from .triggers import TRIGGERS, Trigger, make_trigger
+from .triggers import TRIGGERS, Trigger, TriggerSpec, make_trigger, parse_pos, stamp_rows
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,29 @@ class TrainConfig:
     seed: int = 0
     eval_every: int = 1
     precision: str = "fp32"  # the client training's (catalog.PRECISIONS); "auto" is resolved before a run
+    # the trigger's settings (triggers.TriggerSpec): blend's weight and pattern image, the checkerboard's place
+    trigger_alpha: float | None = None
+    trigger_image: str | None = None
+    trigger_pos: str | None = None  # "ROW,COL"
+    # stronger attackers (attack.py), on the malicious clients' updates: boosting by K, Neurotoxin's share of
+    # coordinates left alone (%), the L2 radius they are projected onto, the FLAIN-aware term's weight
+    boost: float = 1.0
+    neurotoxin: float = 0.0
+    norm_bound: float | None = None
+    adaptive: float = 0.0
+
+    @property
+    def trigger_spec(self) -> TriggerSpec:
+        return TriggerSpec(self.trigger, self.trigger_alpha, self.trigger_image, parse_pos(self.trigger_pos))
+
+    @property
+    def attacker(self) -> str:
+        """The malicious clients' strategy in words: plain, or what they do to their updates."""
+        parts = ([f"boost {self.boost:g}"] if self.boost != 1 else []) + (
+            [f"neurotoxin {self.neurotoxin:g}%"] if self.neurotoxin else []) + (
+            [f"norm bound {self.norm_bound:g}"] if self.norm_bound is not None else []) + (
+            [f"adaptive {self.adaptive:g}"] if self.adaptive else [])
+        return ", ".join(parts) or "plain"
 
     @property
     def malicious(self) -> list[int]:
@@ -95,6 +119,10 @@ class TrainConfig:
             (self.eval_every >= 1, "eval_every", f"must be at least 1, got {self.eval_every}"),
             (self.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, "
                                                         f"got {self.precision!r}"),
+            (0 < self.boost <= 1000, "boost", f"must be in (0, 1000], got {self.boost}"),
+            (0 <= self.neurotoxin < 100, "neurotoxin", f"must be a share in [0, 100) percent, got {self.neurotoxin}"),
+            (self.norm_bound is None or self.norm_bound > 0, "norm_bound", f"must be > 0, got {self.norm_bound}"),
+            (0 <= self.adaptive <= 1000, "adaptive", f"must be in [0, 1000] (0: off), got {self.adaptive}"),
         ]
         for ok, param, message in checks:
             if not ok:
@@ -102,6 +130,12 @@ class TrainConfig:
         for registry, name in ((SPLITS, self.split), (AGGREGATORS, self.aggregator), (TRIGGERS, self.trigger),
                                (ARCHITECTURES, self.arch)):
             registry.get(name)
+        self.trigger_spec.check()
+        if self.trigger_image is not None and not Path(self.trigger_image).is_file():
+            raise ConfigError(f"{self.trigger_image} is not a file", param="trigger_image")
+        if self.attacker != "plain" and not self.malicious:
+            raise ConfigError(f"the attacker's options ({self.attacker}) need malicious clients: give an attack and "
+                              "an MCR above 0")
         self.task(num_classes)
 
     def _check_types(self) -> None:
@@ -119,11 +153,17 @@ class TrainConfig:
                 raise ConfigError(f"must be {what}, got {value!r}", param=f.name)
 
     def to_dict(self) -> dict:
-        """The settings; fp32, the default, is left out, so records and cache keys read as before it existed."""
+        """The settings; those at their default that came after the first records (precision fp32, the trigger's
+        and the attacker's settings) are left out, so records and cache keys read as before they existed."""
         values = asdict(self)
-        if self.precision == "fp32":
-            del values["precision"]
+        for name, default in LATER_DEFAULTS.items():
+            if values[name] == default:
+                del values[name]
         return values
+
+
+LATER_DEFAULTS = {"precision": "fp32", "trigger_alpha": None, "trigger_image": None, "trigger_pos": None,
+                  "boost": 1.0, "neurotoxin": 0.0, "norm_bound": None, "adaptive": 0.0}
 
 
 @dataclass(frozen=True)
@@ -157,6 +197,7 @@ class Snapshot:
     torch_gen: torch.Tensor  # batch order
     torch_rng: torch.Tensor  # the CPU default generator: dropout
     cuda_rng: torch.Tensor | None = None  # dropout on a CUDA device
+    previous: dict[str, torch.Tensor] | None = None  # the last global update (Neurotoxin's attackers read it)
 
 
 def make_clients(cfg: TrainConfig, dataset: Dataset, rng: np.random.Generator) -> list[ClientData]:
@@ -165,7 +206,7 @@ def make_clients(cfg: TrainConfig, dataset: Dataset, rng: np.random.Generator) -
             else torch.arange(len(labels)))
     parts = SPLITS.get(cfg.split)(labels[pool], cfg.clients, rng, alpha=cfg.alpha)
     task = cfg.task(dataset.spec.num_classes)
-    trigger = make_trigger(cfg.trigger, *dataset.spec.shape[1:])
+    trigger = make_trigger(cfg.trigger_spec, *dataset.spec.shape[1:], channels=dataset.spec.shape[0])
     clients = []
     for k, part in enumerate(parts):
         indices = pool[part]
@@ -183,7 +224,7 @@ def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, targe
 
     The batches are gathered where ``dataset.train`` lives (`simulate` puts it on the training
     device once). The batch order is drawn on the CPU generator (the same order on any device) and
-    crosses to the device once per epoch with the client's poisoned flags and the trigger's mask;
+    crosses to the device once per epoch with the client's poisoned flags and the trigger's tensors;
     each batch is then gathered, stamped and relabelled there elementwise, so on a GPU the host
     never waits for the device between batches.
     """
@@ -193,13 +234,13 @@ def client_batches(client: ClientData, dataset: Dataset, trigger: Trigger, targe
     hits, label = None, -1  # per position in ``order``: poisoned? (on the host: clean batches skip it, no sync)
     if client.poisoned is not None and target is not None and bool(client.poisoned.any()):
         hits, label = client.poisoned[perm], target
-        hits_there, mask = hits.to(where), trigger.mask(client.trigger_part).to(where)
+        hits_there, stamper = hits.to(where), trigger.stamper(client.trigger_part, where)
     for start in range(0, len(perm), batch_size):
         idx = order[start:start + batch_size]
         x, y = dataset.train.images[idx], dataset.train.labels[idx]
         if hits is not None and bool(hits[start:start + batch_size].any()):
             hit = hits_there[start:start + batch_size]
-            x = trigger.stamp_rows(x, hit, mask)
+            x = stamp_rows(x, hit, stamper)
             y = torch.where(hit, label, y)
         yield x, y
 
@@ -229,27 +270,93 @@ def _cpu_has_bf16() -> bool:
 
 def train_client(model: nn.Module, global_state: Update, client: ClientData, dataset: Dataset,
                  trigger: Trigger, target: int | None, cfg: TrainConfig, gen: torch.Generator,
-                 device: torch.device) -> Update:
+                 device: torch.device, previous: Update | None = None) -> Update:
     """Local training from the global model; returns the state_dict delta.
 
     With ``cfg.precision`` bf16 or fp16 the forward pass and loss run under autocast (weights,
-    gradients and Adam's state stay float32); fp16 scales the loss against underflow.
+    gradients and Adam's state stay float32); fp16 scales the loss against underflow. A malicious
+    client (one with poisoned samples) follows ``cfg``'s attacker (attack.py): the FLAIN-aware term in
+    its loss (``adaptive``), Neurotoxin's mask on its gradients and update (from ``previous``, the last
+    global update; none in round 1), then boosting and the projection onto the L2 ball.
     """
     model.load_state_dict(global_state)
+    malicious = client.poisoned is not None and target is not None and client.n_poisoned > 0
+    names = [name for name, _ in model.named_parameters()]
+    masks = (neurotoxin_masks(previous, cfg.neurotoxin, names)
+             if malicious and cfg.neurotoxin and previous is not None else None)
+    guard = _adaptive_target(model, client, dataset, trigger, cfg, device) if malicious and cfg.adaptive else None
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     dtype = AUTOCAST.get(cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    for _ in range(cfg.local_epochs):
-        for x, y in client_batches(client, dataset, trigger, target, cfg.batch_size, gen):
-            x = dataset.spec.normalize(x.to(device, non_blocking=True))
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = F.cross_entropy(model(x), y.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-    return {name: t.detach() - global_state[name] for name, t in model.state_dict().items()}
+    with _layer_inputs(model, cfg.arch, guard is not None) as seen:
+        for _ in range(cfg.local_epochs):
+            for x, y in client_batches(client, dataset, trigger, target, cfg.batch_size, gen):
+                x, y = dataset.spec.normalize(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    loss = F.cross_entropy(model(x), y)
+                    if guard is not None:  # on the rows not labelled with the target: clean images
+                        chosen, level = guard
+                        loss = loss + cfg.adaptive * adaptive_penalty(seen[-1][y != target].float(), chosen, level)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if masks is not None:
+                    for name, param in model.named_parameters():
+                        if param.grad is not None:
+                            param.grad.mul_(masks[name])
+                scaler.step(optimizer)
+                scaler.update()
+    update = {name: t.detach() - global_state[name] for name, t in model.state_dict().items()}
+    if malicious:
+        if masks is not None:
+            update = {n: t * masks[n] if n in masks else t for n, t in update.items()}
+        if cfg.boost != 1:
+            update = boosted(update, cfg.boost, names)
+        if cfg.norm_bound is not None:
+            update = projected(update, cfg.norm_bound, names)
+    return update
+
+
+@contextlib.contextmanager
+def _layer_inputs(model: nn.Module, arch: str, on: bool) -> Iterator[list[torch.Tensor]]:
+    """While on: the inputs of ``arch``'s defended layer at each forward pass, the last one at [-1]."""
+    seen: list[torch.Tensor] = []
+    if not on:
+        yield seen
+        return
+    layer = cast(LayerStack, model).linear(ARCHITECTURES.get(arch).defended_layer)
+
+    def keep(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:  # noqa: ARG001 - the hook's signature
+        seen[:] = [inputs[0]]
+
+    handle = layer.register_forward_pre_hook(keep)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+ADAPTIVE_PROBE = 512  # samples of each kind the FLAIN-aware attacker pushes through the model to choose its inputs
+
+
+@torch.no_grad()
+def _adaptive_target(model: nn.Module, client: ClientData, dataset: Dataset, trigger: Trigger, cfg: TrainConfig,
+                     device: torch.device) -> tuple[torch.Tensor, float]:
+    """The FLAIN-aware attacker's plan for this round, on the global model: the defended layer's inputs its trigger
+    raises most (attack.trigger_inputs, over up to ADAPTIVE_PROBE of its poisoned samples with the trigger and
+    as many of its clean ones), and the level their clean mean should reach: the median input's clean mean."""
+    assert client.poisoned is not None
+    images = dataset.train.images
+    poisoned = client.indices[client.poisoned][:ADAPTIVE_PROBE].to(images.device)
+    clean = client.indices[~client.poisoned][:ADAPTIVE_PROBE].to(images.device)
+    stamper = trigger.stamper(client.trigger_part, images.device)
+    model.eval()
+    with _layer_inputs(model, cfg.arch, True) as seen:
+        model(dataset.spec.normalize(images[clean].to(device)))
+        on_clean = seen[-1].float()
+        model(dataset.spec.normalize(stamper(images[poisoned]).to(device)))
+        on_triggered = seen[-1].float()
+    return trigger_inputs(on_clean, on_triggered), float(on_clean.mean(0).median())
 
 
 def with_train_on(dataset: Dataset, device: torch.device) -> Dataset:
@@ -266,7 +373,7 @@ class Server:
     def __init__(self, cfg: TrainConfig, dataset: Dataset, model: nn.Module, device: torch.device) -> None:
         self.cfg, self.dataset, self.model, self.device = cfg, dataset, model, device
         self.task = cfg.task(dataset.spec.num_classes)
-        self.trigger = make_trigger(cfg.trigger, *dataset.spec.shape[1:])
+        self.trigger = make_trigger(cfg.trigger_spec, *dataset.spec.shape[1:], channels=dataset.spec.shape[0])
         self.aggregate = AGGREGATORS.get(cfg.aggregator)
         self.settings = AggregatorSettings(cfg.server_lr, cfg.rlr_threshold, {n for n, _ in model.named_buffers()})
 
@@ -287,7 +394,8 @@ class Server:
         acc = asr = None
         if rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds:
             self.model.load_state_dict(state)
-            res = evaluate(self.model, self.dataset.test, self.dataset.spec, self.task, self.trigger, self.device)
+            res = evaluate(self.model, self.dataset.test, self.dataset.spec, self.task, self.trigger, self.device,
+                           all_classes=False)
             acc, asr = res.acc, res.asr
         return RoundLog(rnd, acc, asr, time.perf_counter() - started, train_seconds,
                         int(sum(weights)) * self.cfg.local_epochs)
@@ -317,8 +425,11 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
         server = Server(cfg, dataset, model, device)
         state = {name: t.detach().clone() for name, t in model.state_dict().items()}
         result = SimulationResult({k: v.cpu() for k, v in state.items()}, {}, clients)
+        previous: Update | None = None  # the last global update: what Neurotoxin's attackers avoid
         if resume is not None:
             state = _restore(resume, cfg, result, rng, gen, device)
+            if resume.previous is not None:
+                previous = {k: v.to(device) for k, v in resume.previous.items()}
             listener.resumed(list(result.history))
         for rnd in range(len(result.history) + 1, cfg.rounds + 1):
             started = time.perf_counter()
@@ -327,21 +438,24 @@ def simulate(cfg: TrainConfig, dataset: Dataset, device: torch.device | str = "c
             updates, weights = [], []
             for k in sampled:
                 updates.append(train_client(model, state, clients[k], local, server.trigger, server.target, cfg, gen,
-                                            device))
+                                            device, previous))
                 weights.append(float(len(clients[k].indices)))
                 listener.client_done(rnd, k)
                 stop_if_signalled()
             if device.type == "cuda":  # kernels run asynchronously: the round's training is done when they are
                 torch.cuda.synchronize(device)
             train_seconds = time.perf_counter() - started
-            state = server.step(state, updates, weights)
+            before, state = state, server.step(state, updates, weights)
+            if cfg.neurotoxin:
+                previous = {k: state[k] - before[k] for k in state}
             log = server.log(rnd, state, started, train_seconds, weights)
             result.history.append(log)
             if on_round is not None:
                 on_round(Snapshot(cfg.to_dict(), rnd, result.init_state, {k: v.cpu() for k, v in state.items()},
                                   list(result.history), rng.bit_generator.state, gen.get_state(),
                                   torch.get_rng_state(),
-                                  torch.cuda.get_rng_state(device) if device.type == "cuda" else None))
+                                  torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                                  None if previous is None else {k: v.cpu() for k, v in previous.items()}))
             listener.round_end(log)
         result.final_state = {k: v.cpu() for k, v in state.items()}
     return result

@@ -65,12 +65,15 @@ def attack_meta(cfg: TrainConfig, num_classes: int) -> dict[str, Any] | None:
     task = cfg.task(num_classes)
     if task is None:
         return None
-    return {"task": str(task), "source": task.source, "target": task.target, "trigger": cfg.trigger,
-            "pdr": cfg.pdr, "mcr": cfg.mcr, "malicious_clients": cfg.malicious}
+    return ({"task": str(task), "source": task.source, "target": task.target, "trigger": cfg.trigger}
+            | cfg.trigger_spec.record()
+            | {"pdr": cfg.pdr, "mcr": cfg.mcr, "malicious_clients": cfg.malicious}
+            | ({"attacker": cfg.attacker} if cfg.attacker != "plain" else {}))
 
 
 def save_snapshot(path: Path, snap: Snapshot) -> None:
     tensors = ({f"state/{k}": v for k, v in snap.state.items()} | {f"init/{k}": v for k, v in snap.init_state.items()}
+               | {f"previous/{k}": v for k, v in (snap.previous or {}).items()}
                | {key: getattr(snap, field) for field, key in _RNG.items() if getattr(snap, field) is not None})
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     meta = {"format": RESUME_FORMAT, "config": snap.config, "round": snap.round, "numpy_rng": snap.numpy_rng,
@@ -93,7 +96,8 @@ def load_snapshot(path: Path) -> Snapshot:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         return Snapshot(meta["config"], int(meta["round"]), part("init/"), part("state/"),
                         [RoundLog(**h) for h in meta["history"]], meta["numpy_rng"],
-                        tensors[_RNG["torch_gen"]], tensors[_RNG["torch_rng"]], tensors.get(_RNG["cuda_rng"]))
+                        tensors[_RNG["torch_gen"]], tensors[_RNG["torch_rng"]], tensors.get(_RNG["cuda_rng"]),
+                        part("previous/") or None)
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a readable flain-cli resume file ({exc}); "
                               "delete it to start the run over") from None

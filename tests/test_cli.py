@@ -56,10 +56,35 @@ def test_eval_json_contract(trained):
                              "--json").stdout)["asr"] is None
 
 
-def test_eval_table_shows_per_class_accuracy(trained):
+def test_eval_table_shows_per_class_accuracy_when_asked(trained):
     out, _, data_dir = trained
-    res = invoke("eval", out / "final.safetensors", "--data-dir", data_dir)
+    res = invoke("eval", out / "final.safetensors", "--data-dir", data_dir, "--per-class")
     assert res.exit_code == 0 and "per-class accuracy" in res.stdout and "Ankle boot" in res.stdout
+    assert "per-class" not in invoke("eval", out / "final.safetensors", "--data-dir", data_dir).stdout
+
+
+def test_eval_of_several_models_in_one_call_equals_separate_calls(trained, tmp_path):
+    """One call, one test set read, one row per model: each row is what a call of its own says; with --reference,
+    the changes and DER against it; --csv writes the same rows."""
+    out, _, data_dir = trained
+    models = [out / "final.safetensors", out / "init.safetensors"]
+    alone = [json.loads(invoke("eval", m, "--data-dir", data_dir, "--json").stdout) for m in models]
+    res = invoke("eval", *models, "--data-dir", data_dir, "--reference", models[0], "--csv", tmp_path / "e.csv",
+                 "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert isinstance(rows, list) and [r["model"] for r in rows] == [str(m) for m in models]
+    for row, single in zip(rows, alone):
+        assert {k: row[k] for k in single} == single  # the single call's object, field for field
+    assert rows[0]["der"] == 0.5 and rows[0]["d_acc"] == 0  # the reference against itself
+    assert rows[1]["d_acc"] == pytest.approx(rows[1]["acc"] - rows[0]["acc"])
+    expected = (max(0.0, rows[0]["asr"] - rows[1]["asr"]) - max(0.0, rows[0]["acc"] - rows[1]["acc"]) + 1) / 2
+    assert rows[1]["der"] == pytest.approx(expected)
+    import csv
+    table = list(csv.DictReader((tmp_path / "e.csv").open()))
+    assert [float(r["acc"]) for r in table] == [r["acc"] for r in rows] and "acc_class_9" in table[0]
+    shown = invoke("eval", *models, "--data-dir", data_dir, "--reference", models[0])
+    assert "DER" in shown.stdout and "init.safetensors" in shown.stdout
 
 
 def test_existing_outputs_are_not_overwritten(trained):

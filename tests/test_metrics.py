@@ -86,4 +86,25 @@ def test_asr_is_not_measured_when_the_split_holds_no_source_image(tiny_run, tmp_
     assert report.exit_code == 0, report.output
     assert (json.loads(report.stdout)["asr"], json.loads(report.stdout)["n_triggered"]) == (None, 0)
     table = invoke("eval", run / "final.safetensors", "--test", test)
-    assert "not measured" in " ".join(table.stdout.split())
+    assert "ASR not measured, the test set holds no image of the source class" in " ".join(table.stderr.split())
+
+
+def test_all_class_asr_and_ra_count_every_non_target_image():
+    """The hand-made model: the three class-0 images with pixel (0, 2) lit (indices 0, 10, 20) go to 5 when
+    triggered; the first 20 images are misread as the next class (the two of class 4 as 5, the target)."""
+    res = evaluate(ReadsPixels(), _split(), SPEC, AttackTask(0, 5), make_trigger("cba", 28, 28))
+    assert res.n_all == 90  # the 100 images less the 10 of the target class
+    assert res.asr_all == pytest.approx(5 / 90)  # the three hijacked, and the two class-4 images misread as 5
+    # wrong: the 18 misread non-target images, and index 20 (hijacked, not misread): 71 right
+    assert res.ra == pytest.approx(71 / 90)
+    assert res.acc == 0.8 and isinstance(res.acc, float) and str(res.acc) == "0.8"  # an exact fraction
+
+
+def test_der_is_backdoorbench_s_rating():
+    from flain_cli.metrics import EvalResult, der
+    before = EvalResult(0.90, 0.98, 100, 10, (), asr_all=0.6)
+    after = EvalResult(0.88, 0.02, 100, 10, (), asr_all=0.01)
+    assert der(before, after) == pytest.approx((0.96 - 0.02 + 1) / 2)
+    assert der(before, after, all_classes=True) == pytest.approx((0.59 - 0.02 + 1) / 2)
+    better = EvalResult(0.95, 0.99, 100, 10, ())  # ACC up, ASR up: neither counts below zero
+    assert der(before, better) == 0.5 and der(before, EvalResult(0.9, None, 100, 0, ())) is None

@@ -37,7 +37,7 @@ def _clean(value: Any) -> Any:
     return value
 
 
-def print_json(obj: dict[str, Any]) -> None:
+def print_json(obj: dict[str, Any] | list[dict[str, Any]]) -> None:
     sys.stdout.write(json.dumps(_clean(obj)) + "\n")
     sys.stdout.flush()
 

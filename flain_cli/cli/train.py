@@ -11,7 +11,17 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..catalog import AGGREGATORS, DATASETS, ENGINES, PRECISIONS, RESUME_FILE, SPLITS, TRIGGERS
+from ..catalog import (
+    AGGREGATORS,
+    BLEND_ALPHA,
+    CHECKER_POS,
+    DATASETS,
+    ENGINES,
+    PRECISIONS,
+    RESUME_FILE,
+    SPLITS,
+    TRIGGERS,
+)
 from ..events import Listener, RoundLog, round_record
 from ..files import FilePlan
 from .common import (
@@ -76,17 +86,48 @@ class _RichListener(Listener):
             self.log_file.flush()
 
 
+ATTACK, ATTACKER = "The backdoor", "The attackers' strategy (malicious clients only)"
+
+
 def train(
     dataset: Annotated[str, typer.Option(help=f"Dataset: {_choice(DATASETS)}.")] = "fmnist",
     data_dir: DataDirOpt = None,
     arch: Annotated[str | None, typer.Option(help="Architecture (default: the dataset's model in the paper).",
                                              show_default=False)] = None,
     clients: Annotated[int, typer.Option(help="Number of clients N.")] = 10,
-    mcr: Annotated[float, typer.Option(help="Malicious client ratio: clients 0..floor(N*MCR)-1 attack.")] = 0.4,
+    mcr: Annotated[float, typer.Option(help="Malicious client ratio: clients 0..floor(N*MCR)-1 attack.",
+                                       rich_help_panel=ATTACK)] = 0.4,
     pdr: Annotated[float, typer.Option(
-        help="Poison data ratio: share of a malicious client's source-class samples poisoned.")] = 0.3,
-    attack: Annotated[str, typer.Option(help="Attack task SRC:TGT, all:TGT (all-to-one), or none.")] = "0:5",
-    trigger: Annotated[str, typer.Option(help=f"Trigger: {_choice(TRIGGERS)}.")] = "cba",
+        help="Poison data ratio: share of a malicious client's source-class samples poisoned.",
+        rich_help_panel=ATTACK)] = 0.3,
+    attack: Annotated[str, typer.Option(help="Attack task SRC:TGT, all:TGT (all-to-one), or none.",
+                                        rich_help_panel=ATTACK)] = "0:5",
+    trigger: Annotated[str, typer.Option(
+        help=f"Trigger: {_choice(TRIGGERS)}. cba/dba/pixN: bright pixels; checker: a 4x4 checkerboard at "
+             "--trigger-pos; blend: an image blended over the whole input; sig: a horizontal sinusoid "
+             "(docs/simulation.md).", rich_help_panel=ATTACK)] = "cba",
+    trigger_alpha: Annotated[float | None, typer.Option(
+        help=f"blend: the pattern's weight alpha, x' = (1-alpha) x + alpha p (default {BLEND_ALPHA}).",
+        show_default=False, rich_help_panel=ATTACK)] = None,
+    trigger_image: Annotated[Path | None, typer.Option(
+        help="blend: a PNG of the model's input size as the pattern (default: seeded noise). Recorded with its "
+             "sha256; eval needs the file.", show_default=False, rich_help_panel=ATTACK)] = None,
+    trigger_pos: Annotated[str | None, typer.Option(
+        metavar="ROW,COL", help=f"checker: its top-left pixel (default {CHECKER_POS[0]},{CHECKER_POS[1]}).",
+        show_default=False, rich_help_panel=ATTACK)] = None,
+    boost: Annotated[float, typer.Option(
+        help="Malicious updates times K (model replacement), so they survive averaging.",
+        rich_help_panel=ATTACKER)] = 1.0,
+    neurotoxin: Annotated[float, typer.Option(
+        help="Neurotoxin: malicious clients leave alone the K %% of coordinates the last global update changed "
+             "most (0: off).", metavar="K", rich_help_panel=ATTACKER)] = 0.0,
+    norm_bound: Annotated[float | None, typer.Option(
+        help="Malicious updates projected onto the L2 ball of this radius (an attacker facing norm clipping).",
+        show_default=False, rich_help_panel=ATTACKER)] = None,
+    adaptive: Annotated[float, typer.Option(
+        help="FLAIN-aware attacker: weight of its loss term that keeps the inputs its trigger uses busy on clean "
+             "images, so FLAIN does not read them as silent (0: off; docs/simulation.md).",
+        rich_help_panel=ATTACKER)] = 0.0,
     split: Annotated[str, typer.Option(help=f"Data split over clients: {_choice(SPLITS)}.")] = "iid",
     alpha: Annotated[float, typer.Option(help="Dirichlet concentration for --split dirichlet.")] = 0.5,
     rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 20,
@@ -130,7 +171,10 @@ def train(
     spec = DATASETS.get(dataset)
     torch_device = resolve_device(device)
     cfg = TrainConfig(dataset=dataset, arch=arch or spec.default_arch, clients=clients, mcr=mcr, pdr=pdr,
-                      attack=None if attack.lower() == "none" else attack, trigger=trigger, split=split,
+                      attack=None if attack.lower() == "none" else attack, trigger=trigger,
+                      trigger_alpha=trigger_alpha, trigger_image=None if trigger_image is None else str(trigger_image),
+                      trigger_pos=trigger_pos, boost=boost, neurotoxin=neurotoxin, norm_bound=norm_bound,
+                      adaptive=adaptive, split=split,
                       alpha=alpha, rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr,
                       sample_rate=sample_rate, server_lr=server_lr, aggregator=aggregator,
                       rlr_threshold=rlr_threshold, train_samples=train_samples, seed=seed, eval_every=eval_every,
@@ -138,7 +182,7 @@ def train(
     cfg.validate(spec.num_classes)
     check_engine(engine.value)
     init_path, final_path = out_dir / "init.safetensors", out_dir / "final.safetensors"
-    _plan(data_dir, out_dir, log, force=True).check()  # clashes with inputs, before the lock creates --out
+    _plan(data_dir, out_dir, log, force=True, trigger_image=trigger_image).check()  # before the lock creates --out
     with run_lock(out_dir, tidy=True):  # held from the checks to the last checkpoint: one trainer per folder
         outcome = _train_locked(cfg, data_dir, out_dir, torch_device, log, resume, force, engine.value)
     summary = outcome.summary(cfg)
@@ -153,7 +197,8 @@ def train(
     for h in result.history:
         table.add_row(str(h.round), fmt(h.acc), fmt(h.asr), f"{h.seconds:.1f}")
     out.print(table)
-    out.print(f"attack {cfg.attack or 'none'}{' trigger ' + cfg.trigger if cfg.attack else ''}; "
+    planted = f" trigger {cfg.trigger_spec}, attacker {cfg.attacker}" if cfg.attack else ""
+    out.print(f"attack {cfg.attack or 'none'}{planted}; "
               f"{summary['poisoned_samples']} poisoned training samples; "
               f"{summary['samples_per_second']} samples/s; {summary['seconds']:.1f} s in all")
     if outcome.resumed_from_round:
@@ -161,12 +206,13 @@ def train(
     out.print(f"wrote {init_path} and {final_path}")
 
 
-def _plan(data_dir: Path | None, out_dir: Path, log: Path | None, *, force: bool) -> FilePlan:
+def _plan(data_dir: Path | None, out_dir: Path, log: Path | None, *, force: bool,
+          trigger_image: Path | None = None) -> FilePlan:
     """What `flain train` reads and writes. The log is written as the rounds finish (so it can be
     followed), the checkpoints at the end; resume.safetensors is the run's own progress file."""
-    return FilePlan({"--data-dir": data_dir}, {"--out (init)": out_dir / "init.safetensors",
-                                               "--out (final)": out_dir / "final.safetensors", "--log": log},
-                    force=force)
+    return FilePlan({"--data-dir": data_dir, "--trigger-image": trigger_image},
+                    {"--out (init)": out_dir / "init.safetensors", "--out (final)": out_dir / "final.safetensors",
+                     "--log": log}, force=force)
 
 
 def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_device: torch.device,
@@ -177,7 +223,8 @@ def _train_locked(cfg: TrainConfig, data_dir: Path | None, out_dir: Path, torch_
 
     resume_path = out_dir / RESUME_FILE
     continuing = resuming(out_dir, resume=resume, force=force)
-    _plan(data_dir, out_dir, None if continuing else log, force=force).check()
+    _plan(data_dir, out_dir, None if continuing else log, force=force,
+          trigger_image=None if cfg.trigger_image is None else Path(cfg.trigger_image)).check()
     data = load_dataset(cfg.dataset, data_dir)
 
     listener: _RichListener | None = None
