@@ -5,6 +5,7 @@ search (:mod:`flain_cli.defense`) and the repair.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,14 @@ from typing import Any
 import torch
 
 from .auxdata import AuxSet
+from .catalog import METHODS
 from .checkpoint import ModelMeta, ModelSource
 from .defense import SearchResult, search_fast, search_plain
 from .errors import AuxError, ConfigError, opt
 from .features import AuxFeatures
 from .loading import check_finite, load_aux_for, load_init, load_model, resize_notes
 from .modeldef import get_linear
+from .peers import fine_tune, rnp_mask
 from .records import AuxRecord, DefenseRecord
 from .settings import DEFAULT, AccuracyStop, DefenseConfig
 
@@ -62,7 +65,7 @@ def scan_checkpoint(path: Path, aux_path: Path, *, layer: str | None = None, sou
 class DefendOutcome:
     meta: dict[str, Any]  # metadata of the defended checkpoint (its "defense" is ``record.to_json()``)
     state: dict[str, torch.Tensor]
-    result: SearchResult  # the search, with its trace
+    result: SearchResult | None  # the search, with its trace (None: the method does not search)
     record: DefenseRecord  # every setting and what was found; ``record.warnings``: the result may be wrong
     seconds: float
     notes: tuple[str, ...] = ()  # how MODEL was read (format, prefixes, dtype): stderr and --json
@@ -89,6 +92,19 @@ def aux_warnings(aux: AuxSet, num_classes: int) -> list[str]:
     return found
 
 
+def search_warnings(result: SearchResult, config: DefenseConfig, layer: str) -> list[str]:
+    """What the search's outcome may hide: every input selected, or a step far past the paper's rho."""
+    if result.all_selected:
+        done = "flipped" if config.method == "flain" else "pruned"
+        return [f"all {result.mask.numel()} inputs of {layer} were selected before the {config.stop.name} stop "
+                f"fired ({config.stop.describe()}); the whole layer was {done}"]
+    if isinstance(config.stop, AccuracyStop) and result.acc0 - result.acc_kept > config.stop.rho + 0.1:
+        return [f"the kept threshold cost {100 * (result.acc0 - result.acc_kept):.1f} points of aux accuracy "
+                f"({config.stop.describe()}): the search jumped far past rho at one step; try a smaller --step "
+                f"or --select last-safe"]
+    return []
+
+
 def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config: DefenseConfig = DEFAULT,
                       *, layer: str | None = None, source: ModelSource = ModelSource(), plain: bool = False,
                       seed: int = 0, device: torch.device | str = "cpu") -> DefendOutcome:
@@ -109,11 +125,14 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     PRESETS["paper"])``.
     """
     started = time.perf_counter()
-    if config.repair is not None:
-        config.repair.check()
-    if init_path is None and config.method != "prune":
+    config.check()
+    method = METHODS.get(config.method)
+    if init_path is None and method.needs_init:
         raise ConfigError(f"is needed for method {config.method}: FLAIN flips the updates W - W0, so it needs "
-                          "W0, the model before training (only method prune works without it)", param="init_path")
+                          "W0, the model before training (the other methods work without it)", param="init_path")
+    if method.trains_only and config.repair is None:
+        raise ConfigError(f"{config.method} trains on the aux set: it needs the training settings of "
+                          f"{opt('repair')} distill (steps, optimizer, learning rate)", param="method")
     loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, opt("path"))
     init = None
@@ -122,39 +141,49 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     layer = layer or loaded.meta.defended_layer
     aux = load_aux_for(loaded, aux_path)
     warnings = aux_warnings(aux, loaded.meta.num_classes)
-    if config.repair is not None and len(aux) > REPAIR_TUNED_PER_CLASS * loaded.meta.num_classes:
+    if method.train == "repair" and config.repair is not None and \
+            len(aux) > REPAIR_TUNED_PER_CLASS * loaded.meta.num_classes:
         warnings.append(f"the repair was tuned on 20 aux images per class; with {len(aux)} images it brought the "
                         f"backdoor back on one of our trainings (ASR 0.025 after the flip, 0.389 after the repair, "
                         f"docs/results.md): check ASR, or pass --repair none")
     every = AuxFeatures(loaded.model, layer, aux, loaded.meta, device)
     warnings += every.premise_warnings()
-    if config.holdout:
-        activation_set, scoring_set = aux.split(config.holdout, seed)
-        x = AuxFeatures(loaded.model, layer, activation_set, loaded.meta, device).mean_activations(config.shifts)
-        feats = AuxFeatures(loaded.model, layer, scoring_set, loaded.meta, device)
-    else:  # the paper: one aux set for both
-        feats = every
-        x = feats.mean_activations(config.shifts)
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     init_weight = init.tensors[f"{layer}.weight"] if init is not None else torch.zeros_like(weight)
-    search = search_plain if plain else search_fast  # plain: Algorithm 1 as written (slow; for verification)
-    evaluate = feats.accuracy_full if plain else feats.accuracy
-    result = search(weight, init_weight, x, evaluate, config, divergence=feats.divergence)
-    if result.all_selected:
-        warnings.append(f"all {result.mask.numel()} inputs of {layer} were selected before the {config.stop.name} "
-                        f"stop fired ({config.stop.describe()}); the whole "
-                        f"layer was {'flipped' if config.method == 'flain' else 'pruned'}")
-    elif isinstance(config.stop, AccuracyStop) and result.acc0 - result.acc_kept > config.stop.rho + 0.1:
-        warnings.append(f"the kept threshold cost {100 * (result.acc0 - result.acc_kept):.1f} points of aux accuracy "
-                        f"({config.stop.describe()}): the search jumped far past rho at one step; try a smaller --step "
-                        f"or --select last-safe")
+    feats, x, result = every, None, None
+    if method.select in ("search", "rnp"):
+        if config.holdout:
+            activation_set, scoring_set = aux.split(config.holdout, seed)
+            ranking = AuxFeatures(loaded.model, layer, activation_set, loaded.meta, device)
+            feats = AuxFeatures(loaded.model, layer, scoring_set, loaded.meta, device)
+        else:  # the paper: one aux set for both
+            ranking = feats
+        if method.select == "rnp":  # the inputs ranked by RNP's recovered mask instead of their mean activation
+            x = rnp_mask(loaded.model, layer, ranking.inputs, ranking.labels).ranking.float().cpu()
+        else:
+            x = ranking.mean_activations(config.shifts)
+        search = search_plain if plain else search_fast  # plain: Algorithm 1 as written (slow; for verification)
+        evaluate = feats.accuracy_full if plain else feats.accuracy
+        result = search(weight, init_weight, x, evaluate, config, divergence=feats.divergence)
+        warnings += search_warnings(result, config, layer)
+        mask, new_weight = result.mask, result.weight
+    else:
+        mask, new_weight = torch.zeros(weight.shape[1], dtype=torch.bool), weight
     state = dict(loaded.ckpt.tensors)
-    state[f"{layer}.weight"] = result.weight.contiguous()
+    state[f"{layer}.weight"] = new_weight.contiguous()
+    aux_acc_selected = every.accuracy_model(state)
     aux_acc_flipped = None
-    if config.repair is not None:
-        aux_acc_flipped = every.accuracy_model(state)
-        repaired = every.repair(result.weight, result.mask, config.repair, x)
+    if method.train == "repair" and config.repair is not None:
+        aux_acc_flipped = aux_acc_selected
+        repaired = every.repair(new_weight, mask, config.repair, x)
         state |= {name: value.to(state[name].dtype).contiguous() for name, value in repaired.items()}
+    elif method.train == "finetune" and config.repair is not None:
+        aux_acc_flipped = aux_acc_selected
+        start = copy.deepcopy(loaded.model)
+        start.load_state_dict(state)
+        frozen = {f"{layer}.weight": mask.view(1, -1).expand_as(new_weight).to(every.inputs.device)}
+        tuned = fine_tune(start, every.inputs, every.labels, config.repair, frozen)
+        state = {name: tuned[name].to(state[name].dtype).contiguous() for name in state}
     aux_acc_after = every.accuracy_model(state)
     notes = list(loaded.ckpt.notes) + resize_notes(aux, loaded.meta)
     if loaded.meta.model_def:
@@ -163,10 +192,13 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         dtype = getattr(torch, loaded.ckpt.dtype)
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         notes.append(f"written as {loaded.ckpt.dtype}, like MODEL (aux accuracy above is the float32 model's)")
+    acc0 = every.accuracy_model({})
     record = DefenseRecord(
-        config, layer, result.lam, result.mu, result.changed, int(x.numel()),
-        tuple(torch.nonzero(result.mask).flatten().tolist()), result.all_selected, result.acc0, result.acc_kept,
-        result.kl_kept, aux_acc_flipped, aux_acc_after, result.steps, result.evaluations, seed, tuple(warnings),
+        config, layer, result.lam if result else None, result.mu if result else None, int(mask.sum()),
+        int(weight.shape[1]), tuple(torch.nonzero(mask).flatten().tolist()),
+        result.all_selected if result else False, result.acc0 if result else acc0,
+        result.acc_kept if result else aux_acc_selected, result.kl_kept if result else None, aux_acc_flipped,
+        aux_acc_after, result.steps if result else 0, result.evaluations if result else 0, seed, tuple(warnings),
         AuxRecord(aux.source, len(aux), int(feats.labels.numel()), aux.resized))
     meta = {key: value for key, value in loaded.ckpt.meta.items() if key not in ("metrics",)} | loaded.meta.to_json()
     meta |= {

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the implementations' types (annotations only: importing the
 
     from .aggregation import AggregatorSettings, Update
     from .datasets import DatasetSpec
+    from .methods import Method
     from .models import Architecture
     from .triggers import Trigger, TriggerSpec
 
@@ -32,9 +33,9 @@ TRIGGERS: Registry[Callable[[TriggerSpec, tuple[int, int, int]], Trigger]] = Reg
 SPLITS: Registry[Callable[..., list[torch.Tensor]]] = Registry("split", ("iid", "dirichlet"), "flain_cli.splits")
 AGGREGATORS: Registry[Callable[[list[Update], list[float], AggregatorSettings], Update]] = Registry(
     "aggregator", ("fedavg", "rlr"), "flain_cli.aggregation")
-# a method maps (W, W0) to the values its selected columns take; the search applies it per mask
-METHODS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry(
-    "method", ("flain", "prune"), "flain_cli.defense")
+# a defense method: how it selects the defended layer's inputs, what they become, what training follows
+METHODS: Registry[Method] = Registry(
+    "method", ("flain", "prune", "finetune", "fine-pruning", "distill", "rnp"), "flain_cli.methods")
 
 # triggers' settings (triggers.py): blend's weight when none is given, the checkerboard's top-left pixel by default
 BLEND_ALPHA = 0.15  # the literature uses 0.1-0.2

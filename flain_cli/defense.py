@@ -30,6 +30,7 @@ import torch
 
 from .catalog import METHODS
 from .errors import ConfigError
+from .methods import flipped_updates, pruned
 from .settings import DefenseConfig
 
 # (weight of the defended layer, changed) -> aux accuracy. ``changed``, when not None, holds the
@@ -40,16 +41,13 @@ Divergence = Callable[[], float]  # KL(original || the weight last given to Eval
 MAX_THRESHOLDS = 10_000_000  # thresholds lambda_k a search may need to cover the activations
 
 
-@METHODS.register("flain")
-def flipped_updates(weight: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
-    """Eq. 7, first case: W0 - dW."""
-    return init - (weight - init)
-
-
-@METHODS.register("prune")
-def pruned(weight: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
-    """Pruning baseline: zero weights."""
-    return torch.zeros_like(weight)
+def replacement_of(weight: torch.Tensor, init: torch.Tensor, config: DefenseConfig) -> torch.Tensor:
+    """The values the method's selected columns take (catalog.METHODS: W0 - dW for flain, 0 for pruning)."""
+    method = METHODS.get(config.method)
+    if method.columns is None:
+        raise ConfigError(f"method {config.method} changes no columns: it has no thresholds to search or sweep",
+                          param="method")
+    return method.columns(weight, init)
 
 
 def apply_mask(weight: torch.Tensor, replacement: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,7 +90,7 @@ def candidate_parts(weight: torch.Tensor, init: torch.Tensor, mask: torch.Tensor
     ``weight`` (lines 18-20 of Algorithm 1); otherwise the factor is 1. Callers that score many masks keep
     the two apart (the factor costs nothing to apply to an output); :func:`candidate` joins them.
     """
-    masked = apply_mask(weight, METHODS.get(config.method)(weight, init), mask)
+    masked = apply_mask(weight, replacement_of(weight, init, config), mask)
     if config.method == "flain" and config.rescale and bool(mask.any()):
         return masked, rescale_factor(masked, float(torch.linalg.matrix_norm(weight.double())))
     return masked, 1.0
@@ -236,7 +234,7 @@ def search_plain(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, eval
     _check(weight, init, x, config, divergence)
     step, stop = config.step, config.stop
     measure = divergence if stop.needs_divergence else None
-    replacement = METHODS.get(config.method)(weight, init)
+    replacement = replacement_of(weight, init, config)
     xd = x.double()
     mu = float(xd.min())
     acc0 = evaluate(weight, None)  # line 5
@@ -271,7 +269,7 @@ def search_fast(weight: torch.Tensor, init: torch.Tensor, x: torch.Tensor, evalu
     _check(weight, init, x, config, divergence)
     step, stop = config.step, config.stop
     measure = divergence if stop.needs_divergence else None
-    replacement = METHODS.get(config.method)(weight, init)
+    replacement = replacement_of(weight, init, config)
     xd = x.double()
     values = torch.sort(xd).values.tolist()
     mu = values[0]

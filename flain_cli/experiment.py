@@ -66,7 +66,7 @@ RULE_KEYS = ("preset", *(k for k in OVERRIDES if k != "method"))  # the post-tra
 # [defense] keys that may list values, in the order column labels name them
 VARIED = ("preset", "step", "rho", "stop", "kl", "select", "holdout", "shifts", "rescale", "aux_per_class",
           *(k for k in RULE_KEYS if k.startswith("repair")))
-TOP_KEYS = {"name", "out", "cache", "train", "grid", "defense"}
+TOP_KEYS = {"name", "out", "cache", "train", "grid", "cells", "defense"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,199}")  # a grid's name: one path component
 # in a file stem: each repair setting that differs from its optimizer's defaults, by a short name
 REPAIR_SHORT = {"steps": "s", "lr": "lr", "alpha": "a", "temperature": "t", "guard": "g", "guard_ratio": "gr",
@@ -172,6 +172,14 @@ class Experiment:
     grid: dict[str, list[Any]]
     variants: tuple[DefenseSettings, ...]  # one per combination of listed step/rho/holdout/aux_per_class values
     cache: Path  # trainings (train-<hash>/), aux sets and defended checkpoints; may be shared by experiments
+    cells: tuple[dict[str, Any], ...] = ()  # [[cells]]: the points listed one by one (then grid is empty)
+
+    @property
+    def keys(self) -> list[str]:
+        """The keys that name a point: the grid's, or every key the listed cells use, in first-seen order."""
+        if not self.cells:
+            return list(self.grid)
+        return list(dict.fromkeys(k for cell in self.cells for k in cell))
 
     @property
     def defense(self) -> DefenseSettings:
@@ -212,11 +220,13 @@ class Experiment:
         return _read(run_dir / "train.json") is not None and (run_dir / "final.safetensors").is_file()
 
     def points(self) -> list[dict[str, Any]]:
+        if self.cells:
+            return [dict(cell) for cell in self.cells]
         keys = list(self.grid)
         return [dict(zip(keys, values)) for values in itertools.product(*(self.grid[k] for k in keys))]
 
     def config(self, point: dict[str, Any], aggregator: str = "fedavg") -> TrainConfig:
-        values = self.base | point | {"aggregator": aggregator}
+        values = self.base | {k: v for k, v in point.items() if k != "role"} | {"aggregator": aggregator}
         if "arch" not in values:
             values["arch"] = DATASETS.get(values.get("dataset", "fmnist")).default_arch
         return TrainConfig(**values)
@@ -259,7 +269,10 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"[grid] {key} must be a non-empty list, got {values!r}")
-    if "aggregator" in base or "aggregator" in grid:
+    cells = _cells(raw.get("cells"), path)
+    if cells and grid:
+        raise ConfigError(f"{path}: give the points as a [grid] or as [[cells]], not both")
+    if "aggregator" in base or "aggregator" in grid or any("aggregator" in c for c in cells):
         raise ConfigError("set the aggregator through [defense] methods (\"rlr\"), not [train] or [grid]")
     variants = _defense_variants(raw.get("defense", {}))
     name = raw.get("name", Path(path).stem)
@@ -267,8 +280,8 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
         raise ConfigError(f"{path}: name {name!r:.80} must be one folder name (letters, digits, '.', '_', '-', '+', "
                           "'=', not starting with '.'): it names the results folder runs/experiments/NAME")
     out = Path(out or raw.get("out") or Path("runs/experiments") / name)
-    experiment = Experiment(name, out, base, grid, variants, Path(cache or raw.get("cache") or out))
-    size = math.prod(len(v) for v in grid.values())
+    experiment = Experiment(name, out, base, grid, variants, Path(cache or raw.get("cache") or out), cells)
+    size = len(cells) if cells else math.prod(len(v) for v in grid.values())
     if size > max_points:
         raise ConfigError(f"{path}: the grid has {size:,} points, more than {max_points:,}; "
                           f"shrink it, or raise the limit with {opt('max_points')} if you mean it")
@@ -284,6 +297,27 @@ def load_experiment(path: Path, out: Path | None = None, cache: Path | None = No
     for variant in variants:  # the defense settings too: a typo there must not wait for the trainings
         variant.check()
     return experiment
+
+
+ROLES = ("tuning", "held-out", "reference")  # a listed cell's role: what a rule may be tuned on, or not
+
+
+def _cells(raw: Any, path: Path) -> tuple[dict[str, Any], ...]:
+    """[[cells]]: each a table of `flain train` options and an optional ``role`` (ROLES), checked."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw or not all(isinstance(c, dict) for c in raw):
+        raise ConfigError(f"{path}: cells must be a non-empty list of tables ([[cells]])")
+    cells = []
+    for i, cell in enumerate(raw, start=1):
+        role = cell.get("role")
+        if role is not None and role not in ROLES:
+            raise ConfigError(f"{path}: cell {i} has role {role!r}; give one of {', '.join(ROLES)}")
+        cells.append(_keys({k: v for k, v in cell.items() if k != "role"}, f"cells {i}")
+                     | ({"role": role} if role is not None else {}))
+    if len({json.dumps(c, sort_keys=True) for c in cells}) != len(cells):
+        raise ConfigError(f"{path}: two cells are the same; list each once")
+    return tuple(cells)
 
 
 def _defense_variants(dset: dict[str, Any]) -> tuple[DefenseSettings, ...]:
@@ -500,6 +534,8 @@ def _result(report: dict[str, Any]) -> EvalResult:
 
 
 def varying_keys(exp: Experiment) -> list[str]:
+    if exp.cells:
+        return [k for k in exp.keys if len({json.dumps(c.get(k)) for c in exp.cells}) > 1] or exp.keys[:1]
     return [k for k, v in exp.grid.items() if len(v) > 1] or list(exp.grid)[:1]
 
 
@@ -524,8 +560,9 @@ def result_paths(exp: Experiment) -> dict[str, Path]:
 
 def _definition(exp: Experiment) -> dict[str, Any]:
     """The grid as experiment.json records it (without where its cache is)."""
-    return {"name": exp.name, "train": exp.base, "grid": exp.grid,
-            "defenses": [{"label": d.label} | dataclasses.asdict(d.settings) for d in exp.defenses]}
+    listed = {"cells": list(exp.cells)} if exp.cells else {}
+    return {"name": exp.name, "train": exp.base, "grid": exp.grid} | listed | {
+        "defenses": [{"label": d.label} | dataclasses.asdict(d.settings) for d in exp.defenses]}
 
 
 def _fingerprint(exp: Experiment) -> str:
@@ -548,7 +585,7 @@ def _with_others(exp: Experiment, cells: list[Cell]) -> list[Cell]:
         return cells
 
     def key(point: dict[str, Any], defense: Any) -> str:
-        return json.dumps([point.get(k) for k in exp.grid] + [defense], default=str)
+        return json.dumps([point.get(k) for k in exp.keys] + [defense], default=str)
 
     theirs = {key(row, row.get("defense")): row for row in written.get("rows", []) if isinstance(row, dict)}
     mine = {key(cell.point, cell.defense): cell for cell in cells}

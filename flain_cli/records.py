@@ -34,8 +34,8 @@ class DefenseRecord:
 
     config: DefenseConfig
     layer: str  # the defended layer
-    lam: float  # the kept threshold lambda ("lambda" in JSON)
-    mu: float  # the lowest mean activation, where the thresholds start
+    lam: float | None  # the kept threshold lambda ("lambda" in JSON); None for a method that does not search
+    mu: float | None  # the lowest mean activation, where the thresholds start
     flipped: int  # inputs whose updates were flipped (pruned, for method prune)
     of: int  # inputs of the layer
     neurons: tuple[int, ...]  # their indices

@@ -1,6 +1,7 @@
 """`flain experiment`: grid expansion, one training per configuration, caching, failed cells."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -311,3 +312,24 @@ def test_a_grid_without_a_rule_is_flain_defend_with_no_options_and_its_cell_is_d
     evaluated = json.loads(runner.invoke(app, ["eval", str(direct), "--data-dir", str(fmnist_dir), "--json"]).stdout)
     assert (row["acc"], row["asr"], row["asr_clean"]) == (evaluated["acc"], evaluated["asr"], evaluated["asr_clean"])
     assert row["rule"] == "flain+shifts+kl+distill+sgd" and row["repair"] == "sgd-s5" and row["flipped"] > 0
+
+
+def test_listed_cells_carry_their_role_into_the_results(tmp_path, fmnist_dir):
+    text = TINY.format(per_class=3).replace('[grid]\nattack = ["0:5"]\n', "").replace(
+        '"none", "flain", "rlr"', '"none"') + (
+        '[[cells]]\nrole = "tuning"\ntrigger = "cba"\n[[cells]]\nrole = "held-out"\ntrigger = "sig"\n')
+    exp = load_experiment(write(tmp_path, text))
+    assert exp.points() == [{"role": "tuning", "trigger": "cba"}, {"role": "held-out", "trigger": "sig"}]
+    assert exp.config(exp.points()[1]).trigger == "sig"  # the role names the cell; it trains nothing
+    res = run(write(tmp_path, text), "--out", tmp_path / "out", "--data-dir", fmnist_dir, "--json")
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)["rows"]
+    assert [(r["role"], r["trigger"]) for r in rows] == [("tuning", "cba"), ("held-out", "sig")]
+    assert all(r["ra"] is not None and r["asr_all"] is not None for r in rows)
+    for bad, message in (('[[cells]]\nrole = "test"\n', "has role 'test'; give one of tuning, held-out"),
+                         ('[grid]\nseed = [1]\n[[cells]]\nseed = 2\n', "as a \\[grid\\] or as \\[\\[cells\\]\\]"),
+                         ('[[cells]]\nseed = 2\n[[cells]]\nseed = 2\n', "two cells are the same"),
+                         ('[[cells]]\nrounds = "x"\n', "rounds must be a whole number")):
+        with pytest.raises(ConfigError, match=message):
+            load_experiment(write(tmp_path, bad, "bad.toml"))
+    assert load_experiment(Path(__file__).resolve().parent.parent / "experiments" / "generality-fmnist.toml").cells

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ..catalog import METHODS
+from ..errors import ConfigError
 from ..files import FilePlan
 from ..settings import (
     DEFAULT,
@@ -39,7 +40,8 @@ from .common import (
 from .output import err, out, print_json, print_notes
 
 if TYPE_CHECKING:
-    from ..defense import SearchStep
+    from ..defense import SearchResult, SearchStep
+    from ..settings import DefenseConfig
 
 # members from the registries; a bad value is a usage error (exit 2). mypy cannot list such members.
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)  # type: ignore[misc]
@@ -75,8 +77,10 @@ def defend(
         help="default: the rule below (docs/flain.md); paper: Algorithm 1 exactly (step 0.001, rho 0.03, no "
              "repair). Every other option changes the preset.", rich_help_panel=ESSENTIALS)] = Preset("default"),
     method: Annotated[str | None, typer.Option(
-        help=f"{'|'.join(METHODS.names())}: flip the selected inputs' updates, or zero their weights "
-             f"(default: {DEFAULT.method}).", show_default=False, rich_help_panel=ESSENTIALS)] = None,
+        help=f"{'|'.join(METHODS.names())}: flip the selected inputs' updates (default: {DEFAULT.method}), zero "
+             "them, fine-tune every layer on the aux labels, prune then fine-tune, the repair alone, or RNP's "
+             "unlearn-and-recover pruning (docs/flain.md, 'Other methods').", show_default=False,
+        rich_help_panel=ESSENTIALS)] = None,
     step: Annotated[float | None, typer.Option(
         help=f"Threshold step (default: {DEFAULT.step}, the paper's).", show_default=False,
         rich_help_panel=RULE)] = None,
@@ -162,6 +166,8 @@ def defend(
                             repair_guard_ratio=repair_guard_ratio, repair_guard_rate=repair_guard_rate,
                             repair_patches=repair_patches)
     method, step = config.method, config.step
+    if trace is not None and METHODS.get(method).select != "search":
+        raise ConfigError(f"is the search's curve; method {method} does not search its thresholds", param="trace")
     target = out_path or default_out(model, method)
     plan = FilePlan({"MODEL": model, "--init": init, "--aux": aux} | source.inputs(),
                     {"--out": target, "--trace": trace}, force=force)
@@ -171,7 +177,7 @@ def defend(
                                     seed=seed, device=torch_device)
         res, record = outcome.result, outcome.record
         save_checkpoint(stage["--out"], outcome.state, outcome.meta)
-        if trace is not None:
+        if trace is not None and res is not None:
             stage["--trace"].write_text(trace_csv(res.trace, res.acc0))
     print_notes(outcome.notes)
     for warning in record.warnings:
@@ -190,7 +196,27 @@ def defend(
     if as_json:
         print_json(summary)
         return
-    curve = Table(title=f"search on {record.layer} ({method}, step {step}, {config.stop.describe()}): "
+    if res is not None:
+        out.print(_curve(res, record.layer, method, step, config))
+    table = Table(title=f"flain defend {model} (rule {config.rule}, preset {preset.value})")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    rows = [("final lambda", f"{record.lam:.6f}")] if record.lam is not None else []
+    rows += [("neurons changed", f"{record.flipped} of {record.of}"),
+             (f"aux accuracy ({record.aux.n} images)", f"{record.aux_acc_before:.4f} -> "
+              + (f"{record.aux_acc_flipped:.4f} ({'selected' if res is None else 'flipped'}) -> "
+                 if record.aux_acc_flipped is not None else "") + f"{record.aux_acc_after:.4f}")]
+    if res is not None:
+        rows += [("thresholds (Algorithm 1 steps)", str(record.steps)),
+                 ("network evaluations", str(record.evaluations))]
+    for key, value in rows + [("seconds", f"{outcome.seconds:.2f}"), ("written", str(target))]:
+        table.add_row(key, value)
+    out.print(table)
+
+
+def _curve(res: SearchResult, layer: str, method: str, step: float, config: DefenseConfig) -> Table:
+    """The search's thresholds where the selection changed (the first and last ten of a long one)."""
+    curve = Table(title=f"search on {layer} ({method}, step {step}, {config.stop.describe()}): "
                         f"thresholds where the selection changed")
     measured_kl = config.stop.needs_divergence
     columns = ("lambda", "neurons", "aux accuracy", "drop") + (("kl",) if measured_kl else ())
@@ -203,18 +229,4 @@ def defend(
         else:
             curve.add_row(f"{s.lam:.6f}", str(s.selected), f"{s.acc:.4f}", f"{res.acc0 - s.acc:+.4f}",
                           *([f"{s.kl:.4f}"] if measured_kl else []))
-    out.print(curve)
-    table = Table(title=f"flain defend {model} (rule {config.rule}, preset {preset.value})")
-    table.add_column("")
-    table.add_column("value", justify="right")
-    for key, value in (("final lambda", f"{res.lam:.6f}"),
-                       ("neurons changed", f"{res.changed} of {res.mask.numel()}"),
-                       (f"aux accuracy ({record.aux.n} images)", f"{res.acc0:.4f} -> "
-                        + (f"{record.aux_acc_flipped:.4f} (flipped) -> " if record.aux_acc_flipped is not None
-                           else "")
-                        + f"{record.aux_acc_after:.4f}"),
-                       ("thresholds (Algorithm 1 steps)", str(res.steps)),
-                       ("network evaluations", str(res.evaluations)),
-                       ("seconds", f"{outcome.seconds:.2f}"), ("written", str(target))):
-        table.add_row(key, value)
-    out.print(table)
+    return curve
