@@ -154,7 +154,7 @@ def repair_variants(lab: Lab, budgets: list[float], names: list[str]) -> None:
             if not all_columns:
                 frozen[torch.argsort(lab.x, stable=True)[:int(round(freeze * int(mask.sum())))]] = True
                 frozen |= mask
-            s = lab.sets.scores_of(aux.repair(flipped, frozen, repair, lab.x))
+            s = lab.sets.scores_of(aux.repair(flipped, frozen, repair, lab.x)[0])
             print(f"    {name}: {lab.dacc(s):+.2f} / {s['trig']:.3f}", flush=True)
 
 

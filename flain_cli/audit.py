@@ -23,6 +23,7 @@ from .loading import check_finite, load_aux_for, load_init, load_model, resize_n
 from .modeldef import get_linear
 from .peers import fine_tune, rnp_mask
 from .records import AuxRecord, DefenseRecord
+from .repair import RepairResult
 from .settings import DEFAULT, AccuracyStop, DefenseConfig
 
 
@@ -105,6 +106,15 @@ def search_warnings(result: SearchResult, config: DefenseConfig, layer: str) -> 
     return []
 
 
+def repair_warnings(run: RepairResult) -> list[str]:
+    """Say when the repair diverged and ran again at a lower learning rate (or not at all)."""
+    if not run.diverged:
+        return []
+    tried = ", ".join(f"lr {lr:g} (its loss {run.loss_before:.3g} -> {after:.3g})" for lr, after in run.diverged)
+    kept = f"kept the run at lr {run.lr:.3g}" if run.kept else "kept the layers without the repair"
+    return [f"the repair diverged at {tried}; {kept} (--repair-backtrack)"]
+
+
 def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config: DefenseConfig = DEFAULT,
                       *, layer: str | None = None, source: ModelSource = ModelSource(), plain: bool = False,
                       seed: int = 0, device: torch.device | str = "cpu") -> DefendOutcome:
@@ -130,9 +140,6 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     if init_path is None and method.needs_init:
         raise ConfigError(f"is needed for method {config.method}: FLAIN flips the updates W - W0, so it needs "
                           "W0, the model before training (the other methods work without it)", param="init_path")
-    if method.trains_only and config.repair is None:
-        raise ConfigError(f"{config.method} trains on the aux set: it needs the training settings of "
-                          f"{opt('repair')} distill (steps, optimizer, learning rate)", param="method")
     loaded = load_model(path, source, device)
     check_finite(loaded.ckpt, opt("path"))
     init = None
@@ -175,8 +182,9 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     aux_acc_flipped = None
     if method.train == "repair" and config.repair is not None:
         aux_acc_flipped = aux_acc_selected
-        repaired = every.repair(new_weight, mask, config.repair, x)
+        repaired, run = every.repair(new_weight, mask, config.repair, x)
         state |= {name: value.to(state[name].dtype).contiguous() for name, value in repaired.items()}
+        warnings += repair_warnings(run)
     elif method.train == "finetune" and config.repair is not None:
         aux_acc_flipped = aux_acc_selected
         start = copy.deepcopy(loaded.model)

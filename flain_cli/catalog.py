@@ -33,9 +33,14 @@ TRIGGERS: Registry[Callable[[TriggerSpec, tuple[int, int, int]], Trigger]] = Reg
 SPLITS: Registry[Callable[..., list[torch.Tensor]]] = Registry("split", ("iid", "dirichlet"), "flain_cli.splits")
 AGGREGATORS: Registry[Callable[[list[Update], list[float], AggregatorSettings], Update]] = Registry(
     "aggregator", ("fedavg", "rlr"), "flain_cli.aggregation")
-# a defense method: how it selects the defended layer's inputs, what they become, what training follows
-METHODS: Registry[Method] = Registry(
-    "method", ("flain", "prune", "finetune", "fine-pruning", "distill", "rnp"), "flain_cli.methods")
+# a defense method: how it selects the defended layer's inputs, what training follows, whether it reads W0
+# (methods.py adds what the selected columns become). select: "search" (Algorithm 1's thresholds on the mean
+# activations), "rnp" (the same on RNP's mask), "none"; train: "repair", "finetune", "none"
+METHOD_STEPS: dict[str, tuple[str, str, bool]] = {
+    "flain": ("search", "repair", True), "prune": ("search", "repair", False),
+    "finetune": ("none", "finetune", False), "fine-pruning": ("search", "finetune", False),
+    "distill": ("none", "repair", False), "rnp": ("rnp", "none", False)}
+METHODS: Registry[Method] = Registry("method", tuple(METHOD_STEPS), "flain_cli.methods")
 
 # triggers' settings (triggers.py): blend's weight when none is given, the checkerboard's top-left pixel by default
 BLEND_ALPHA = 0.15  # the literature uses 0.1-0.2

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .catalog import METHODS
+from .catalog import METHOD_STEPS, METHODS
 from .errors import ConfigError
 from .methods import flipped_updates, pruned
 from .settings import DefenseConfig
@@ -45,8 +45,9 @@ def replacement_of(weight: torch.Tensor, init: torch.Tensor, config: DefenseConf
     """The values the method's selected columns take (catalog.METHODS: W0 - dW for flain, 0 for pruning)."""
     method = METHODS.get(config.method)
     if method.columns is None:
-        raise ConfigError(f"method {config.method} changes no columns: it has no thresholds to search or sweep",
-                          param="method")
+        changing = ", ".join(name for name in METHOD_STEPS if METHODS.get(name).columns is not None)
+        raise ConfigError(f"{config.method} changes no columns: it has no thresholds to search or sweep "
+                          f"(these do: {changing})", param="method")
     return method.columns(weight, init)
 
 

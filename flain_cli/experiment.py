@@ -47,6 +47,7 @@ import torch
 
 from .audit import defend_checkpoint
 from .auxdata import export_aux
+from .catalog import METHOD_STEPS
 from .checkpoint import save_checkpoint
 from .datasets import DATASETS, Dataset, load_dataset
 from .errors import ConfigError, FlainError, opt
@@ -60,8 +61,9 @@ from .tables import FINISHED, results_csv
 from .training import RunBusy, run_lock, train_to_dir
 
 TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-POST_TRAINING = ("prune", "flain")
-DEFENSES = ("none", "prune", "flain", "rlr")
+POST_TRAINING = tuple(METHOD_STEPS)  # flain defend's methods; the others: none (the model as trained) and rlr
+DEFENSES = ("none", *POST_TRAINING, "rlr")
+DEFAULT_METHODS = ("none", "prune", "flain", "rlr")  # a grid's columns when its [defense] names none
 RULE_KEYS = ("preset", *(k for k in OVERRIDES if k != "method"))  # the post-training rule's [defense] keys
 # [defense] keys that may list values, in the order column labels name them
 VARIED = ("preset", "step", "rho", "stop", "kl", "select", "holdout", "shifts", "rescale", "aux_per_class",
@@ -74,12 +76,14 @@ REPAIR_SHORT = {"steps": "s", "lr": "lr", "alpha": "a", "temperature": "t", "gua
 
 
 def repair_label(repair: RepairSettings | None) -> str:
-    """'none', or the repair's optimizer and each setting that differs from that optimizer's defaults."""
+    """'none', or the repair's optimizer, each setting that differs from that optimizer's defaults, and its
+    backtracking (``bt3``; named whenever it is on, so the stems from before it existed name what they hold)."""
     if repair is None:
         return "none"
     base = RepairSettings().with_optimizer(repair.optimizer)
     return "-".join([repair.optimizer, *(f"{short}{getattr(repair, name):g}" for name, short in REPAIR_SHORT.items()
-                                        if getattr(repair, name) != getattr(base, name))])
+                                        if getattr(repair, name) != getattr(base, name))]
+                    + ([f"bt{repair.backtrack}"] if repair.backtrack else []))
 
 
 def stem(config: DefenseConfig, aux_per_class: int, aux_seed: int) -> str:
@@ -92,18 +96,27 @@ def stem(config: DefenseConfig, aux_per_class: int, aux_seed: int) -> str:
     """
     held = f"-holdout{config.holdout:g}" if config.holdout else ""
     moved = f"-shifts{config.shifts}" if config.shifts else ""
-    repaired = f"-repair-{repair_label(config.repair)}" if config.repair is not None else ""
+    search = f"-step{config.step:g}-{config.stop.label}-{config.select}{held}{moved}" if config.searches else ""
+    repaired = f"-repair-{repair_label(config.repair)}" if config.repair is not None and config.trains else ""
     unscaled = "-norescale" if config.method == "flain" and not config.rescale else ""
-    return (f"{config.method}-step{config.step:g}-{config.stop.label}-{config.select}{held}{moved}{repaired}"
-            f"{unscaled}-aux{aux_per_class}x-seed{aux_seed}")
+    return f"{config.method}{search}{repaired}{unscaled}-aux{aux_per_class}x-seed{aux_seed}"
 
 
-def unread(settings: dict[str, Any]) -> set[str]:
-    """The rule settings that a combination's own rule does not read: the other stop's budget, and the
-    repair's settings without the repair."""
+SEARCH_KEYS = ("step", "rho", "stop", "kl", "select", "holdout", "shifts", "rescale")
+
+
+def unread(settings: dict[str, Any], method: str = "flain") -> set[str]:
+    """The rule settings that a combination's own rule does not read: the other stop's budget, the repair's
+    settings without the repair, and what the method does not use (the search's for a method that selects
+    nothing, the repair's for one that does not train, the preset for one that is only training)."""
     ignored = {"accuracy": {"kl"}, "kl": {"rho"}}.get(str(settings.get("stop")), set())
     if settings.get("repair") == "none":
         ignored |= {k for k in settings if k.startswith("repair_")}
+    select, train, _ = METHOD_STEPS[method]
+    if select == "none":
+        ignored |= {*SEARCH_KEYS, "preset"}
+    if train == "none":
+        ignored |= {k for k in settings if k.startswith("repair")}
     return ignored
 
 
@@ -112,7 +125,7 @@ class DefenseSettings:
     """One combination of a grid's [defense] settings: the methods, the aux set, and the post-training rule as a
     preset and the `flain defend` settings that change it (``rule``: name -> value pairs)."""
 
-    methods: tuple[str, ...] = DEFENSES
+    methods: tuple[str, ...] = DEFAULT_METHODS
     aux_per_class: int = 20
     aux_seed: int = 0
     preset: str = "default"
@@ -125,7 +138,7 @@ class DefenseSettings:
     def config(self, method: str) -> DefenseConfig:
         """The rule of ``method`` (prune or flain): `flain defend --preset PRESET --method METHOD ...`."""
         given = dict(self.rule)
-        ignored = unread(given)
+        ignored = unread(given, method)
         return defense_config(self.preset, method=method, **{k: v for k, v in given.items() if k not in ignored})
 
     def tag(self, method: str) -> str:
@@ -205,7 +218,7 @@ class Experiment:
                 if (tag := v.tag(method)) in seen:
                     continue
                 seen.add(tag)
-                ignored = unread(dict(v.rule))
+                ignored = unread(dict(v.rule), method)
                 out.append(Defense(method + "".join(f" {k}={_label(v.setting(k))}" for k in varying
                                                     if k not in ignored), method, v))
         return out
@@ -329,7 +342,7 @@ def _defense_variants(dset: dict[str, Any]) -> tuple[DefenseSettings, ...]:
     for key, values in lists.items():
         if not values or len({json.dumps(v) for v in values}) != len(values):
             raise ConfigError(f"[defense] {key} must list distinct values, got {values!r}")
-    methods = dset.get("methods", list(DEFENSES))
+    methods = dset.get("methods", list(DEFAULT_METHODS))
     if not isinstance(methods, list):
         raise ConfigError(f"[defense] methods must be a list, got {methods!r}")
     bad = [m for m in methods if m not in DEFENSES]

@@ -17,7 +17,7 @@ from .auxdata import AuxSet, patched_copies
 from .checkpoint import ModelMeta
 from .datasets import normalize
 from .modeldef import get_linear, split_model
-from .repair import distill_repair
+from .repair import RepairResult, distill_repair
 from .settings import RepairSettings
 
 
@@ -169,8 +169,8 @@ class AuxFeatures:
         return torch.cat([self.features_of(images[i:i + batch]) for i in range(0, len(images), batch)])
 
     def repair(self, weight: torch.Tensor, frozen: torch.Tensor, settings: RepairSettings,
-               activations: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """The distillation repair on these aux images (:func:`distill_repair`), as new named tensors.
+               activations: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], RepairResult]:
+        """The distillation repair on these aux images (:func:`distill_repair`): new named tensors, and the run.
 
         The teacher is the model as loaded; ``weight`` is the defended layer after the search,
         ``frozen`` its changed columns and ``activations`` the search's mean activations (the
@@ -186,7 +186,7 @@ class AuxFeatures:
         if result.bias is not None:
             out[f"{self.layer}.bias"] = result.bias.cpu()
         # the head shares the model's modules under their own names (fc2.weight...): see split_model
-        return out | {name: value.cpu() for name, value in result.head.items()}
+        return out | {name: value.cpu() for name, value in result.head.items()}, result
 
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .catalog import METHODS
+from .catalog import METHOD_STEPS, METHODS
 
 Columns = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (W, W0) -> the selected columns' values
 
@@ -43,24 +43,19 @@ class Method:
     source: str  # where the method comes from, for the docs and the record
 
     @property
-    def trains_only(self) -> bool:
-        """Whether its training is the defense (fine-tuning, or the repair with no selection): it needs the
-        rule's training settings."""
-        return self.train == "finetune" or (self.train == "repair" and self.select == "none")
-
-    @property
     def searches(self) -> bool:
         """Whether it picks its inputs along Algorithm 1's thresholds (what `flain sweep` can draw)."""
         return self.select in ("search", "rnp")
 
 
-for _method in (
-    Method("flain", "search", flipped_updates, "repair", True, "Ding et al., FLAIN (Algorithm 1)"),
-    Method("prune", "search", pruned, "repair", False, "the pruning baseline of the paper"),
-    Method("finetune", "none", None, "finetune", False, "fine-tuning (Liu et al. 2018; BackdoorBench's FT)"),
-    Method("fine-pruning", "search", pruned, "finetune", False, "fine-pruning (Liu et al. 2018)"),
-    Method("distill", "none", None, "repair", False, "the default rule's repair alone, no flip (an ablation)"),
-    Method("rnp", "rnp", pruned, "none", False, "reconstructive neuron pruning (Li et al. 2023), on the defended "
-                                                "layer's inputs"),
+# what the selected columns become, and where each method comes from; its steps are catalog.METHOD_STEPS
+for _name, _columns, _source in (
+    ("flain", flipped_updates, "Ding et al., FLAIN (Algorithm 1)"),
+    ("prune", pruned, "the pruning baseline of the paper"),
+    ("finetune", None, "fine-tuning (Liu et al. 2018; BackdoorBench's FT)"),
+    ("fine-pruning", pruned, "fine-pruning (Liu et al. 2018)"),
+    ("distill", None, "the default rule's repair alone, no flip (an ablation)"),
+    ("rnp", pruned, "reconstructive neuron pruning (Li et al. 2023), on the defended layer's inputs"),
 ):
-    METHODS.register(_method.name)(_method)
+    _select, _train, _needs_init = METHOD_STEPS[_name]
+    METHODS.register(_name)(Method(_name, _select, _columns, _train, _needs_init, _source))

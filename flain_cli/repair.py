@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,13 @@ class RepairResult:
     head: dict[str, torch.Tensor]  # the new parameters of the layers after it, by their names in ``head``
     loss_before: float
     loss_after: float
+    lr: float = 0.0  # the learning rate the kept run trained at (backtracking may have lowered it)
+    diverged: tuple[tuple[float, float], ...] = ()  # (lr, loss after) of each run that ended above loss_before
+
+    @property
+    def kept(self) -> bool:
+        """Whether a run converged (else every run diverged and the layers are as they were given)."""
+        return self.lr > 0
 
 
 def repair_loss(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
@@ -102,8 +110,33 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
 
     Returns:
         The new weight, bias and head parameters (float64), and the loss before and after.
+
+    Backtracking (``settings.backtrack`` > 0, ours; the default rule's): a run whose loss ends above where it
+    started (or not finite) has diverged; it is run again from the same start at a third of the learning
+    rate, up to ``backtrack`` times. If every run diverges, the layers are given back as they came (the flip
+    without the repair). A run that converges the first time is the only one.
     """
     settings.check()
+    if not settings.backtrack:  # off: the one run, whatever its loss
+        return dataclasses.replace(_distill_once(features, labels, teacher, weight, bias, head, frozen, settings,
+                                                 activations, patched), lr=settings.lr)
+    lr, diverged = settings.lr, list[tuple[float, float]]()
+    for _ in range(settings.backtrack + 1):
+        result = _distill_once(features, labels, teacher, weight, bias, head, frozen,
+                               dataclasses.replace(settings, lr=lr), activations, patched)
+        if math.isfinite(result.loss_after) and result.loss_after <= result.loss_before:
+            return dataclasses.replace(result, lr=lr, diverged=tuple(diverged))
+        diverged.append((lr, result.loss_after))
+        lr /= 3
+    head_params = {k: v.detach().double() for k, v in head.named_parameters()}
+    return RepairResult(weight.detach().double(), None if bias is None else bias.detach().double(), head_params,
+                        result.loss_before, result.loss_before, 0.0, tuple(diverged))
+
+
+def _distill_once(features: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None, head: nn.Module, frozen: torch.Tensor, settings: RepairSettings,
+                  activations: torch.Tensor | None, patched: torch.Tensor | None) -> RepairResult:
+    """One run of the repair at ``settings.lr`` (distill_repair's arguments)."""
     if frozen.shape != (weight.shape[1],) or features.shape[1] != weight.shape[1]:
         raise ConfigError(f"repair: {tuple(features.shape)} features and a {tuple(frozen.shape)} mask "
                           f"for a layer of shape {tuple(weight.shape)}")

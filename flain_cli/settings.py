@@ -18,7 +18,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, ClassVar
 
-from .catalog import METHODS
+from .catalog import METHOD_STEPS, METHODS
 from .errors import ConfigError, opt
 
 SELECTS = ("crossing", "last-safe")
@@ -139,6 +139,9 @@ class RepairSettings:
     # ours, opt-in (0: off): copies of each aux image with one white square (side 2-6, at a random place)
     # that must give the teacher's outputs on the clean image (repair.py, patched_copies)
     patches: int = 0
+    # ours (0: off): a run whose loss ends above where it started is run again at a third of the learning rate,
+    # up to this many times (repair.distill_repair)
+    backtrack: int = 3
 
     def with_optimizer(self, optimizer: str) -> RepairSettings:
         """These settings trained by ``optimizer``, at that optimizer's learning rate (REPAIR_LR)."""
@@ -167,6 +170,9 @@ class RepairSettings:
         if self.optimizer not in REPAIR_OPTIMIZERS:
             raise ConfigError(f"must be one of {', '.join(REPAIR_OPTIMIZERS)}, got {self.optimizer!r}",
                               param="repair_optimizer")
+        if isinstance(self.backtrack, bool) or not (isinstance(self.backtrack, int) and 0 <= self.backtrack <= 10):
+            raise ConfigError(f"must be a whole number from 0 (off) to 10, got {self.backtrack!r}",
+                              param="repair_backtrack")
 
     def record(self) -> dict[str, float | int | str]:
         """Its settings; the guard's only when it is on and the patches only when there are some (records
@@ -178,8 +184,10 @@ class RepairSettings:
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> RepairSettings:
-        """Read :meth:`record` back. Records without an optimizer were written when the repair only had Adam."""
-        return cls(**({"optimizer": "adam"} | data))
+        """Read :meth:`record` back. Records without an optimizer were written when the repair only had Adam, those
+        without backtrack before it existed (0)."""
+        older: dict[str, Any] = {"optimizer": "adam", "backtrack": 0}
+        return cls(**(older | data))
 
 
 @dataclass(frozen=True)
@@ -238,6 +246,25 @@ class DefenseConfig:
             raise ConfigError(f"must be true or false, got {self.rescale!r}", param="rescale")
         if self.repair is not None:
             self.repair.check()
+        if self.trains_only and self.repair is None:
+            raise ConfigError(f"{self.method} trains on the aux set: it needs the training settings of "
+                              f"{opt('repair')} distill (steps, optimizer, learning rate)", param="method")
+
+    @property
+    def searches(self) -> bool:
+        """Whether the method picks inputs along the thresholds (its step, stop, select, holdout, shifts count)."""
+        return METHOD_STEPS[self.method][0] != "none"
+
+    @property
+    def trains(self) -> bool:
+        """Whether training follows the selection (its repair settings count)."""
+        return METHOD_STEPS[self.method][1] != "none"
+
+    @property
+    def trains_only(self) -> bool:
+        """Whether its training is the defense (fine-tuning, or the repair with no selection)."""
+        select, train = METHOD_STEPS[self.method][:2]
+        return train == "finetune" or (train == "repair" and select == "none")
 
     def record(self) -> dict[str, Any]:
         """The settings in the checkpoint's flat layout (docs/checkpoint-format.md)."""
@@ -268,7 +295,7 @@ REPAIR_CHOICES = ("distill", "none")  # the repair: on (distillation) or off
 # the settings defense_config takes besides the preset: `flain defend`'s options by their library names
 OVERRIDES = ("method", "step", "stop", "rho", "kl", "select", "holdout", "shifts", "rescale", "repair",
              *(f"repair_{f}" for f in ("steps", "optimizer", "lr", "alpha", "temperature", "guard", "guard_ratio",
-                                       "guard_rate", "patches")))
+                                       "guard_rate", "patches", "backtrack")))
 
 
 def defense_config(preset: str = "default", **overrides: Any) -> DefenseConfig:
@@ -307,8 +334,12 @@ def defense_config(preset: str = "default", **overrides: Any) -> DefenseConfig:
     if stop_name == "accuracy" and kl is not None:
         raise ConfigError(f"is the kl stop's budget and has no effect with {opt('stop')} accuracy; drop it or "
                           f"pass {opt('stop')} kl", param="kl")
-    repair = _repair(base.repair, given.pop("repair", None),
+    choice = given.pop("repair", None)
+    repair = _repair(base.repair, choice,
                      {k.removeprefix("repair_"): given.pop(k) for k in list(given) if k.startswith("repair_")})
+    steps = METHOD_STEPS.get(given.get("method", base.method))
+    if repair is None and choice is None and steps and (steps[1] == "finetune" or steps[:2] == ("none", "repair")):
+        repair = RepairSettings()  # a preset without a repair (paper): a method that is training takes the default
     config = replace(base, stop=stop, repair=repair, **given)
     config.check()
     return config

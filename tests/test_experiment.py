@@ -211,7 +211,7 @@ def test_named_settings_may_vary_too(tmp_path):
         "rho = 0.05", 'rho = 0.05\nrepair_optimizer = "adam"\nrepair_patches = 2'))).defenses[1].settings
     assert patched.config("flain").rule == "flain+shifts+distill+patches"
     assert patched.config("flain").repair.patches == 2
-    assert patched.tag("flain").endswith("-shifts2-repair-adam-p2-aux3x-seed0")
+    assert patched.tag("flain").endswith("-shifts2-repair-adam-p2-bt3-aux3x-seed0")
     with pytest.raises(ConfigError, match="repair must be one of distill, none, got 'distill-sgd'; the optimizer is "
                                           "repair_optimizer"):
         load_experiment(write(tmp_path, TINY.format(per_class=3).replace("rho = 0.05", 'repair = "distill-sgd"')))
@@ -311,7 +311,7 @@ def test_a_grid_without_a_rule_is_flain_defend_with_no_options_and_its_cell_is_d
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     evaluated = json.loads(runner.invoke(app, ["eval", str(direct), "--data-dir", str(fmnist_dir), "--json"]).stdout)
     assert (row["acc"], row["asr"], row["asr_clean"]) == (evaluated["acc"], evaluated["asr"], evaluated["asr_clean"])
-    assert row["rule"] == "flain+shifts+kl+distill+sgd" and row["repair"] == "sgd-s5" and row["flipped"] > 0
+    assert row["rule"] == "flain+shifts+kl+distill+sgd" and row["repair"] == "sgd-s5-bt3" and row["flipped"] > 0
 
 
 def test_listed_cells_carry_their_role_into_the_results(tmp_path, fmnist_dir):

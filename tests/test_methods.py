@@ -105,7 +105,7 @@ def test_each_method_through_defend(tiny_run, aux_dir, name):
     elif name == "distill":  # the repair alone: the layers from fc1 on, no column selected
         loaded = load_model(run / "final.safetensors")
         feats = AuxFeatures(loaded.model, "fc1", load_aux_for(loaded, aux_dir), loaded.meta)
-        expected = feats.repair(original["fc1.weight"], torch.zeros(3136, dtype=torch.bool), config.repair)
+        expected, _ = feats.repair(original["fc1.weight"], torch.zeros(3136, dtype=torch.bool), config.repair)
         assert changed == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
         assert all(torch.equal(outcome.state[k], expected[k].to(torch.float32)) for k in expected)
     else:  # rnp: pruned, no training

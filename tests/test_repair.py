@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from flain_cli import repair as repair_module
 from flain_cli.errors import ConfigError
 from flain_cli.repair import GUARD_COPIES, distill_repair, guard_inputs, repair_loss
 from flain_cli.settings import REPAIR_LR, SGD_MOMENTUM, DefenseConfig, RepairSettings
@@ -204,3 +205,51 @@ def test_the_patch_term_trains_towards_the_clean_outputs_and_keeps_the_flip():
                           adam(steps=20, alpha=1.0, patches=1), patched=features.clone())
     once = distill_repair(features, labels, teacher, weight, bias, head, frozen, adam(steps=20, alpha=1.0))
     assert torch.allclose(same.weight, once.weight, atol=1e-6) and not torch.allclose(a.weight, once.weight, atol=1e-6)
+
+
+def steep_problem():
+    """problem(2) with inputs 30 times larger and the weights 30 times smaller: SGD at lr 1 diverges, at 1/3 not."""
+    torch.manual_seed(0)  # the head's bias
+    features, labels, teacher, weight, bias, head, frozen = problem(seed=2)
+    return features * 30, labels, teacher, weight / 30, bias, head, frozen
+
+
+def test_a_diverging_run_is_run_again_at_a_third_of_the_learning_rate():
+    features, labels, teacher, weight, bias, head, frozen = steep_problem()
+    steep = RepairSettings(steps=20, lr=1.0, optimizer="sgd", backtrack=0)
+    alone = distill_repair(features, labels, teacher, weight, bias, head, frozen, steep)
+    assert alone.loss_after > alone.loss_before  # off: the diverged run is what comes back
+    res = distill_repair(features, labels, teacher, weight, bias, head, frozen, dataclasses.replace(steep, backtrack=3))
+    assert res.kept and res.loss_after <= res.loss_before
+    assert res.diverged == ((1.0, alone.loss_after),) and res.lr == pytest.approx(1 / 3)
+    # the kept run is the one a single run at its learning rate gives
+    once = distill_repair(features, labels, teacher, weight, bias, head, frozen, dataclasses.replace(steep, lr=res.lr))
+    assert torch.equal(res.weight, once.weight) and torch.equal(res.head["1.weight"], once.head["1.weight"])
+    gentle = dataclasses.replace(steep, lr=0.05, backtrack=3)  # a run that converges is the only one
+    res = distill_repair(features, labels, teacher, weight, bias, head, frozen, gentle)
+    assert res.diverged == () and res.lr == 0.05
+
+
+@pytest.mark.parametrize("final", [float("nan"), 9.0])
+def test_when_every_run_diverges_the_layers_come_back_as_they_were(monkeypatch, final):
+    features, labels, teacher, weight, bias, head, frozen = problem(seed=2)
+    tried = []
+
+    def diverging(*args):
+        tried.append(args[7].lr)
+        return dataclasses.replace(real(*args), loss_after=final)
+
+    real = repair_module._distill_once
+    monkeypatch.setattr(repair_module, "_distill_once", diverging)
+    res = distill_repair(features, labels, teacher, weight, bias, head, frozen, RepairSettings(lr=0.9, backtrack=2))
+    assert tried == pytest.approx([0.9, 0.3, 0.1]) and not res.kept
+    assert [lr for lr, _ in res.diverged] == tried
+    assert torch.equal(res.weight, weight) and torch.equal(res.bias, bias)
+    assert torch.equal(res.head["1.weight"], head[1].weight) and res.loss_after == res.loss_before
+
+
+def test_records_without_backtrack_read_as_off():
+    record = RepairSettings().record()
+    assert record["backtrack"] == 3
+    del record["backtrack"]
+    assert RepairSettings.from_record(record).backtrack == 0

@@ -139,6 +139,10 @@ def defend(
         help="Copies of each aux image with one white square (side 2-6 pixels, at a random place) that must give "
              "the original outputs on the clean image (default: 0, off).", show_default=False,
         rich_help_panel=REPAIR)] = None,
+    repair_backtrack: Annotated[int | None, typer.Option(
+        help=f"A run whose loss ends above where it started is run again at a third of the learning rate, up to N "
+             f"times; if all diverge, the layer stays as selected (default: {_REPAIR.backtrack}; 0: off).",
+        metavar="N", show_default=False, rich_help_panel=REPAIR)] = None,
     layer: LayerOpt = None,
     seed: SeedOpt = 0,
     trace: Annotated[Path | None, typer.Option(
@@ -164,7 +168,7 @@ def defend(
                             repair_optimizer=_value(repair_optimizer), repair_lr=repair_lr, repair_alpha=repair_alpha,
                             repair_temperature=repair_temperature, repair_guard=repair_guard,
                             repair_guard_ratio=repair_guard_ratio, repair_guard_rate=repair_guard_rate,
-                            repair_patches=repair_patches)
+                            repair_patches=repair_patches, repair_backtrack=repair_backtrack)
     method, step = config.method, config.step
     if trace is not None and METHODS.get(method).select != "search":
         raise ConfigError(f"is the search's curve; method {method} does not search its thresholds", param="trace")

@@ -21,7 +21,7 @@ def _default(param: Any) -> str:
         return ""
     if isinstance(param.default, bool):
         return "off" if not param.default else "on"
-    return f"`{param.default}`"
+    return f"`{getattr(param.default, 'value', param.default)}`"  # an Enum choice by its name on the command line
 
 
 def _rows(command: Any) -> list[str]:
