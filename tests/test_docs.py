@@ -33,6 +33,31 @@ def test_readme_links_resolve():
         assert target in readme and (ROOT / target).is_file(), target
 
 
+def test_every_docs_link_resolves():
+    """Every relative markdown link in README.md and docs/ (the lab notebook included) names a file that exists."""
+    import re
+    pages = [ROOT / "README.md", ROOT / "sample_models" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    assert len([p for p in pages if "lab" in p.parts]) >= 4
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://", "mailto:", "#")):
+                continue
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            checked += 1
+    assert checked > 20
+
+
+def test_results_is_a_short_page_and_every_table_has_its_command():
+    """docs/results.md stays a page a user reads (the history is in docs/lab/), each section with a command."""
+    text = (ROOT / "docs" / "results.md").read_text()
+    assert len(text.splitlines()) <= 400
+    for section in text.split("\n## ")[1:]:
+        if "|---" in section and not section.startswith(("In short", "The lab notebook")):
+            assert "flain " in section or "experiments/" in section, section.splitlines()[0]
+
+
 def test_sample_models_are_real_small_and_described():
     from flain_cli.checkpoint import load_checkpoint
     samples = ROOT / "sample_models"
@@ -69,7 +94,7 @@ def test_the_sample_model_figures_come_from_one_source():
     """README.md and sample_models/README.md show the figures of sample_models/figures.json, which the e2e test
     measures again; a figure edited in one place only fails here."""
     rows = sample_rows()
-    for doc in (ROOT / "README.md", ROOT / "sample_models" / "README.md"):
+    for doc in (ROOT / "README.md", ROOT / "sample_models" / "README.md", ROOT / "docs" / "results.md"):
         text = doc.read_text()
         for row in rows:
             assert row in text, f"{doc.name} does not show {row}"

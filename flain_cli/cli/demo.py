@@ -41,19 +41,21 @@ def demo(
                     "seconds": seconds, "out": str(target), "paper_out": str(paper_path(target))})
         return
     table = Table(title=f"FLAIN on sample model {report.sample} ({report.n_test} test images: {report.test_source})")
-    for column in ("model", "ACC", "ASR", "aux accuracy", "neurons flipped", "seconds"):
-        table.add_column(column, justify="right")
+    table.add_column("model", no_wrap=True)  # 80 columns hold every row on one line (tests/test_width.py)
+    for column in ("ACC", "ASR", "aux acc", "flipped", "seconds"):
+        table.add_column(column, justify="right", no_wrap=True)
     d = report.defense
     table.add_row("backdoored (final)", fmt(report.before["acc"]), fmt(report.before["asr"]),
-                  fmt(report.before["aux_acc"]), "-", f"scan {seconds['scan']}")
+                  fmt(report.before["aux_acc"]), "-", f"{seconds['scan']}")
     table.add_row("FLAIN --preset paper", fmt(report.paper["acc"]), fmt(report.paper["asr"]),
                   fmt(report.paper["aux_acc"]), f"{report.paper['flipped']} of {d['of']}",
-                  f"defend {seconds['defend_paper']}")
+                  f"{seconds['defend_paper']}")
     table.add_row("FLAIN (default rule)", fmt(report.after["acc"]), fmt(report.after["asr"]),
                   fmt(report.after["aux_acc"]), f"{report.after['flipped']} of {d['of']}",
-                  f"defend {seconds['defend']}")
+                  f"{seconds['defend']}")
     out.print(table)
-    out.print("The default rule's aux accuracy is on the images its repair trained on; judge it by ACC and ASR.")
+    out.print("seconds: the scan's on the first row, each defense's below. The default rule's aux accuracy is on "
+              "the images its repair trained on; judge it by ACC and ASR.")
     out.print(f"lambda {report.paper['lambda']:.4f} (paper), {d['lambda']:.4f} (default); "
               f"{d['silent_neurons']} inputs of fc1 are never active on the aux set; "
               f"evaluation took {seconds['eval']} s; wrote {target} and {paper_path(target)}")
