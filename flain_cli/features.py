@@ -20,6 +20,14 @@ from .modeldef import get_linear, split_model
 from .repair import RepairResult, distill_repair
 from .settings import RepairSettings
 
+# premise_warnings: fewer than this share of inputs with a mean at most this fraction of the median mean
+NEAR_SILENT_SHARE, NEAR_SILENT_OF_MEDIAN = 0.01, 0.05
+
+
+def near_silent(means: torch.Tensor) -> int:
+    """How many inputs have a mean activation at most NEAR_SILENT_OF_MEDIAN of the median one."""
+    return int((means <= NEAR_SILENT_OF_MEDIAN * means.median()).sum())
+
 
 class AuxFeatures:
     """The aux set pushed once through the layers before ``layer``; aux accuracy for any new weight.
@@ -52,12 +60,23 @@ class AuxFeatures:
         self.evaluations = 0
 
     def premise_warnings(self) -> list[str]:
-        """FLAIN reads low mean activations as silent neurons: that needs non-negative inputs (after a ReLU)."""
+        """Where the aux set shows that FLAIN's premise (a backdoor in inputs silent on clean data) may not hold:
+        inputs that take negative values (a low mean is then no silence), or almost no near-silent input (fewer
+        than NEAR_SILENT_SHARE of them have a mean at most NEAR_SILENT_OF_MEDIAN of the median mean). The
+        second fired on 3 of the 5 generality-grid cells whose backdoor the default rule left in, and on 1 of
+        the 7 where it removed it (docs/results.md, "When FLAIN cannot be trusted")."""
         low = float(self.features64.min())
         if low < 0:
             return [f"the inputs of {self.layer} take negative values on the aux set (down to {low:.3g}): FLAIN "
                     f"assumes non-negative activations (after a ReLU), so a low mean does not mean a silent neuron "
-                    f"here; choose a layer that follows a ReLU (--layer)"]
+                    f"here; choose a layer that follows a ReLU (--layer), or try --method fine-pruning"]
+        means = self.features64.mean(dim=0)
+        near = near_silent(means)
+        if near < NEAR_SILENT_SHARE * means.numel():
+            return [f"only {near} of the {means.numel()} inputs of {self.layer} are near-silent on the aux set (mean "
+                    f"at most {NEAR_SILENT_OF_MEDIAN:g} of the median): FLAIN's premise, a backdoor in inputs "
+                    f"silent on clean data, is not visible here and its result may keep the backdoor; compare "
+                    f"with --method fine-pruning and measure ASR (flain eval)"]
         return []
 
     def mean_activations(self, shifts: int) -> torch.Tensor:

@@ -98,3 +98,33 @@ def test_the_sample_model_figures_come_from_one_source():
         text = doc.read_text()
         for row in rows:
             assert row in text, f"{doc.name} does not show {row}"
+
+
+def test_help_leads_with_the_essentials_and_carries_no_dates():
+    """`flain defend --help` at 100 columns: the essentials panel right after the arguments, at most ~half of
+    its former 225 lines; no command's help holds a date (history belongs in the docs)."""
+    import re
+
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["defend", "--help"], env={"COLUMNS": "100", "TERMINAL_WIDTH": "100"})
+    assert res.exit_code == 0
+    lines = res.stdout.splitlines()
+    assert len(lines) <= 115, len(lines)
+    panels = [line for line in lines if line.startswith("╭─")]
+    assert panels[0].startswith("╭─ Arguments") and panels[1].startswith("╭─ Options")
+    first = res.stdout.split("╭─ Options")[1].split("╰")[0]
+    assert all(opt in first for opt in ("--aux", "--init", "--out", "--preset", "--method"))
+    assert "--repair-lr" not in first and "--seed" not in first
+
+    def commands(group, path=()):
+        for name, cmd in getattr(group, "commands", {}).items():
+            yield (*path, name), cmd
+            yield from commands(cmd, (*path, name))
+
+    for path, cmd in commands(get_command(app)):
+        texts = [cmd.help or ""] + [getattr(p, "help", None) or "" for p in cmd.params]
+        for text in texts:
+            assert not re.search(r"20[0-9][0-9]-[01][0-9]", text), f"flain {' '.join(path)}: {text}"

@@ -86,7 +86,9 @@ def test_a_small_resnet_is_scanned_defended_and_evaluated(tmp_path, bright):
                   "--json")
     assert scan.exit_code == 0, scan.output
     report = json.loads(scan.stdout)
-    assert report["layer"] == "fc" and report["neurons"] == 16 and report["warnings"] == []
+    # a pooled classifier's 16 inputs are all active on clean data: the premise warning, and no other
+    assert report["layer"] == "fc" and report["neurons"] == 16
+    assert len(report["warnings"]) == 1 and "near-silent" in report["warnings"][0]
     assert "note: defended layer: fc" in scan.stderr
     out = tmp_path / "clean.safetensors"
     res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
@@ -135,7 +137,8 @@ def test_an_mlp_and_a_sequential_defend_at_a_layer_after_a_relu_and_evaluate(tmp
                      "--out", out, "--json")
         assert res.exit_code == 0, res.output
         report = json.loads(res.stdout)
-        assert report["layer"] == layer and report["warnings"] == [] and report["of"] == 64
+        assert report["layer"] == layer and report["of"] == 64
+        assert not any("negative" in w for w in report["warnings"])  # after a ReLU (near-silent ones may be few)
         evaluated = invoke("eval", out, "--model-def", spec, "--data-dir", data, "--json")
         assert evaluated.exit_code == 0, evaluated.output
     assert set(load_checkpoint(out).tensors) == {"1.weight", "1.bias", "3.weight", "3.bias"}

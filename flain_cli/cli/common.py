@@ -33,14 +33,17 @@ R = TypeVar("R")
 
 ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="Checkpoint (.safetensors) to read.",
                                           show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when present).")]
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1,
+RUN_PANEL = "Run and output"  # seed, device, files, JSON: after what a run does
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout instead of tables.",
+                                       rich_help_panel=RUN_PANEL)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when present).",
+                                        rich_help_panel=RUN_PANEL)]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, rich_help_panel=RUN_PANEL,
                                       help="Seed of every random choice; a seed makes a run reproducible.")]
 DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Folder with the dataset's files (flat, or torchvision's <root>/<Name>/raw/).",
     show_default=False)]
-ESSENTIALS = "Essentials"  # the help panel of the options most runs need
+ESSENTIALS = "Options"  # the options most runs need: Typer's first panel (with --help), before the others
 AuxOpt = Annotated[Path, typer.Option(
     "--aux", help="Clean aux set: a folder AUX/<class>/<image>.png, or a .safetensors/.npz with images and labels.",
     show_default=False, rich_help_panel=ESSENTIALS)]
@@ -48,13 +51,14 @@ ShiftsOpt = Annotated[int, typer.Option(
     "--shifts", min=0, max=MAX_SHIFTS, metavar="N",
     help="Order the inputs by their means over the aux images and their copies moved by up to N pixels, as "
          "`flain defend --shifts N` does (0: the aux images only, the paper's).")]
+SOURCE_PANEL = "Model source (for checkpoints without flain-cli metadata)"
 LayerOpt = Annotated[str | None, typer.Option(help="Linear layer to work on (default: the checkpoint's defended "
                                                    "layer, fc1).",
-                                              show_default=False)]
-SOURCE_PANEL = "Model source (for checkpoints without flain-cli metadata)"
+                                              show_default=False, rich_help_panel=SOURCE_PANEL)]
 DatasetOpt = Annotated[str | None, typer.Option(help="Dataset (default: from the checkpoint).", show_default=False,
                                                 rich_help_panel=SOURCE_PANEL)]
-ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never an input).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing output files (never an input).",
+                                        rich_help_panel=RUN_PANEL)]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,24 +91,23 @@ SOURCE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "dataset": (DatasetOpt, None),
     "model_def": (Annotated[str | None, typer.Option(
         "--model-def", metavar="FILE.py:NAME",
-        help="Your own model class (or a function returning the nn.Module) for a checkpoint of an architecture that "
-             "is not built in. This RUNS the code in FILE.py: pass only files you trust. Needs --dataset.",
+        help="Your own model class or function, for an architecture not built in. This RUNS FILE.py: pass only "
+             "files you trust. Needs --dataset.",
         show_default=False, rich_help_panel=SOURCE_PANEL)], None),
     "strict": (Annotated[bool, typer.Option(
         "--strict/--no-strict", help="Refuse a checkpoint holding tensors the architecture lacks (e.g. "
                                      "global_step); --no-strict ignores them and says so.",
         rich_help_panel=SOURCE_PANEL)], True),
     "mean": (Annotated[str | None, typer.Option(
-        "--mean", metavar="M[,M,M]", help="Input normalization: mean per channel on the 0-1 scale (0.5, or "
-                                          "0.485,0.456,0.406), with --std. Default: the checkpoint's recorded "
-                                          "normalization, else the dataset's.", show_default=False,
+        "--mean", metavar="M[,M,M]", help="Input mean per channel on the 0-1 scale, with --std (default: the "
+                                          "checkpoint's, else the dataset's).", show_default=False,
         rich_help_panel=SOURCE_PANEL)], None),
     "std": (Annotated[str | None, typer.Option(
         "--std", metavar="S[,S,S]", help="Input normalization: std per channel, with --mean.", show_default=False,
         rich_help_panel=SOURCE_PANEL)], None),
     "class_names": (Annotated[Path | None, typer.Option(
-        "--class-names", help="A text file of class names, one per line in class-index order, for a label set that "
-                              "is not the dataset's (aux class folders may be named by them).", show_default=False,
+        "--class-names", help="Text file of class names, one per line in class order (names aux folders may "
+                              "use).", show_default=False,
         rich_help_panel=SOURCE_PANEL)], None),
 }
 

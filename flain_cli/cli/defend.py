@@ -26,6 +26,7 @@ from ..settings import (
 from ..tables import trace_csv
 from .common import (
     ESSENTIALS,
+    RUN_PANEL,
     AuxOpt,
     DeviceOpt,
     ForceOpt,
@@ -50,7 +51,7 @@ Stop = Enum("Stop", {name: name for name in STOPS}, type=str)  # type: ignore[mi
 Optimizer = Enum("Optimizer", {name: name for name in REPAIR_OPTIMIZERS}, type=str)  # type: ignore[misc]
 Repair = Enum("Repair", {name: name for name in REPAIR_CHOICES}, type=str)  # type: ignore[misc]
 
-RULE, REPAIR, OUTPUT = "The rule", "The repair", "Output and diagnostics"
+RULE, REPAIR, OUTPUT = "The rule", "The repair", RUN_PANEL
 _REPAIR = DEFAULT.repair
 assert _REPAIR is not None  # the default preset repairs
 
@@ -68,7 +69,7 @@ def defend(
     model: ModelArg,
     aux: AuxOpt,
     init: Annotated[Path | None, typer.Option(
-        help="The initial checkpoint W0 of the same run (init.safetensors); needed by FLAIN, not by --method prune.",
+        help="W0, the same run's model before training (init.safetensors); FLAIN needs it.",
         show_default=False, rich_help_panel=ESSENTIALS)] = None,
     out_path: Annotated[Path | None, typer.Option(
         "--out", help="Cleaned checkpoint (default: MODEL's name with .METHOD.safetensors).",
@@ -77,45 +78,43 @@ def defend(
         help="default: the rule below (docs/flain.md); paper: Algorithm 1 exactly (step 0.001, rho 0.03, no "
              "repair). Every other option changes the preset.", rich_help_panel=ESSENTIALS)] = Preset("default"),
     method: Annotated[str | None, typer.Option(
-        help=f"{'|'.join(METHODS.names())}: flip the selected inputs' updates (default: {DEFAULT.method}), zero "
-             "them, fine-tune every layer on the aux labels, prune then fine-tune, the repair alone, or RNP's "
-             "unlearn-and-recover pruning (docs/flain.md, 'Other methods').", show_default=False,
+        help=f"{'|'.join(METHODS.names())} (default: {DEFAULT.method}; the others: docs/flain.md, 'Other "
+             "methods').", show_default=False,
         rich_help_panel=ESSENTIALS)] = None,
     step: Annotated[float | None, typer.Option(
         help=f"Threshold step (default: {DEFAULT.step}, the paper's).", show_default=False,
         rich_help_panel=RULE)] = None,
     stop: Annotated[Stop | None, typer.Option(
-        help="kl: stop where the mean KL divergence of the outputs from the original model's on the aux set "
-             "reaches --kl (default). accuracy: stop where the aux accuracy dropped by --rho (Algorithm 1, line 17).",
+        help="kl (default): where the outputs' mean KL divergence from the original's reaches --kl; accuracy: "
+             "where the aux accuracy dropped by --rho (the paper's).",
         show_default=False, rich_help_panel=RULE)] = None,
     kl: Annotated[float | None, typer.Option(
         help=f"Budget of the kl stop (default: {DEFAULT.stop.budget}); alone, it selects that stop.",
         show_default=False, rich_help_panel=RULE)] = None,
     rho: Annotated[float | None, typer.Option(
-        help=f"Budget of the accuracy stop: the aux accuracy drop it tolerates (paper: {PAPER_RHO}); alone, it "
-             "selects that stop.", show_default=False, rich_help_panel=RULE)] = None,
+        help=f"Budget of the accuracy stop (paper: {PAPER_RHO}); alone, it selects that stop.",
+        show_default=False, rich_help_panel=RULE)] = None,
     shifts: Annotated[int | None, typer.Option(
-        help=f"Rank the inputs by their mean over the aux images and their copies moved by up to N pixels "
-             f"(default: {DEFAULT.shifts}; 0: the aux images only, the paper's).", metavar="N", show_default=False,
+        help=f"Rank inputs over the aux images and copies moved by up to N pixels (default: {DEFAULT.shifts}; "
+             "0: the paper's).", metavar="N", show_default=False,
         rich_help_panel=RULE)] = None,
     select: Annotated[Select | None, typer.Option(
-        help=f"{'|'.join(SELECTS)}: keep the model at which the stop fired (default, the paper's), or the last "
-             "one before it.", show_default=False, rich_help_panel=RULE)] = None,
+        help="Keep the model at which the stop fired (default, the paper's), or the last one before it.",
+        show_default=False, rich_help_panel=RULE)] = None,
     holdout: Annotated[float | None, typer.Option(
-        help="Take the mean activations from a share 1-F of the aux set and the stop's measures from the "
-             "held-out share F (default: 0, one set for both).", show_default=False, rich_help_panel=RULE)] = None,
+        help="Share F of the aux set kept apart for the stop's measures (default: 0).",
+        show_default=False, rich_help_panel=RULE)] = None,
     rescale: Annotated[bool | None, typer.Option(
-        "--rescale/--no-rescale", help="Scale the layer back to its original norm after flipping (Algorithm 1, "
-                                       "lines 18-20; default: on).", show_default=False,
+        "--rescale/--no-rescale", help="Scale the layer back to its original norm (default: on).", show_default=False,
         rich_help_panel=RULE)] = None,
     repair: Annotated[Repair | None, typer.Option(
-        help="After the search, distil the original model into the defended one on the aux set, the flipped "
-             "columns kept as flipped: distill (default) or none (the paper).", show_default=False,
+        help="Distil the original model into the defended one on the aux set, flipped columns frozen "
+             "(default: distill; none: the paper's).", show_default=False,
         rich_help_panel=REPAIR)] = None,
     repair_steps: Annotated[int | None, typer.Option(
         help=f"Full-batch steps (default: {_REPAIR.steps}).", show_default=False, rich_help_panel=REPAIR)] = None,
     repair_optimizer: Annotated[Optimizer | None, typer.Option(
-        help="sgd (default; momentum 0.9: moves the weights of near-silent inputs less) or adam.",
+        help="sgd (default; momentum 0.9) or adam.",
         show_default=False, rich_help_panel=REPAIR)] = None,
     repair_lr: Annotated[float | None, typer.Option(
         help=f"Learning rate (default: {REPAIR_LR['sgd']:g} with sgd, {REPAIR_LR['adam']:g} with adam).",
@@ -127,27 +126,26 @@ def defend(
         help=f"Distillation temperature (default: {_REPAIR.temperature:g}).", show_default=False,
         rich_help_panel=REPAIR)] = None,
     repair_guard: Annotated[float | None, typer.Option(
-        help="Weight of the silent-neuron guard, which asks for the original outputs also when random "
-             "low-activation inputs fire (default: 0, off).", show_default=False, rich_help_panel=REPAIR)] = None,
+        help="Weight of the guard: original outputs also when silent inputs fire (default: 0, off).",
+        show_default=False, rich_help_panel=REPAIR)] = None,
     repair_guard_ratio: Annotated[float | None, typer.Option(
-        help=f"Guard: its candidates are this many times the flipped count of lowest-activation inputs (default: "
-             f"{_REPAIR.guard_ratio:g}).", show_default=False, rich_help_panel=REPAIR)] = None,
+        help=f"Guard: candidates per flipped input (default: {_REPAIR.guard_ratio:g}).",
+        show_default=False, rich_help_panel=REPAIR)] = None,
     repair_guard_rate: Annotated[float | None, typer.Option(
         help=f"Guard: share of the candidates switched on in each perturbed copy (default: {_REPAIR.guard_rate:g}).",
         show_default=False, rich_help_panel=REPAIR)] = None,
     repair_patches: Annotated[int | None, typer.Option(
-        help="Copies of each aux image with one white square (side 2-6 pixels, at a random place) that must give "
-             "the original outputs on the clean image (default: 0, off).", show_default=False,
+        help="Copies of each aux image with a random white square, asked for the clean outputs (default: 0).",
+        show_default=False,
         rich_help_panel=REPAIR)] = None,
     repair_backtrack: Annotated[int | None, typer.Option(
-        help=f"A run whose loss ends above where it started is run again at a third of the learning rate, up to N "
-             f"times; if all diverge, the layer stays as selected (default: {_REPAIR.backtrack}; 0: off).",
+        help=f"Rerun a diverged repair at a third of the learning rate, up to N times (default: "
+             f"{_REPAIR.backtrack}; 0: off).",
         metavar="N", show_default=False, rich_help_panel=REPAIR)] = None,
     layer: LayerOpt = None,
     seed: SeedOpt = 0,
     trace: Annotated[Path | None, typer.Option(
-        help="Write the search curve as CSV (lambda, selected, aux_acc, drop, kl): one row per threshold at which the "
-             "selection changed, the curve being constant in between (with --plain: every threshold).",
+        help="Write the search curve as CSV (lambda, selected, aux_acc, drop, kl).",
         show_default=False, rich_help_panel=OUTPUT)] = None,
     plain: Annotated[bool, typer.Option(
         "--plain", help="Run Algorithm 1 literally (every lambda, whole network): slow, same result.",
