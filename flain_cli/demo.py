@@ -19,9 +19,12 @@ from .checkpoint import ModelMeta, load_checkpoint, resolve_model_meta, save_che
 from .datasets import Split, load_dataset
 from .errors import DataError, FlainError
 from .evaluation import evaluate_checkpoint, load_test_file
-from .settings import PRESETS
+from .settings import PRESETS, defense_config
 
 TEST_SUBSET = "fmnist-test-2000.npz"
+# the peer shown beside FLAIN: the best mean DER of the post-training peers on the generality grid's held-out
+# cells (docs/results.md), under the default preset (its kl stop, then fine-tuning)
+PEER = "fine-pruning"
 
 
 @dataclass(frozen=True)
@@ -32,10 +35,12 @@ class DemoReport:
     before: dict[str, Any]
     after: dict[str, Any]  # the default rule (shifts 2, the search stopped at kl 0.07, then the SGD repair)
     paper: dict[str, Any]  # Algorithm 1 exactly (--preset paper)
+    peer: dict[str, Any]  # PEER, the best other method
     defense: dict[str, Any]
     seconds: dict[str, float]
     out: Path
     paper_out: Path
+    peer_out: Path
 
 
 def sample_names(samples_dir: Path) -> list[str]:
@@ -60,11 +65,19 @@ def paper_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + "-paper.safetensors")
 
 
-def run_demo(samples_dir: Path, sample: str, out: Path, *, paper_out: Path | None = None, use_subset: bool = False,
+def peer_path(out: Path) -> Path:
+    """Where the demo writes the peer method's model, beside the default one."""
+    return out.with_name(out.name.removesuffix(".safetensors") + f"-{PEER}.safetensors")
+
+
+def run_demo(samples_dir: Path, sample: str, out: Path, *, paper_out: Path | None = None,
+             peer_out: Path | None = None, use_subset: bool = False,
              device: torch.device | str = "cpu") -> DemoReport:
-    """scan, defend with the default rule (written to ``out``) and with the paper preset (``paper_out``,
-    default `paper_path(out)`), and evaluate all three models."""
+    """scan, defend with the default rule (written to ``out``), with the paper preset (``paper_out``, default
+    `paper_path(out)`) and with the PEER method (``peer_out``, default `peer_path(out)`), and evaluate all four
+    models."""
     paper_out = paper_out or paper_path(out)
+    peer_out = peer_out or peer_path(out)
     folder = samples_dir / sample
     if not (folder / "final.safetensors").is_file():
         names = sample_names(samples_dir)
@@ -86,13 +99,18 @@ def run_demo(samples_dir: Path, sample: str, out: Path, *, paper_out: Path | Non
     paper = defend_checkpoint(final, init, aux, PRESETS["paper"], device=device)
     save_checkpoint(paper_out, paper.state, paper.meta)
     seconds["defend_paper"] = time.perf_counter() - started
+    started = time.perf_counter()
+    peer = defend_checkpoint(final, init, aux, defense_config("default", method=PEER), device=device)
+    save_checkpoint(peer_out, peer.state, peer.meta)
+    seconds["defend_peer"] = time.perf_counter() - started
 
     started = time.perf_counter()
     before = evaluate_checkpoint(final, test=test, device=device).result
     after = evaluate_checkpoint(out, test=test, device=device).result
     after_paper = evaluate_checkpoint(paper_out, test=test, device=device).result
+    after_peer = evaluate_checkpoint(peer_out, test=test, device=device).result
     seconds["eval"] = time.perf_counter() - started
-    d, p = outcome.record, paper.record
+    d, p, q = outcome.record, paper.record, peer.record
     return DemoReport(
         sample, source, before.n_clean,
         {"acc": before.acc, "asr": before.asr, "aux_acc": d.aux_acc_before},
@@ -100,5 +118,7 @@ def run_demo(samples_dir: Path, sample: str, out: Path, *, paper_out: Path | Non
          "flipped": d.flipped, "lambda": d.lam},
         {"acc": after_paper.acc, "asr": after_paper.asr, "aux_acc": p.aux_acc_after, "rule": p.config.rule,
          "flipped": p.flipped, "lambda": p.lam},
+        {"acc": after_peer.acc, "asr": after_peer.asr, "aux_acc": q.aux_acc_after, "rule": q.config.rule,
+         "method": PEER, "flipped": q.flipped, "lambda": q.lam},
         {"lambda": d.lam, "flipped": d.flipped, "of": d.of, "silent_neurons": int((scan.means == 0).sum())},
-        seconds, out, paper_out)
+        seconds, out, paper_out, peer_out)

@@ -58,6 +58,10 @@ def test_demo_before_and_after(monkeypatch, samples, tmp_path):
     rows = {line.split("│")[1].strip(): line for line in table.stdout.splitlines() if line.count("│") > 2}
     assert f"{report['paper']['flipped']} of 3136" in rows["FLAIN --preset paper"]
     assert f"{report['after']['flipped']} of 3136" in rows["FLAIN (default rule)"]
+    assert f"{report['peer']['flipped']} of 3136" in rows["fine-pruning (best peer)"]
+    assert report["peer"]["method"] == "fine-pruning" and report["peer_out"].endswith("-fine-pruning.safetensors")
+    peer = load_checkpoint(report["peer_out"]).meta["defense"]
+    assert peer["method"] == "fine-pruning" and peer["flipped"] == report["peer"]["flipped"]
 
 
 def test_demo_unknown_sample(samples, tmp_path):

@@ -25,20 +25,21 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove the backdoor of a shipped sample model and show ACC and ASR before and after."""
-    from ..demo import paper_path, run_demo
+    from ..demo import PEER, paper_path, peer_path, run_demo
 
     target = out_dir / f"{sample}.flain.safetensors"
     torch_device = resolve_device(device)
-    plan = FilePlan({"--samples-dir": samples_dir}, {"--out": target, "--out (paper preset)": paper_path(target)},
-                    force=force)
+    plan = FilePlan({"--samples-dir": samples_dir}, {"--out": target, "--out (paper preset)": paper_path(target),
+                                                     f"--out ({PEER})": peer_path(target)}, force=force)
     with plan.writing() as stage:
         report = run_demo(samples_dir, sample, stage["--out"], paper_out=stage["--out (paper preset)"],
-                          use_subset=test_subset, device=torch_device)
+                          peer_out=stage[f"--out ({PEER})"], use_subset=test_subset, device=torch_device)
     seconds = {k: round(v, 2) for k, v in report.seconds.items()}
     if as_json:
         print_json({"sample": report.sample, "test": report.test_source, "n_test": report.n_test,
-                    "before": report.before, "after": report.after, "paper": report.paper, "defense": report.defense,
-                    "seconds": seconds, "out": str(target), "paper_out": str(paper_path(target))})
+                    "before": report.before, "after": report.after, "paper": report.paper, "peer": report.peer,
+                    "defense": report.defense, "seconds": seconds, "out": str(target),
+                    "paper_out": str(paper_path(target)), "peer_out": str(peer_path(target))})
         return
     table = Table(title=f"FLAIN on sample model {report.sample} ({report.n_test} test images: {report.test_source})")
     table.add_column("model", no_wrap=True)  # 80 columns hold every row on one line (tests/test_width.py)
@@ -53,9 +54,12 @@ def demo(
     table.add_row("FLAIN (default rule)", fmt(report.after["acc"]), fmt(report.after["asr"]),
                   fmt(report.after["aux_acc"]), f"{report.after['flipped']} of {d['of']}",
                   f"{seconds['defend']}")
+    table.add_row(f"{PEER} (best peer)", fmt(report.peer["acc"]), fmt(report.peer["asr"]),
+                  fmt(report.peer["aux_acc"]), f"{report.peer['flipped']} of {d['of']}", f"{seconds['defend_peer']}")
     out.print(table)
     out.print("seconds: the scan's on the first row, each defense's below. The default rule's aux accuracy is on "
-              "the images its repair trained on; judge it by ACC and ASR.")
+              "the images its repair trained on; judge it by ACC and ASR. The peer is the other method with the best "
+              "mean DER on backdoors FLAIN was not tuned on (docs/results.md).")
     out.print(f"lambda {report.paper['lambda']:.4f} (paper), {d['lambda']:.4f} (default); "
               f"{d['silent_neurons']} inputs of fc1 are never active on the aux set; "
-              f"evaluation took {seconds['eval']} s; wrote {target} and {paper_path(target)}")
+              f"evaluation took {seconds['eval']} s; wrote {target}, {paper_path(target)} and {peer_path(target)}")
