@@ -5,7 +5,7 @@
 
 Reads `flain experiment` results.json files and prints one row per cell (each grid point of the given role;
 cells without a role, such as Tables 1/2's, always count) and one column per defense: ACC change in points /
-ASR (the source class's, the paper's) / RA (every triggered non-target image taken for its true class). Below
+ASR (the source class's, the paper's) / RA (every triggered non-target image taken for its true class) / DER. Below
 it: per column, the mean DER over the cells where the backdoor works (no-defense ASR >= 0.9), and how many of
 those meet the target (ASR <= 0.03 at a cost of at most 1 point). Where a peer ran under both presets, the
 column shown is fixed by the rule written in docs/results.md: the preset with the better mean DER on the
@@ -82,7 +82,8 @@ def fmt(row: dict[str, Any] | None, base: dict[str, Any]) -> str:
         return "not run"
     if row["defense"] == "none":
         return f"{row['acc']:.4f} / {row['asr']:.3f} / {row['ra']:.3f}"
-    return f"{100 * (row['acc'] - base['acc']):+.2f} / {row['asr']:.3f} / {row['ra']:.3f}"
+    der = "" if row.get("der") is None else f" / {row['der']:.2f}"
+    return f"{100 * (row['acc'] - base['acc']):+.2f} / {row['asr']:.3f} / {row['ra']:.3f}{der}"
 
 
 def table(rows: list[dict[str, Any]], role: str, columns: list[str]) -> list[str]:
