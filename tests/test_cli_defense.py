@@ -229,6 +229,7 @@ def test_the_earlier_defaults_are_options_away():
     (["--repair", "none", "--repair-patches", "2"],
      "Error: --repair-patches has no effect without the repair; drop it or pass --repair distill"),
     (["--repair-patches", "65"], "Error: --repair-patches must be a whole number from 0 (off) to 64, got 65"),
+    (["--repair-backtrack", "11"], "Error: --repair-backtrack must be a whole number from 0 (off) to 10, got 11"),
 ])
 def test_bad_repair_settings_are_one_error_line(tiny_run, aux_dir, tmp_path, options, message):
     run, _ = tiny_run
