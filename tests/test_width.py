@@ -60,8 +60,8 @@ def test_eval_scan_defend_and_sweep_fit_80_columns(narrow, model, tmp_path):
     long_name = tmp_path / "a-rather-long-model-name-final.safetensors"
     shutil.copy(final, long_name)
     table = check(["eval", final, long_name, tmp_path / "d.safetensors", "--reference", final, "--test", test],
-                  ["final.safetensors", "d.safetensors", "a-rather-long"])
-    rows = [line for line in table.splitlines() if ".safetensors" in line or "a-rather-long" in line]
+                  ["final ", " d ", "a-rather-l…el-name-final"])  # a long name keeps its end
+    rows = [line for line in table.splitlines() if line.split()[:1] in (["final"], ["d"]) or "a-rather" in line]
     assert len(rows) >= 3 and all(line.count("0.") >= 5 for line in rows[-3:]), table  # a label and its numbers
     check(["scan", final, "--aux", aux], [])
     check(["sweep", final, "--init", init, "--aux", aux, "--points", "3"], [])

@@ -104,6 +104,20 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     return row | {"notes": "; ".join(record["notes"])}
 
 
+
+LABEL_WIDTH = 24  # the model column at 80 terminal columns
+
+
+def model_label(name: str, width: int = LABEL_WIDTH) -> str:
+    """A file name for the table: without .safetensors, and cut in the middle when long, so that names that
+    differ only at their end (final, final.flain-paper...) stay apart."""
+    name = name.removesuffix(".safetensors")
+    if len(name) <= width:
+        return name
+    head = (width - 1) // 2 - 1
+    return f"{name[:head]}…{name[len(name) - (width - 1 - head):]}"
+
+
 def _table(reports: list[CheckpointEval]) -> Table:
     referenced = any(r.reference is not None for r in reports)
     first = reports[0]
@@ -114,7 +128,7 @@ def _table(reports: list[CheckpointEval]) -> Table:
     if referenced:
         title += f"; changes against {first.reference_path}"
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)  # 80 columns hold it
-    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=24)  # the whole path: JSON, CSV
+    table.add_column("model", no_wrap=True, overflow="ellipsis", max_width=LABEL_WIDTH)  # the whole path: JSON, CSV
     if several_attacks:
         table.add_column("attack")
     for column, width in (("ACC", 6), ("ASR", 5), ("ASR all", 7), ("RA", 5), ("floor", 5)) + (
@@ -125,8 +139,8 @@ def _table(reports: list[CheckpointEval]) -> Table:
         label = [f"{r.attack.task} {r.attack.label}" if r.attack else "none"] if several_attacks else []
         changes = ([f"{100 * record['d_acc']:+.2f}", fmt(record["der"], 3)] if r.reference is not None
                    else ["", ""] if referenced else [])
-        table.add_row(str(r.path.name if r.path else ""), *label, fmt(res.acc), fmt(res.asr, 3), fmt(res.asr_all, 3),
-                      fmt(res.ra, 3), fmt(res.asr_clean, 3), *changes)
+        table.add_row(model_label(r.path.name if r.path else ""), *label, fmt(res.acc), fmt(res.asr, 3),
+                      fmt(res.asr_all, 3), fmt(res.ra, 3), fmt(res.asr_clean, 3), *changes)
     table.caption = ("ASR: triggered source-class images taken for the target (the paper's); ASR all: every "
                      "triggered non-target image (BackdoorBench's); RA: those taken for their true class; floor: "
                      "the source images without trigger taken for the target" + (
