@@ -46,11 +46,10 @@ def _share(hits: torch.Tensor) -> float | None:
     return int(hits.sum()) / len(hits) if len(hits) else None
 
 
-@torch.no_grad()
 @torch.inference_mode()
 def predict(model: nn.Module, images: torch.Tensor, spec: DatasetSpec, device: torch.device | str = "cpu",
             batch_size: int = 1000) -> torch.Tensor:
-    """Predicted labels of uint8 images, in eval mode (no autograd: benchmarks/eval_speed.py)."""
+    """Predicted labels of uint8 images, in eval mode, without autograd."""
     was_training = model.training
     model.eval()
     preds = []
