@@ -83,8 +83,8 @@ def evaluate(model: nn.Module, split: Split, spec: DatasetSpec, task: AttackTask
     """
     preds = predict(model, split.images, spec, device)
     correct = preds == split.labels
-    per_class = tuple(_share(correct[split.labels == c]) or float("nan") if bool((split.labels == c).any())
-                      else float("nan") for c in range(spec.num_classes))
+    per_class = tuple(float("nan") if (share := _share(correct[split.labels == c])) is None else share
+                      for c in range(spec.num_classes))
     acc = _share(correct)
     if task is None or trigger is None:
         return EvalResult(float("nan") if acc is None else acc, None, len(split), 0, per_class)

@@ -108,3 +108,10 @@ def test_der_is_backdoorbench_s_rating():
     assert der(before, after, all_classes=True) == pytest.approx((0.59 - 0.02 + 1) / 2)
     better = EvalResult(0.95, 0.99, 100, 10, ())  # ACC up, ASR up: neither counts below zero
     assert der(before, better) == 0.5 and der(before, EvalResult(0.9, None, 100, 0, ())) is None
+
+
+def test_a_class_the_model_always_misses_has_accuracy_zero_not_nan():
+    split = _split()
+    split.images[split.labels == 3, 0, 0, 1] = 1  # every class-3 image misclassified
+    res = evaluate(ReadsPixels(), split, SPEC)
+    assert res.per_class_acc[3] == 0.0 and res.per_class_acc[0] == pytest.approx(0.8)
