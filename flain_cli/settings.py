@@ -190,6 +190,15 @@ class RepairSettings:
         return cls(**(older | data))
 
 
+def training_is_the_defense(method: str) -> bool:
+    """Whether ``method``'s training is the defense (fine-tuning, or the repair with no selection); False for a
+    name that is not a method (DefenseConfig.check refuses it)."""
+    if method not in METHOD_STEPS:
+        return False
+    select, train = METHOD_STEPS[method][:2]
+    return train == "finetune" or (train == "repair" and select == "none")
+
+
 @dataclass(frozen=True)
 class DefenseConfig:
     """Every setting of a post-training defense: the search (Algorithm 1) and the optional repair.
@@ -263,8 +272,7 @@ class DefenseConfig:
     @property
     def trains_only(self) -> bool:
         """Whether its training is the defense (fine-tuning, or the repair with no selection)."""
-        select, train = METHOD_STEPS[self.method][:2]
-        return train == "finetune" or (train == "repair" and select == "none")
+        return training_is_the_defense(self.method)
 
     def record(self) -> dict[str, Any]:
         """The settings in the checkpoint's flat layout (docs/checkpoint-format.md)."""
@@ -337,8 +345,7 @@ def defense_config(preset: str = "default", **overrides: Any) -> DefenseConfig:
     choice = given.pop("repair", None)
     repair = _repair(base.repair, choice,
                      {k.removeprefix("repair_"): given.pop(k) for k in list(given) if k.startswith("repair_")})
-    steps = METHOD_STEPS.get(given.get("method", base.method))
-    if repair is None and choice is None and steps and (steps[1] == "finetune" or steps[:2] == ("none", "repair")):
+    if repair is None and choice is None and training_is_the_defense(given.get("method", base.method)):
         repair = RepairSettings()  # a preset without a repair (paper): a method that is training takes the default
     config = replace(base, stop=stop, repair=repair, **given)
     config.check()
