@@ -21,7 +21,7 @@ from .errors import AuxError, ConfigError, opt
 from .features import AuxFeatures
 from .loading import check_finite, load_aux_for, load_init, load_model, resize_notes
 from .modeldef import get_linear
-from .peers import fine_tune, rnp_mask
+from .peers import TuneResult, fine_tune, rnp_mask
 from .records import AuxRecord, DefenseRecord
 from .repair import RepairResult
 from .settings import DEFAULT, AccuracyStop, DefenseConfig
@@ -106,13 +106,15 @@ def search_warnings(result: SearchResult, config: DefenseConfig, layer: str) -> 
     return []
 
 
-def repair_warnings(run: RepairResult) -> list[str]:
-    """Say when the repair diverged and ran again at a lower learning rate (or not at all)."""
+def repair_warnings(run: RepairResult | TuneResult) -> list[str]:
+    """Say when the repair (or fine-tuning) diverged and ran again at a lower learning rate (or not at all)."""
     if not run.diverged:
         return []
-    tried = ", ".join(f"lr {lr:g} (its loss {run.loss_before:.3g} -> {after:.3g})" for lr, after in run.diverged)
-    kept = f"kept the run at lr {run.lr:.3g}" if run.kept else "kept the layers without the repair"
-    return [f"the repair diverged at {tried}; {kept} (--repair-backtrack)"]
+    what = "fine-tuning" if isinstance(run, TuneResult) else "repair"
+    tried = ", ".join(f"lr {lr:.3g} (its loss {run.loss_before:.3g} -> {after:.3g})" for lr, after in run.diverged)
+    kept = (f"kept the run at lr {run.lr:.3g}" if run.lr else
+            "kept the model without fine-tuning" if what == "fine-tuning" else "kept the layers without the repair")
+    return [f"the {what} diverged at {tried}; {kept} (--repair-backtrack)"]
 
 
 def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config: DefenseConfig = DEFAULT,
@@ -191,7 +193,8 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         start.load_state_dict(state)
         frozen = {f"{layer}.weight": mask.view(1, -1).expand_as(new_weight).to(every.inputs.device)}
         tuned = fine_tune(start, every.inputs, every.labels, config.repair, frozen)
-        state = {name: tuned[name].to(state[name].dtype).contiguous() for name in state}
+        state = {name: tuned.state[name].to(state[name].dtype).contiguous() for name in state}
+        warnings += repair_warnings(tuned)
     aux_acc_after = every.accuracy_model(state)
     notes = list(loaded.ckpt.notes) + resize_notes(aux, loaded.meta)
     if loaded.meta.model_def:

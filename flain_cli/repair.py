@@ -34,7 +34,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -117,20 +119,43 @@ def distill_repair(features: torch.Tensor, labels: torch.Tensor, teacher: torch.
     without the repair). A run that converges the first time is the only one.
     """
     settings.check()
-    if not settings.backtrack:  # off: the one run, whatever its loss
-        return dataclasses.replace(_distill_once(features, labels, teacher, weight, bias, head, frozen, settings,
-                                                 activations, patched), lr=settings.lr)
-    lr, diverged = settings.lr, list[tuple[float, float]]()
-    for _ in range(settings.backtrack + 1):
-        result = _distill_once(features, labels, teacher, weight, bias, head, frozen,
-                               dataclasses.replace(settings, lr=lr), activations, patched)
-        if math.isfinite(result.loss_after) and result.loss_after <= result.loss_before:
-            return dataclasses.replace(result, lr=lr, diverged=tuple(diverged))
-        diverged.append((lr, result.loss_after))
-        lr /= 3
+    result, lr, diverged = backtracking(lambda rate: _distill_once(
+        features, labels, teacher, weight, bias, head, frozen, dataclasses.replace(settings, lr=rate), activations,
+        patched), settings)
+    if lr:
+        return dataclasses.replace(result, lr=lr, diverged=diverged)
     head_params = {k: v.detach().double() for k, v in head.named_parameters()}
     return RepairResult(weight.detach().double(), None if bias is None else bias.detach().double(), head_params,
-                        result.loss_before, result.loss_before, 0.0, tuple(diverged))
+                        result.loss_before, result.loss_before, 0.0, diverged)
+
+
+class _Run(Protocol):
+    @property
+    def loss_before(self) -> float: ...
+
+    @property
+    def loss_after(self) -> float: ...
+
+
+RunT = TypeVar("RunT", bound=_Run)
+
+
+def backtracking(run: Callable[[float], RunT], settings: RepairSettings
+                 ) -> tuple[RunT, float, tuple[tuple[float, float], ...]]:
+    """``run(lr)`` at ``settings.lr``, then, while a run's loss ends above where it started (or is not finite), again
+    at a third of the learning rate, up to ``settings.backtrack`` times: the repair's and fine-tuning's one
+    definition of divergence. Returns the last run, the learning rate it converged at (0.0: none did) and
+    (lr, loss after) of each run that diverged. With ``backtrack`` 0 the one run is kept whatever its loss."""
+    if not settings.backtrack:
+        return run(settings.lr), settings.lr, ()
+    lr, diverged = settings.lr, list[tuple[float, float]]()
+    for _ in range(settings.backtrack + 1):
+        result = run(lr)
+        if math.isfinite(result.loss_after) and result.loss_after <= result.loss_before:
+            return result, lr, tuple(diverged)
+        diverged.append((lr, result.loss_after))
+        lr /= 3
+    return result, 0.0, tuple(diverged)
 
 
 def _distill_once(features: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, weight: torch.Tensor,

@@ -140,7 +140,7 @@ class RepairSettings:
     # that must give the teacher's outputs on the clean image (repair.py, patched_copies)
     patches: int = 0
     # ours (0: off): a run whose loss ends above where it started is run again at a third of the learning rate,
-    # up to this many times (repair.distill_repair)
+    # up to this many times (repair.backtracking: the repair and fine-tuning)
     backtrack: int = 3
 
     def with_optimizer(self, optimizer: str) -> RepairSettings:

@@ -3,6 +3,8 @@ against a step-by-step reference on a tiny model, through the CLI, and bad setti
 
 import copy
 import json
+import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from flain_cli import peers
-from flain_cli.audit import defend_checkpoint
+from flain_cli.audit import defend_checkpoint, repair_warnings
 from flain_cli.catalog import METHODS
 from flain_cli.checkpoint import load_checkpoint
 from flain_cli.features import AuxFeatures
@@ -46,10 +48,44 @@ def test_fine_tune_is_plain_full_batch_sgd_and_keeps_the_frozen_entries():
         F.cross_entropy(ref(inputs), labels).backward()
         ref[1].weight.grad[:, 3] = 0
         opt.step()
-    assert all(torch.allclose(tuned[k], v, atol=1e-7) for k, v in ref.state_dict().items())
-    assert torch.equal(tuned["1.weight"][:, 3], model[1].weight[:, 3])  # frozen: bit for bit
-    assert not torch.equal(tuned["1.weight"], model[1].weight)  # and the rest trained
+    assert all(torch.allclose(tuned.state[k], v, atol=1e-7) for k, v in ref.state_dict().items())
+    assert torch.equal(tuned.state["1.weight"][:, 3], model[1].weight[:, 3])  # frozen: bit for bit
+    assert not torch.equal(tuned.state["1.weight"], model[1].weight)  # and the rest trained
+    assert tuned.lr == 0.05 and tuned.diverged == () and tuned.loss_after < tuned.loss_before
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny()[0].state_dict().values()))
+
+
+def steep(scale: float):
+    """An untrained tiny model on inputs ``scale`` times larger: SGD at lr 1 diverges there (at scale 3 lr 1/3 does
+    not; at scale 30 every lr down to 1/27 does)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    return model, scale * torch.randn(30, 1, 3, 4), torch.arange(30) % 3
+
+
+def test_a_diverging_fine_tuning_runs_again_at_a_third_of_the_learning_rate():
+    model, inputs, labels = steep(3)
+    settings = RepairSettings(steps=20, optimizer="sgd", lr=1.0, backtrack=0)
+    alone = peers.fine_tune(model, inputs, labels, settings)
+    assert alone.loss_after > alone.loss_before and alone.lr == 1.0  # off: the diverged run comes back
+    tuned = peers.fine_tune(model, inputs, labels, replace(settings, backtrack=3))
+    assert tuned.diverged == ((1.0, alone.loss_after),) and tuned.lr == pytest.approx(1 / 3)
+    once = peers.fine_tune(model, inputs, labels, replace(settings, lr=1 / 3))  # the run it kept, run alone
+    assert all(torch.equal(tuned.state[k], v) for k, v in once.state.items())
+    assert tuned.loss_after == once.loss_after < tuned.loss_before
+
+
+def test_when_every_fine_tuning_diverges_the_model_comes_back_as_it_was():
+    model, inputs, labels = steep(30)
+    tuned = peers.fine_tune(model, inputs, labels, RepairSettings(steps=20, optimizer="sgd", lr=1.0, backtrack=2))
+    assert [lr for lr, _ in tuned.diverged] == pytest.approx([1.0, 1 / 3, 1 / 9]) and tuned.lr == 0.0
+    assert math.isnan(tuned.diverged[0][1])  # a run that ends in NaN has diverged too
+    assert all(torch.equal(tuned.state[k], v) for k, v in model.state_dict().items())
+    assert tuned.loss_after == tuned.loss_before
+    assert repair_warnings(tuned) == [
+        f"the fine-tuning diverged at lr 1 (its loss {tuned.loss_before:.3g} -> nan), lr 0.333 (its loss "
+        f"{tuned.loss_before:.3g} -> {tuned.diverged[1][1]:.3g}), lr 0.111 (its loss {tuned.loss_before:.3g} -> "
+        f"{tuned.diverged[2][1]:.3g}); kept the model without fine-tuning (--repair-backtrack)"]
 
 
 def test_rnp_unlearns_then_recovers_a_mask_step_by_step(monkeypatch):

@@ -139,7 +139,7 @@ def defend(
         show_default=False,
         rich_help_panel=REPAIR)] = None,
     repair_backtrack: Annotated[int | None, typer.Option(
-        help=f"Rerun a diverged repair at a third of the learning rate, up to N times (default: "
+        help=f"Rerun a diverged repair or fine-tuning at a third of the learning rate, up to N times (default: "
              f"{_REPAIR.backtrack}; 0: off).",
         metavar="N", show_default=False, rich_help_panel=REPAIR)] = None,
     layer: LayerOpt = None,
