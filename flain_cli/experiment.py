@@ -27,7 +27,8 @@ post-training defenses are applied to that same final checkpoint. Each finished 
 (written last, atomically), so a re-run skips what is done and an interrupted grid resumes; the
 results files are rewritten after every cell. A cell that fails is recorded with its error and
 the grid goes on. A training another process has under way (its folder's lock is held, e.g. by a
-second `flain experiment` on the same grid) is left to it: its cells run at the end, once it is done.
+second `flain experiment` on the same grid) is left to it: its cells run at the end, once it is done. The
+same lock is held while a defense is computed, so two workers never compute the same one.
 """
 
 from __future__ import annotations
@@ -92,12 +93,15 @@ def stem(config: DefenseConfig, aux_per_class: int, aux_seed: int) -> str:
     Without the repair the stem is what it was before the repair existed (``flain-step0.001-rho0.03-crossing-
     aux20x-seed0``), so those cached defenses stay valid. The repair is named ``-repair-<optimizer>...``:
     before 2026-12-05 it was ``-distill`` (Adam), ``-distill-sgd`` and ``-distill-patches``, names no stem
-    takes now, so an old cache entry is never read as a rule it does not hold (docs/experiments.md).
+    takes now, so an old cache entry is never read as a rule it does not hold (docs/experiments.md). Fine-tuning's
+    settings are named ``-tune-<optimizer>...``: before 2026-12-06 they were ``-repair-...`` and fine-tuning had
+    no backtracking, so those entries are not read as fine-tuning with it.
     """
     held = f"-holdout{config.holdout:g}" if config.holdout else ""
     moved = f"-shifts{config.shifts}" if config.shifts else ""
     search = f"-step{config.step:g}-{config.stop.label}-{config.select}{held}{moved}" if config.searches else ""
-    repaired = f"-repair-{repair_label(config.repair)}" if config.repair is not None and config.trains else ""
+    training = "tune" if METHOD_STEPS[config.method][1] == "finetune" else "repair"
+    repaired = f"-{training}-{repair_label(config.repair)}" if config.repair is not None and config.trains else ""
     unscaled = "-norescale" if config.method == "flain" and not config.rescale else ""
     return f"{config.method}{search}{repaired}{unscaled}-aux{aux_per_class}x-seed{aux_seed}"
 
@@ -448,7 +452,7 @@ def attempt_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.de
     try:
         _run_cell(exp, cell, defense, device, data_dir, datasets, listener, wait)
     except RunBusy as exc:
-        cell.status, cell.error = "busy", f"its training is under way in {exc.holder}"
+        cell.status, cell.error = "busy", f"its training (or this defense of it) is under way in {exc.holder}"
         return False
     except FlainError as exc:
         cell.status, cell.error = "failed", str(exc)
@@ -501,16 +505,14 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.devic
         model = run_dir / f"{tag}.safetensors"
         record = _read(run_dir / f"{tag}.json")
         if record is None or not model.is_file():
-            cached = False
-            outcome = defend_checkpoint(run_dir / "final.safetensors", run_dir / "init.safetensors",
-                                        _aux(exp, d, cfg.dataset, data_dir), config, seed=d.aux_seed,
-                                        device=device)
-            save_checkpoint(model, outcome.state, outcome.meta)
-            done = outcome.record
-            record = {"lambda": done.lam, "flipped": done.flipped, "of": done.of,
-                      "aux_acc_before": done.aux_acc_before, "aux_acc_after": done.aux_acc_after,
-                      "all_selected": done.all_selected}
-            _write(run_dir / f"{tag}.json", record)
+            # the training folder's lock, so that two workers on one grid never compute the same defense: the
+            # second defers the cell (or, at the end, waits) and then reads the first one's record
+            with run_lock(run_dir, wait=wait):
+                record = _read(run_dir / f"{tag}.json")
+                if record is None or not model.is_file():
+                    cached = False
+                    record = _defended(exp, cfg, run_dir, model, config, d, data_dir, device)
+                    _write(run_dir / f"{tag}.json", record)
         settings = {k: v for k, v in config.record().items() if k not in ("method", "repair")}
         cell.detail |= settings | {"repair": repair_label(config.repair), "aux_per_class": d.aux_per_class} | record
     report, fresh = _evaluated(model, cfg, device, data_dir, datasets)
@@ -523,6 +525,17 @@ def _run_cell(exp: Experiment, cell: Cell, defense: Defense, device: torch.devic
                    (("der", False), ("der_all", True))}
         cell.detail |= {"d_acc": report["acc"] - before["acc"]} | ratings
     cell.status = "cached" if cached and not fresh else "done"
+
+
+def _defended(exp: Experiment, cfg: TrainConfig, run_dir: Path, model: Path, config: DefenseConfig,
+              d: DefenseSettings, data_dir: Path | None, device: torch.device | str) -> dict[str, Any]:
+    """Defend the training in ``run_dir`` into ``model``; the record a cell keeps of it."""
+    outcome = defend_checkpoint(run_dir / "final.safetensors", run_dir / "init.safetensors",
+                                _aux(exp, d, cfg.dataset, data_dir), config, seed=d.aux_seed, device=device)
+    save_checkpoint(model, outcome.state, outcome.meta)
+    done = outcome.record
+    return {"lambda": done.lam, "flipped": done.flipped, "of": done.of, "aux_acc_before": done.aux_acc_before,
+            "aux_acc_after": done.aux_acc_after, "all_selected": done.all_selected}
 
 
 EVAL_KEYS = ("acc", "asr", "asr_clean", "asr_all", "ra")  # what a cell keeps of `flain eval`, in .eval.json

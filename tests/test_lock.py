@@ -83,10 +83,42 @@ def test_experiment_leaves_a_busy_training_to_its_process_and_takes_it_over_at_t
 
         cells = run_experiment(exp, data_dir=fmnist_dir, listener=Events())
         safety.cancel()
-    assert Events.seen[0] == ("attack=0:5, none", f"its training is under way in pid {os.getpid()} on "
-                              + Events.seen[0][1].split(" on ", 1)[1])
+    assert Events.seen[0] == ("attack=0:5, none", f"its training (or this defense of it) is under way in pid "
+                              f"{os.getpid()} on " + Events.seen[0][1].split(" on ", 1)[1])
     assert [s for _, s in Events.seen[1:]] == ["done", "cached"]
     assert [(c.point["attack"], c.status) for c in cells] == [("0:5", "cached"), ("0:6", "done")]
     assert cells[0].acc == done.acc  # taken from the other process's checkpoint, not trained again
     rows = json.loads((exp.out / "results.json").read_text())["rows"]
     assert [r["status"] for r in rows] == ["cached", "done"]
+
+
+def test_a_defense_another_worker_is_computing_is_read_from_it_not_computed_twice(tmp_path, fmnist_dir):
+    text = TINY.format(per_class=3).replace('"none", "flain", "rlr"', '"none", "flain"')
+    exp = load_experiment(write(tmp_path, text), tmp_path / "out")
+    run_experiment(exp, data_dir=fmnist_dir)
+    (record,) = [p for p in exp.out.glob("train-*/flain-*.json") if not p.name.endswith(".eval.json")]
+    written, checkpoint = record.read_text(), record.with_suffix(".safetensors")
+    record.unlink()  # the other worker is computing it: its checkpoint is there, its record not yet
+    before = checkpoint.stat().st_mtime_ns
+
+    with contextlib.ExitStack() as other:
+        def finish():
+            record.write_text(written)
+            other.close()
+
+        other.enter_context(run_lock(record.parent))
+        safety = threading.Timer(120, other.close)  # a broken implementation fails, it does not hang
+        safety.start()
+
+        class Events(ExperimentListener):
+            seen: ClassVar[list[str]] = []
+
+            def waiting(self, label, reason):
+                self.seen.append(label)
+                threading.Timer(1.0, finish).start()
+
+        cells = run_experiment(exp, data_dir=fmnist_dir, listener=Events())
+        safety.cancel()
+    assert Events.seen == ["attack=0:5, flain"]  # deferred while the other worker held the folder
+    assert [c.status for c in cells] == ["cached", "cached"]
+    assert checkpoint.stat().st_mtime_ns == before  # not written again
