@@ -3,11 +3,13 @@
     .venv/bin/python experiments/generality_table.py runs/experiments/generality-fmnist/results.json \
         runs/experiments/generality-tables-fmnist/results.json [--role held-out] [--csv rows.csv]
 
-Reads `flain experiment` results.json files and prints one row per cell (each grid point of the given role;
-cells without a role, such as Tables 1/2's, always count) and one column per defense: ACC change in points /
+Reads `flain experiment` results.json files (or the CSV that --csv wrote, e.g. docs/data/generality-fmnist.csv)
+and prints one row per cell (each grid point of the given role; cells without a role, Tables 1/2's, always
+count, named "Table 1 (0, 5)" and so on) and one column per defense: ACC change in points /
 ASR (the source class's, the paper's) / RA (every triggered non-target image taken for its true class) / DER. Below
 it: per column, the mean DER over the cells where the backdoor works (no-defense ASR >= 0.9), and how many of
-those meet the target (ASR <= 0.03 at a cost of at most 1 point). Where a peer ran under both presets, the
+those meet the target (ASR <= 0.03 at a cost of at most 1 point), over the cells of the role and, when there are
+rows without a role, over all rows. Where a peer ran under both presets, the
 column shown is fixed by the rule written in docs/results.md: the preset with the better mean DER on the
 grid's *tuning* cells, never on the cells reported.
 """
@@ -28,8 +30,15 @@ WORKS = 0.9  # no-defense ASR from which a cell's backdoor counts as working
 TARGET_ASR, TARGET_POINTS = 0.03, 1.0
 
 
+NUMBERS = ("acc", "asr", "asr_clean", "asr_all", "ra", "d_acc", "der", "der_all")  # read as numbers from a CSV
+
+
 def cell_of(row: dict[str, Any]) -> str:
-    """The cell's name: its grid keys that differ from a plain CBA cell, in one short label."""
+    """The cell's name: Tables 1/2's by their table and task, others by their grid keys that differ from a plain
+    CBA cell, in one short label."""
+    if row.get("role") is None and row.get("attack") and row.get("split") in ("iid", "dirichlet"):
+        source, target = str(row["attack"]).split(":")
+        return f"Table {1 if row['split'] == 'iid' else 2} ({source}, {target})"
     parts = [str(row.get("arch", "cnn-mnist"))]
     parts += [f"{k}={row[k]}" for k in KEYS[1:] if row.get(k) not in (None, "")]
     return " ".join(parts)
@@ -38,7 +47,13 @@ def cell_of(row: dict[str, Any]) -> str:
 def load(paths: list[Path]) -> list[dict[str, Any]]:
     rows = []
     for path in paths:
-        for row in json.loads(path.read_text())["rows"]:
+        if path.suffix == ".csv":
+            with path.open(newline="") as f:
+                found = [{k: None if v == "" else float(v) if k in NUMBERS else v for k, v in row.items()}
+                         for row in csv.DictReader(f)]
+        else:
+            found = json.loads(path.read_text())["rows"]
+        for row in found:
             if row.get("error"):
                 raise SystemExit(f"Error: {path}: {cell_of(row)} {row['defense']} failed: {row['error']}")
             rows.append(row)
@@ -92,16 +107,20 @@ def table(rows: list[dict[str, Any]], role: str, columns: list[str]) -> list[str
     for name, cell in cells.items():
         works = "" if cell["none"]["asr"] >= WORKS else " (backdoor < 0.9)"
         out.append(f"| {name}{works} | " + " | ".join(fmt(cell.get(c), cell["none"]) for c in columns) + " |")
-    ders, met = [], []
-    for column in columns:
-        value = mean_der(cells, column)
-        ders.append("" if value is None or column == "none" else f"{value:.3f}")
-        working = [c for c in cells.values() if c["none"]["asr"] >= WORKS and column in c]
-        ok = sum(1 for c in working if c[column]["asr"] <= TARGET_ASR
-                 and round(100 * (c["none"]["acc"] - c[column]["acc"]), 6) <= TARGET_POINTS)
-        met.append("" if column == "none" else f"{ok} of {len(working)}")
-    out.append("| **mean DER** (backdoor works) | " + " | ".join(ders) + " |")
-    out.append("| **ASR <= 0.03 within 1 point** | " + " | ".join(met) + " |")
+    scopes = [(f"{role} cells", by_cell([r for r in rows if r.get("role") == role]))]
+    if any(r.get("role") is None for r in rows):
+        scopes.append(("all rows", cells))
+    for scope, counted in scopes:
+        ders, met = [], []
+        for column in columns:
+            value = mean_der(counted, column)
+            ders.append("" if value is None or column == "none" else f"{value:.3f}")
+            working = [c for c in counted.values() if c["none"]["asr"] >= WORKS and column in c]
+            ok = sum(1 for c in working if c[column]["asr"] <= TARGET_ASR
+                     and round(100 * (c["none"]["acc"] - c[column]["acc"]), 6) <= TARGET_POINTS)
+            met.append("" if column == "none" else f"{ok} of {len(working)}")
+        out.append(f"| **mean DER**, {scope} (backdoor works) | " + " | ".join(ders) + " |")
+        out.append(f"| **ASR <= 0.03 within 1 point**, {scope} | " + " | ".join(met) + " |")
     return out
 
 
