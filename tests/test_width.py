@@ -23,8 +23,9 @@ def narrow(monkeypatch):
 
 
 def wrapped_labels(text: str) -> list[str]:
-    """Table lines whose first cell continues the row above (its other cells empty), and lines over 80."""
-    bad = [line for line in text.splitlines() if len(line) > 80]
+    """Table lines whose first cell continues the row above (its other cells empty), and table lines over 80 (a
+    path printed after a table stays whole on its line, for copying)."""
+    bad = [line for line in text.splitlines() if len(line) > 80 and any(c in line for c in "│─━┃")]
     for line in text.splitlines():
         cells = line.split("│")
         if len(cells) > 3 and cells[1].strip() not in ("", "...", "…") and not any(c.strip() for c in cells[2:-1]):
@@ -57,6 +58,10 @@ def test_eval_scan_defend_and_sweep_fit_80_columns(narrow, model, tmp_path):
     final, init = run / "final.safetensors", run / "init.safetensors"
     check(["defend", final, "--init", init, "--aux", aux, "--out", tmp_path / "d.safetensors", "--repair-steps", "5"],
           ["flipped"])
+    deep = tmp_path / ("a-folder-whose-name-alone-is-longer-than-a-narrow-terminal-" * 2) / "defended.safetensors"
+    deep.parent.mkdir()
+    check(["defend", final, "--init", init, "--aux", aux, "--out", deep, "--repair-steps", "5"],
+          [f"written: {deep}"])  # the whole path, on one line
     long_name = tmp_path / "a-rather-long-model-name-final.safetensors"
     shutil.copy(final, long_name)
     table = check(["eval", final, long_name, tmp_path / "d.safetensors", "--reference", final, "--test", test],

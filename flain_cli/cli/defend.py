@@ -211,9 +211,10 @@ def defend(
     if res is not None:
         rows += [("thresholds (Algorithm 1 steps)", str(record.steps)),
                  ("network evaluations", str(record.evaluations))]
-    for key, value in rows + [("seconds", f"{outcome.seconds:.2f}"), ("written", str(target))]:
+    for key, value in rows + [("seconds", f"{outcome.seconds:.2f}")]:
         table.add_row(key, value)
     out.print(table)
+    out.print(f"written: {target}", soft_wrap=True, markup=False, highlight=False)  # whole, on one line: a path
 
 
 def _curve(res: SearchResult, layer: str, method: str, step: float, config: DefenseConfig) -> Table:
