@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-KEYS = ("arch", "trigger", "attack", "split", "boost", "neurotoxin", "norm_bound", "adaptive", "mcr")
+KEYS = ("arch", "trigger", "attack", "split", "boost", "neurotoxin", "norm_bound", "adaptive", "mcr", "seed")
 PEERS = ("prune", "fine-pruning", "rnp")  # run under both presets: one column each, chosen on the tuning cells
 FIXED = ("none", "flain preset=paper", "flain preset=default", "finetune", "distill")
 WORKS = 0.9  # no-defense ASR from which a cell's backdoor counts as working
@@ -54,6 +54,8 @@ def load(paths: list[Path]) -> list[dict[str, Any]]:
         else:
             found = json.loads(path.read_text())["rows"]
         for row in found:
+            if row.get("status") == "busy":  # its training is still under way: "not run" in the table
+                continue
             if row.get("error"):
                 raise SystemExit(f"Error: {path}: {cell_of(row)} {row['defense']} failed: {row['error']}")
             rows.append(row)
