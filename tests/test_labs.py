@@ -64,3 +64,13 @@ def test_the_rules_lab_runs_on_a_model_def_model(tmp_path, bright, capsys):  # n
     assert "base s5:" in printed and "adam s5 p1:" in printed and "== order by q90" in printed
     with pytest.raises(SystemExit, match="no attack is recorded"):
         lab_mod.Lab(run, aux_dir, ModelSource(dataset="fmnist", model_def=f"{DEFS}:TinyResNet"), data_dir=data)
+
+
+def test_the_generality_table_in_results_md_is_what_its_script_prints_from_the_committed_rows():
+    table = lab_module("generality_table")
+    data = EXPERIMENTS.parent / "docs" / "data"
+    rows = table.load([data / "generality-fmnist.csv", data / "generality-tables-fmnist.csv"])
+    lines = table.table(rows, "held-out", table.pick_presets(rows))
+    text = (EXPERIMENTS.parent / "docs" / "results.md").read_text()
+    assert len(lines) == 2 + 9 + 4 + 4  # header, the held-out cells, four Tables rows, two summaries of two lines
+    assert [line for line in lines if line not in text.splitlines()] == []
