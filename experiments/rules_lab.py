@@ -3,6 +3,7 @@
     .venv/bin/python experiments/rules_lab.py orderings RUN_DIR AUX [--shifts N]
     .venv/bin/python experiments/rules_lab.py trace RUN_DIR AUX [--shifts N] [--out TRACES.jsonl]
     .venv/bin/python experiments/rules_lab.py repair RUN_DIR AUX [--kl 0.07 ...] [--variant NAME ...]
+    .venv/bin/python experiments/rules_lab.py curves RUN_DIR AUX --out CURVES.jsonl
 
 RUN_DIR holds init.safetensors and final.safetensors (``--model-def FILE.py:NAME --dataset D`` for an
 architecture that is not built in); AUX an aux set. The defended layer's inputs are computed once for the
@@ -16,6 +17,13 @@ Scores are ``aux/test/trig`` accuracies; ``trig`` is the ASR.
   bias compensating the flip's mean change (``+comp``).
 - ``trace``: Algorithm 1's thresholds one by one: aux accuracy, agreement with the original model and the
   mean KL divergence of the outputs, then the test ACC change and ASR of the model defend would keep.
+- ``curves``: everything a stop rule of the default preset can read, and what each stop would give: at every
+  threshold where the selection grows (ranked by the default's means over shifted aux images), the flipped
+  layer's aux accuracy, agreement and KL (what the kl stop reads); at thresholds spaced by ~8 % in the number
+  flipped, the default repair's result (test ACC change, ASR) and a two-fold check (repair on one half of the
+  aux set, agreement / KL / accuracy on the other, both ways); and the model's own scales (the KL of its
+  outputs when the aux images move by one pixel, their entropy). experiments/stop_rules.py replays stop
+  rules over these lines without the models.
 - ``repair``: at the kl stop, the repair with variants. Names: ``base`` (`flain defend`'s), ``adam``
   (its Adam), then any of ``sN`` (N steps), ``lrX``, ``pK`` (K patched copies), ``gB`` (the guard with
   weight B), ``fR`` (freeze the R x flipped inputs of lowest mean, not only the flipped ones), ``a``
@@ -38,7 +46,7 @@ from flain_cli.checkpoint import ModelSource
 from flain_cli.datasets import load_dataset
 from flain_cli.defense import candidate, first_k_covering, threshold
 from flain_cli.evaluation import attack_sets, resolve_attack
-from flain_cli.features import FeatureSets
+from flain_cli.features import FeatureSets, near_silent
 from flain_cli.loading import load_aux_for, load_init, load_model
 from flain_cli.settings import DEFAULT, KL_BUDGET, defense_config
 
@@ -71,6 +79,10 @@ class Lab:
 
     def score(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> dict[str, float]:
         tensors = {f"{self.layer}.weight": weight} | ({} if bias is None else {f"{self.layer}.bias": bias})
+        return self.sets.scores_of(tensors)
+
+    def score_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Scores with the defended layer and the layers after it from ``tensors`` (a repair's)."""
         return self.sets.scores_of(tensors)
 
     def dacc(self, scores: dict[str, float]) -> float:
@@ -121,6 +133,67 @@ def trace(lab: Lab, step: float = DEFAULT.step) -> list[dict[str, float]]:
     return rows
 
 
+def model_scales(lab: Lab) -> dict[str, float]:
+    """The model's own output scales on the aux set: the mean KL(outputs || outputs of the image moved by one
+    pixel), over the four moves, and the mean entropy of its outputs."""
+    aux = lab.sets["aux"]
+    teacher = torch.log_softmax(aux.original_logits(), 1)
+    height, width = aux.aux.images.shape[-2:]
+    padded = torch.nn.functional.pad(aux.aux.images, (1, 1, 1, 1))
+    kls = []
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        moved = padded[..., dy:dy + height, dx:dx + width]
+        with torch.no_grad():
+            pre = torch.addmm(aux.bias, aux.features_of(moved), aux.linear.weight.detach().double().T)
+            logp = torch.log_softmax(aux.rest(pre), 1)
+        kls.append(float(torch.nn.functional.kl_div(logp, teacher, log_target=True, reduction="batchmean")))
+    entropy = float(-(teacher.exp() * teacher).sum(1).mean())
+    return {"shift_kl": sum(kls) / len(kls), "entropy": entropy}
+
+
+def curves(lab: Lab, folds: FeatureSets, growth: float = 1.08, drop: float = 0.3) -> dict:
+    """:func:`trace` on the default preset's ranking, with the repaired model at thresholds ``growth`` apart."""
+    aux = lab.sets["aux"]
+    repair = DEFAULT.repair
+    assert repair is not None
+    xd = lab.x.double()
+    mu, previous, rows, last_repaired = float(xd.min()), torch.zeros_like(xd, dtype=torch.bool), [], 0
+    for value in sorted(set(xd.tolist())):
+        lam = threshold(mu, first_k_covering(mu, value, DEFAULT.step), DEFAULT.step)
+        mask = xd <= lam
+        added = torch.nonzero(mask & ~previous).flatten()
+        if not len(added):
+            continue
+        previous = mask
+        n = int(mask.sum())
+        row: dict = {"lam": lam, "n": n, "acc": aux.accuracy(candidate(lab.W, lab.W0, mask, FLIP_UNSCALED), added)}
+        row |= {"agree": aux.agreement(), "kl": aux.divergence()}
+        done = n == xd.numel() or row["acc"] < lab.base["aux"] - drop
+        if n <= 16 or n >= growth * last_repaired or done:
+            last_repaired = n
+            flipped = candidate(lab.W, lab.W0, mask, FLIP)
+            kept = lab.score(flipped)
+            row |= {"flip_dacc": lab.dacc(kept), "flip_asr": kept["trig"]}
+            tensors, run = aux.repair(flipped, mask, repair, lab.x)
+            fixed = lab.score_tensors(tensors)
+            row |= {"dacc": lab.dacc(fixed), "asr": fixed["trig"], "aux_after": fixed["aux"],
+                    "agree_after": aux.agreement(), "kl_after": aux.divergence(), "repair_lr": run.lr}
+            cv = {"agree": 0.0, "kl": 0.0, "acc": 0.0, "acc0": 0.0}
+            for fit, check in (("a", "b"), ("b", "a")):
+                tensors, _ = folds[fit].repair(flipped, mask, repair, lab.x)
+                folds[check].accuracy_of(tensors)
+                cv["agree"] += folds[check].agreement() / 2
+                cv["kl"] += folds[check].divergence() / 2
+                cv["acc"] += folds[check].accuracy_of(tensors) / 2
+                cv["acc0"] += folds[check].accuracy(lab.W) / 2
+            row |= {f"cv_{k}": v for k, v in cv.items()}
+        rows.append(row)
+        if done:
+            break
+    return {"base": lab.base, "inputs": xd.numel(), "near_silent": near_silent(lab.x.double()),
+            "premise": lab.sets["aux"].premise_warnings(), **model_scales(lab), "rows": rows}
+
+
 def parse_variant(name: str) -> tuple[dict, float, bool]:
     """(repair settings for defense_config, freeze ratio, every column trains) of a variant name."""
     parts = name.split()
@@ -160,13 +233,14 @@ def repair_variants(lab: Lab, budgets: list[float], names: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("orderings", "trace", "repair"))
+    ap.add_argument("what", choices=("orderings", "trace", "repair", "curves"))
     ap.add_argument("run", type=Path)
     ap.add_argument("aux", type=Path, nargs="+")
     ap.add_argument("--shifts", type=int, default=0, help="rank by the means over moved copies (defend --shifts)")
     ap.add_argument("--kl", type=float, nargs="+", default=[KL_BUDGET])
     ap.add_argument("--variant", action="append", default=[])
-    ap.add_argument("--out", type=Path, help="trace: append one JSON line per aux set")
+    ap.add_argument("--out", type=Path, help="trace, curves: append one JSON line per aux set")
+    ap.add_argument("--label", help="curves: the model's name in the JSON line (default: RUN_DIR)")
     ap.add_argument("--model-def", help="FILE.py:NAME, for an architecture that is not built in")
     ap.add_argument("--dataset", help="the dataset of such a model")
     ap.add_argument("--data-dir", type=Path, help="the dataset's files (default: where flain finds them)")
@@ -176,9 +250,20 @@ def main() -> None:
     args = ap.parse_args()
     source = ModelSource(dataset=args.dataset, model_def=args.model_def)
     for aux in args.aux:
-        lab = Lab(args.run, aux, source, args.shifts, args.device, args.data_dir, args.attack, args.trigger)
+        shifts = DEFAULT.shifts if args.what == "curves" else args.shifts  # curves: the default preset's ranking
+        lab = Lab(args.run, aux, source, shifts, args.device, args.data_dir, args.attack, args.trigger)
         print(f"{args.run} {aux}: no defense aux/test/asr {fmt(lab.base)}", flush=True)
-        if args.what == "orderings":
+        if args.what == "curves":
+            halves = load_aux_for(lab.loaded, aux).split(0.5, seed=0)
+            folds = FeatureSets(lab.loaded.model, lab.layer, {"a": halves[0], "b": halves[1]}, lab.loaded.meta,
+                                args.device)
+            line = {"run": args.label or str(args.run), "aux": str(aux)} | curves(lab, folds)
+            last = line["rows"][-1]
+            print(f"{len(line['rows'])} thresholds, last {last['n']} flipped", flush=True)
+            if args.out:
+                with args.out.open("a") as f:
+                    f.write(json.dumps(line) + "\n")
+        elif args.what == "orderings":
             orderings(lab)
         elif args.what == "trace":
             rows = trace(lab)

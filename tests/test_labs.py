@@ -66,6 +66,42 @@ def test_the_rules_lab_runs_on_a_model_def_model(tmp_path, bright, capsys):  # n
         lab_mod.Lab(run, aux_dir, ModelSource(dataset="fmnist", model_def=f"{DEFS}:TinyResNet"), data_dir=data)
 
 
+def test_curves_record_what_defend_keeps_and_the_stop_rules_replay_them(tmp_path, bright):  # noqa: F811
+    from flain_cli.audit import defend_checkpoint
+    from flain_cli.features import FeatureSets
+    from flain_cli.loading import load_aux_for
+    from flain_cli.settings import DEFAULT, defense_config
+    aux_dir, data = bright
+    run = trained(tmp_path, "TinyResNet")
+    lab_mod, stop_rules = lab_module("rules_lab"), lab_module("stop_rules")
+    source = ModelSource(dataset="fmnist", model_def=f"{DEFS}:TinyResNet")
+    lab = lab_mod.Lab(run, aux_dir, source, DEFAULT.shifts, data_dir=data, attack="0:5")
+    halves = load_aux_for(lab.loaded, aux_dir).split(0.5, seed=0)
+    folds = FeatureSets(lab.loaded.model, lab.layer, {"a": halves[0], "b": halves[1]}, lab.loaded.meta)
+    curve = stop_rules.prepare(lab_mod.curves(lab, folds) | {"run": "tiny"})
+    rows = curve["rows"]
+    assert all("dacc" in r and 0 <= r["cv_agree"] <= 1 and r["cv_kl"] >= 0 for r in rows)  # 16 inputs: all repaired
+    assert curve["shift_kl"] > 0 and curve["entropy"] > 0 and curve["inputs"] == 16
+    # a budget between two thresholds' KL: the replayed kl stop keeps what `flain defend --kl` writes
+    rising = [r["kl"] for r in rows if r["kl"] > 1e-9]
+    budget = (rising[0] + rising[1]) / 2 if len(rising) > 1 else rising[0] / 2
+    picked = stop_rules.make_rule(f"kl:{budget}")(curve)
+    assert picked == next(i for i, r in enumerate(rows) if r["kl"] >= budget)
+    outcome = defend_checkpoint(run / "final.safetensors", run / "init.safetensors", aux_dir,
+                                defense_config("default", kl=budget), source=source)
+    assert int(outcome.result.mask.sum()) == rows[picked]["n"]
+    defended = lab.score_tensors({k: v for k, v in outcome.state.items() if k.startswith("fc.")})
+    assert lab.dacc(defended) == pytest.approx(rows[picked]["dacc"], abs=1e-6)
+    assert defended["trig"] == pytest.approx(rows[picked]["asr"], abs=1e-6)
+    assert lab.sets["aux"].divergence() == pytest.approx(rows[picked]["kl_after"], rel=1e-6)  # the same tensors
+    # the two-fold KL stop keeps the threshold before the first whose repaired KL on the other half reaches B
+    b = rows[len(rows) // 2]["cv_kl"]
+    first = next(i for i, r in enumerate(rows) if r["cv_kl"] >= b)
+    assert stop_rules.make_rule(f"cvkl:{b}")(curve) == max(first - 1, 0)
+    with pytest.raises(SystemExit, match="unknown rule"):
+        stop_rules.make_rule("median:1")
+
+
 def test_the_generality_table_in_results_md_is_what_its_script_prints_from_the_committed_rows():
     table = lab_module("generality_table")
     data = EXPERIMENTS.parent / "docs" / "data"
