@@ -241,6 +241,8 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[])
     ap.add_argument("--out", type=Path, help="trace, curves: append one JSON line per aux set")
     ap.add_argument("--label", help="curves: the model's name in the JSON line (default: RUN_DIR)")
+    ap.add_argument("--growth", type=float, default=1.08,
+                    help="curves: repair at thresholds whose number flipped grew this much (every one up to 16)")
     ap.add_argument("--model-def", help="FILE.py:NAME, for an architecture that is not built in")
     ap.add_argument("--dataset", help="the dataset of such a model")
     ap.add_argument("--data-dir", type=Path, help="the dataset's files (default: where flain finds them)")
@@ -257,7 +259,7 @@ def main() -> None:
             halves = load_aux_for(lab.loaded, aux).split(0.5, seed=0)
             folds = FeatureSets(lab.loaded.model, lab.layer, {"a": halves[0], "b": halves[1]}, lab.loaded.meta,
                                 args.device)
-            line = {"run": args.label or str(args.run), "aux": str(aux)} | curves(lab, folds)
+            line = {"run": args.label or str(args.run), "aux": str(aux)} | curves(lab, folds, args.growth)
             last = line["rows"][-1]
             print(f"{len(line['rows'])} thresholds, last {last['n']} flipped", flush=True)
             if args.out:
