@@ -36,8 +36,10 @@ from typing import Any
 Curve = dict[str, Any]
 Rule = Callable[[Curve], int]  # the index of the kept row (a repaired one)
 
-DEFAULT_RULES = ["kl:0.07", "kl:0.03", "kl:0.15", "shift:0.5", "shift:1", "shift:2", "entropy:0.1",
-                 "entropy:0.2", "cv:0.01", "cv:0.02", "cvagree:0.02", "cvagree:0.04",
+DEFAULT_RULES = ["kl:0.07", "kl:0.03", "kl:0.05", "kl:0.1", "kl:0.15",
+                 "shift:0.5", "shift:1", "shift:1.5", "shift:2",
+                 "entropy:0.1", "entropy:0.15", "entropy:0.2", "entropy:0.25",
+                 "cv:0.01", "cv:0.02", "cvagree:0.02", "cvagree:0.04",
                  "cvkl:0.015", "cvkl:0.02", "cvkl:0.025", "cvkl:0.03", "cvkl+:0.015", "cvkl+:0.02"]
 
 
