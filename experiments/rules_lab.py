@@ -3,7 +3,7 @@
     .venv/bin/python experiments/rules_lab.py orderings RUN_DIR AUX [--shifts N]
     .venv/bin/python experiments/rules_lab.py trace RUN_DIR AUX [--shifts N] [--out TRACES.jsonl]
     .venv/bin/python experiments/rules_lab.py repair RUN_DIR AUX [--kl 0.07 ...] [--variant NAME ...]
-    .venv/bin/python experiments/rules_lab.py curves RUN_DIR AUX --out CURVES.jsonl
+    .venv/bin/python experiments/rules_lab.py curves RUN_DIR AUX --out CURVES.jsonl [--growth 1.08] [--label NAME]
 
 RUN_DIR holds init.safetensors and final.safetensors (``--model-def FILE.py:NAME --dataset D`` for an
 architecture that is not built in); AUX an aux set. The defended layer's inputs are computed once for the
@@ -19,8 +19,8 @@ Scores are ``aux/test/trig`` accuracies; ``trig`` is the ASR.
   mean KL divergence of the outputs, then the test ACC change and ASR of the model defend would keep.
 - ``curves``: everything a stop rule of the default preset can read, and what each stop would give: at every
   threshold where the selection grows (ranked by the default's means over shifted aux images), the flipped
-  layer's aux accuracy, agreement and KL (what the kl stop reads); at thresholds spaced by ~8 % in the number
-  flipped, the default repair's result (test ACC change, ASR) and a two-fold check (repair on one half of the
+  layer's aux accuracy, agreement and KL (what the kl stop reads); at thresholds spaced by --growth (8 %) in the
+  number flipped, the default repair's result (test ACC change, ASR) and a two-fold check (repair on one half of the
   aux set, agreement / KL / accuracy on the other, both ways); and the model's own scales (the KL of its
   outputs when the aux images move by one pixel, their entropy). experiments/stop_rules.py replays stop
   rules over these lines without the models.
@@ -181,10 +181,9 @@ def curves(lab: Lab, folds: FeatureSets, growth: float = 1.08, drop: float = 0.3
             cv = {"agree": 0.0, "kl": 0.0, "acc": 0.0, "acc0": 0.0}
             for fit, check in (("a", "b"), ("b", "a")):
                 tensors, _ = folds[fit].repair(flipped, mask, repair, lab.x)
-                folds[check].accuracy_of(tensors)
+                cv["acc"] += folds[check].accuracy_of(tensors) / 2  # then the agreement and KL of those outputs
                 cv["agree"] += folds[check].agreement() / 2
                 cv["kl"] += folds[check].divergence() / 2
-                cv["acc"] += folds[check].accuracy_of(tensors) / 2
                 cv["acc0"] += folds[check].accuracy(lab.W) / 2
             row |= {f"cv_{k}": v for k, v in cv.items()}
         rows.append(row)
