@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -81,10 +82,6 @@ class Lab:
         tensors = {f"{self.layer}.weight": weight} | ({} if bias is None else {f"{self.layer}.bias": bias})
         return self.sets.scores_of(tensors)
 
-    def score_tensors(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Scores with the defended layer and the layers after it from ``tensors`` (a repair's)."""
-        return self.sets.scores_of(tensors)
-
     def dacc(self, scores: dict[str, float]) -> float:
         return 100 * (scores["test"] - self.base["test"])
 
@@ -111,18 +108,24 @@ def orderings(lab: Lab) -> None:
                   f"flip+comp {fmt(lab.score(unscaled, comp))}", flush=True)
 
 
+def growing_thresholds(xd: torch.Tensor, step: float) -> Iterator[tuple[float, torch.Tensor, torch.Tensor]]:
+    """(lambda, mask, inputs added) at each of the search's own thresholds where the selection grows."""
+    mu, previous = float(xd.min()), torch.zeros_like(xd, dtype=torch.bool)
+    for value in sorted(set(xd.tolist())):
+        lam = threshold(mu, first_k_covering(mu, value, step), step)
+        mask = xd <= lam
+        added = torch.nonzero(mask & ~previous).flatten()
+        if len(added):
+            previous = mask
+            yield lam, mask, added
+
+
 def trace(lab: Lab, step: float = DEFAULT.step) -> list[dict[str, float]]:
     """Every threshold of the search where the selection grows, until aux accuracy has dropped by 0.2."""
     aux = lab.sets["aux"]
     xd = lab.x.double()
-    mu, previous, rows = float(xd.min()), torch.zeros_like(xd, dtype=torch.bool), []
-    for value in sorted(set(xd.tolist())):
-        lam = threshold(mu, first_k_covering(mu, value, step), step)  # the search's own thresholds
-        mask = xd <= lam
-        added = torch.nonzero(mask & ~previous).flatten()
-        if not len(added):
-            continue
-        previous = mask
+    rows = []
+    for lam, mask, added in growing_thresholds(xd, step):
         acc = aux.accuracy(candidate(lab.W, lab.W0, mask, FLIP_UNSCALED), added)
         agree, kl = aux.agreement(), aux.divergence()  # of the model just scored
         kept = lab.score(candidate(lab.W, lab.W0, mask, FLIP))
@@ -138,11 +141,9 @@ def model_scales(lab: Lab) -> dict[str, float]:
     pixel), over the four moves, and the mean entropy of its outputs."""
     aux = lab.sets["aux"]
     teacher = torch.log_softmax(aux.original_logits(), 1)
-    height, width = aux.aux.images.shape[-2:]
-    padded = torch.nn.functional.pad(aux.aux.images, (1, 1, 1, 1))
+    moves = list(aux.aux.translations(1))  # offsets (dy, dx) in [-1, 1]^2, row by row: 3 dy + dx + 4
     kls = []
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        moved = padded[..., dy:dy + height, dx:dx + width]
+    for moved in (moves[1], moves[7], moves[3], moves[5]):  # the four one-pixel moves
         with torch.no_grad():
             pre = torch.addmm(aux.bias, aux.features_of(moved), aux.linear.weight.detach().double().T)
             logp = torch.log_softmax(aux.rest(pre), 1)
@@ -157,14 +158,10 @@ def curves(lab: Lab, folds: FeatureSets, growth: float = 1.08, drop: float = 0.3
     repair = DEFAULT.repair
     assert repair is not None
     xd = lab.x.double()
-    mu, previous, rows, last_repaired = float(xd.min()), torch.zeros_like(xd, dtype=torch.bool), [], 0
-    for value in sorted(set(xd.tolist())):
-        lam = threshold(mu, first_k_covering(mu, value, DEFAULT.step), DEFAULT.step)
-        mask = xd <= lam
-        added = torch.nonzero(mask & ~previous).flatten()
-        if not len(added):
-            continue
-        previous = mask
+    rows: list[dict] = []
+    last_repaired = 0
+    acc0 = {name: folds[name].accuracy(lab.W) for name in ("a", "b")}  # the model's own, on each half
+    for lam, mask, added in growing_thresholds(xd, DEFAULT.step):
         n = int(mask.sum())
         row: dict = {"lam": lam, "n": n, "acc": aux.accuracy(candidate(lab.W, lab.W0, mask, FLIP_UNSCALED), added)}
         row |= {"agree": aux.agreement(), "kl": aux.divergence()}
@@ -175,7 +172,7 @@ def curves(lab: Lab, folds: FeatureSets, growth: float = 1.08, drop: float = 0.3
             kept = lab.score(flipped)
             row |= {"flip_dacc": lab.dacc(kept), "flip_asr": kept["trig"]}
             tensors, run = aux.repair(flipped, mask, repair, lab.x)
-            fixed = lab.score_tensors(tensors)
+            fixed = lab.sets.scores_of(tensors)
             row |= {"dacc": lab.dacc(fixed), "asr": fixed["trig"], "aux_after": fixed["aux"],
                     "agree_after": aux.agreement(), "kl_after": aux.divergence(), "repair_lr": run.lr}
             cv = {"agree": 0.0, "kl": 0.0, "acc": 0.0, "acc0": 0.0}
@@ -184,7 +181,7 @@ def curves(lab: Lab, folds: FeatureSets, growth: float = 1.08, drop: float = 0.3
                 cv["acc"] += folds[check].accuracy_of(tensors) / 2  # then the agreement and KL of those outputs
                 cv["agree"] += folds[check].agreement() / 2
                 cv["kl"] += folds[check].divergence() / 2
-                cv["acc0"] += folds[check].accuracy(lab.W) / 2
+                cv["acc0"] += acc0[check] / 2
             row |= {f"cv_{k}": v for k, v in cv.items()}
         rows.append(row)
         if done:

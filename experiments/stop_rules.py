@@ -57,18 +57,14 @@ def first_reaching(curve: Curve, budget: float) -> int:
     return next((i for i, row in enumerate(rows) if row["kl"] >= budget), len(rows) - 1)
 
 
-def before_falling(curve: Curve, key: str, reference: str | None, drop: float) -> int:
-    """The last repaired row before the first whose ``key`` falls more than ``drop`` below ``reference``."""
-    rows, done = repaired(curve), None
-    for i in rows:
-        row = curve["rows"][i]
-        if (row[reference] if reference else 1.0) - row[key] > drop:
-            done = i
-            break
+def before_crossing(curve: Curve, crossed: Callable[[dict, dict], bool]) -> int:
+    """The last repaired row before the first repaired one for which ``crossed(row, first repaired row)``."""
+    rows = repaired(curve)
+    first = curve["rows"][rows[0]]
+    done = next((i for i in rows if crossed(curve["rows"][i], first)), None)
     if done is None:
         return rows[-1]
-    earlier = [i for i in rows if i < done]
-    return earlier[-1] if earlier else rows[0]
+    return max((i for i in rows if i < done), default=rows[0])
 
 
 def make_rule(spec: str) -> Rule:
@@ -81,14 +77,14 @@ def make_rule(spec: str) -> Rule:
     if kind == "entropy":
         return lambda c: kept_at(c, first_reaching(c, value * c["entropy"]))
     if kind == "cv":
-        return lambda c: before_falling(c, "cv_acc", "cv_acc0", value)
-    if kind == "cvkl":
-        return lambda c: before_falling(c, "cv_neg_kl", None, value)
-    if kind == "cvkl+":
-        return lambda c: before_falling(c, "cv_neg_kl", "cv_neg_kl0", value)
+        return lambda c: before_crossing(c, lambda row, _: row["cv_acc0"] - row["cv_acc"] > value)
     if kind == "cvagree":
-        return lambda c: before_falling(c, "cv_agree", None, value)
-    raise SystemExit(f"unknown rule {spec!r}: kl, shift, entropy, cv or cvagree")
+        return lambda c: before_crossing(c, lambda row, _: 1 - row["cv_agree"] > value)
+    if kind == "cvkl":
+        return lambda c: before_crossing(c, lambda row, _: row["cv_kl"] >= value)
+    if kind == "cvkl+":
+        return lambda c: before_crossing(c, lambda row, first: row["cv_kl"] - first["cv_kl"] > value)
+    raise SystemExit(f"unknown rule {spec!r}: kl, shift, entropy, cv, cvagree, cvkl or cvkl+")
 
 
 def outcome(curve: Curve, index: int) -> dict[str, float]:
@@ -99,16 +95,6 @@ def outcome(curve: Curve, index: int) -> dict[str, float]:
             "meets": row["asr"] <= 0.03 and row["dacc"] >= -1.0}
 
 
-def prepare(curve: Curve) -> Curve:
-    """Add the keys the rules compare (the two-fold KL as a falling quantity, and its first value)."""
-    rows = repaired(curve)
-    first = curve["rows"][rows[0]]["cv_kl"]
-    for i in rows:
-        row = curve["rows"][i]
-        row["cv_neg_kl"], row["cv_neg_kl0"] = 1 - row["cv_kl"], 1 - first
-    return curve
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("curves", type=Path, nargs="+")
@@ -116,7 +102,7 @@ def main() -> None:
     ap.add_argument("--rows", action="store_true", help="one line per model and rule")
     args = ap.parse_args()
     lines = [line for path in args.curves for line in path.read_text().splitlines() if line.strip()]
-    curves = [prepare(json.loads(line)) for line in lines]
+    curves = [json.loads(line) for line in lines]
     for spec in args.rule or DEFAULT_RULES:
         rule = make_rule(spec)
         results = [outcome(c, rule(c)) for c in curves]

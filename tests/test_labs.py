@@ -78,7 +78,7 @@ def test_curves_record_what_defend_keeps_and_the_stop_rules_replay_them(tmp_path
     lab = lab_mod.Lab(run, aux_dir, source, DEFAULT.shifts, data_dir=data, attack="0:5")
     halves = load_aux_for(lab.loaded, aux_dir).split(0.5, seed=0)
     folds = FeatureSets(lab.loaded.model, lab.layer, {"a": halves[0], "b": halves[1]}, lab.loaded.meta)
-    curve = stop_rules.prepare(lab_mod.curves(lab, folds) | {"run": "tiny"})
+    curve = lab_mod.curves(lab, folds) | {"run": "tiny"}
     rows = curve["rows"]
     assert all("dacc" in r and 0 <= r["cv_agree"] <= 1 and r["cv_kl"] >= 0 for r in rows)  # 16 inputs: all repaired
     assert curve["shift_kl"] > 0 and curve["entropy"] > 0 and curve["inputs"] == 16
@@ -90,7 +90,7 @@ def test_curves_record_what_defend_keeps_and_the_stop_rules_replay_them(tmp_path
     outcome = defend_checkpoint(run / "final.safetensors", run / "init.safetensors", aux_dir,
                                 defense_config("default", kl=budget), source=source)
     assert int(outcome.result.mask.sum()) == rows[picked]["n"]
-    defended = lab.score_tensors({k: v for k, v in outcome.state.items() if k.startswith("fc.")})
+    defended = lab.sets.scores_of({k: v for k, v in outcome.state.items() if k.startswith("fc.")})
     assert lab.dacc(defended) == pytest.approx(rows[picked]["dacc"], abs=1e-6)
     assert defended["trig"] == pytest.approx(rows[picked]["asr"], abs=1e-6)
     assert lab.sets["aux"].divergence() == pytest.approx(rows[picked]["kl_after"], rel=1e-6)  # the same tensors
