@@ -69,7 +69,10 @@ def before_crossing(curve: Curve, crossed: Callable[[dict, dict], bool]) -> int:
 
 def make_rule(spec: str) -> Rule:
     kind, _, text = spec.partition(":")
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise SystemExit(f"Error: rule {spec!r} needs a number after the colon, e.g. kl:0.07") from None
     if kind == "kl":
         return lambda c: kept_at(c, first_reaching(c, value))
     if kind == "shift":
@@ -84,7 +87,7 @@ def make_rule(spec: str) -> Rule:
         return lambda c: before_crossing(c, lambda row, _: row["cv_kl"] >= value)
     if kind == "cvkl+":
         return lambda c: before_crossing(c, lambda row, first: row["cv_kl"] - first["cv_kl"] > value)
-    raise SystemExit(f"unknown rule {spec!r}: kl, shift, entropy, cv, cvagree, cvkl or cvkl+")
+    raise SystemExit(f"Error: unknown rule {spec!r}: kl, shift, entropy, cv, cvagree, cvkl or cvkl+")
 
 
 def outcome(curve: Curve, index: int) -> dict[str, float]:
