@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from .modeldef import get_linear
 from .peers import TuneResult, fine_tune, rnp_mask
 from .records import AuxRecord, DefenseRecord
 from .repair import RepairResult
-from .settings import DEFAULT, AccuracyStop, DefenseConfig
+from .settings import DEFAULT, AccuracyStop, DefenseConfig, KlStop
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
     warnings += every.premise_warnings()
     weight = loaded.ckpt.tensors[f"{layer}.weight"]
     init_weight = init.tensors[f"{layer}.weight"] if init is not None else torch.zeros_like(weight)
-    feats, x, result = every, None, None
+    feats, x, result, kl_scale = every, None, None, None
     if method.select in ("search", "rnp"):
         if config.holdout:
             activation_set, scoring_set = aux.split(config.holdout, seed)
@@ -173,7 +173,11 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
             x = ranking.mean_activations(config.shifts)
         search = search_plain if plain else search_fast  # plain: Algorithm 1 as written (slow; for verification)
         evaluate = feats.accuracy_full if plain else feats.accuracy
-        result = search(weight, init_weight, x, evaluate, config, divergence=feats.divergence)
+        searched = config
+        if isinstance(config.stop, KlStop) and config.stop.unit == "shift":  # the budget in the model's own unit
+            kl_scale = feats.shift_divergence()
+            searched = replace(config, stop=config.stop.in_nats(kl_scale))
+        result = search(weight, init_weight, x, evaluate, searched, divergence=feats.divergence)
         warnings += search_warnings(result, config, layer)
         mask, new_weight = result.mask, result.weight
     else:
@@ -210,7 +214,7 @@ def defend_checkpoint(path: Path, init_path: Path | None, aux_path: Path, config
         result.all_selected if result else False, result.acc0 if result else acc0,
         result.acc_kept if result else aux_acc_selected, result.kl_kept if result else None, aux_acc_flipped,
         aux_acc_after, result.steps if result else 0, result.evaluations if result else 0, seed, tuple(warnings),
-        AuxRecord(aux.source, len(aux), int(feats.labels.numel()), aux.resized))
+        AuxRecord(aux.source, len(aux), int(feats.labels.numel()), aux.resized), kl_scale)
     meta = {key: value for key, value in loaded.ckpt.meta.items() if key not in ("metrics",)} | loaded.meta.to_json()
     meta |= {
         "role": "defended",

@@ -18,7 +18,7 @@ A TOML file describes a grid (see experiments/*.toml and docs/experiments.md):
 
 Each combination is one call of :func:`flain_cli.settings.defense_config`, as `flain defend` makes it,
 so a grid without a [defense] rule defends with `flain defend`'s default. A setting a combination's
-rule does not read (rho under the kl stop, kl under the accuracy stop, repair_* without the repair)
+rule does not read (rho under the kl stop, kl and kl_unit under the accuracy stop, repair_* without the repair)
 is left out of it, and combinations that come to the same rule are one column.
 
 Every distinct training configuration is trained once into ``CACHE/train-<hash>/`` (CACHE: the
@@ -67,7 +67,8 @@ DEFENSES = ("none", *POST_TRAINING, "rlr")
 DEFAULT_METHODS = ("none", "prune", "flain", "rlr")  # a grid's columns when its [defense] names none
 RULE_KEYS = ("preset", *(k for k in OVERRIDES if k != "method"))  # the post-training rule's [defense] keys
 # [defense] keys that may list values, in the order column labels name them
-VARIED = ("preset", "step", "rho", "stop", "kl", "select", "holdout", "shifts", "rescale", "aux_per_class",
+VARIED = ("preset", "step", "rho", "stop", "kl", "kl_unit", "select", "holdout", "shifts", "rescale",
+          "aux_per_class",
           *(k for k in RULE_KEYS if k.startswith("repair")))
 TOP_KEYS = {"name", "out", "cache", "train", "grid", "cells", "defense"}
 SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]{0,199}")  # a grid's name: one path component
@@ -106,14 +107,14 @@ def stem(config: DefenseConfig, aux_per_class: int, aux_seed: int) -> str:
     return f"{config.method}{search}{repaired}{unscaled}-aux{aux_per_class}x-seed{aux_seed}"
 
 
-SEARCH_KEYS = ("step", "rho", "stop", "kl", "select", "holdout", "shifts", "rescale")
+SEARCH_KEYS = ("step", "rho", "stop", "kl", "kl_unit", "select", "holdout", "shifts", "rescale")
 
 
 def unread(settings: dict[str, Any], method: str = "flain") -> set[str]:
     """The rule settings that a combination's own rule does not read: the other stop's budget, the repair's
     settings without the repair, and what the method does not use (the search's for a method that selects
     nothing, the repair's for one that does not train, the preset for one that is only training)."""
-    ignored = {"accuracy": {"kl"}, "kl": {"rho"}}.get(str(settings.get("stop")), set())
+    ignored = {"accuracy": {"kl", "kl_unit"}, "kl": {"rho"}}.get(str(settings.get("stop")), set())
     if settings.get("repair") == "none":
         ignored |= {k for k in settings if k.startswith("repair_")}
     select, train, _ = METHOD_STEPS[method]
@@ -535,7 +536,8 @@ def _defended(exp: Experiment, cfg: TrainConfig, run_dir: Path, model: Path, con
     save_checkpoint(model, outcome.state, outcome.meta)
     done = outcome.record
     return {"lambda": done.lam, "flipped": done.flipped, "of": done.of, "aux_acc_before": done.aux_acc_before,
-            "aux_acc_after": done.aux_acc_after, "all_selected": done.all_selected}
+            "aux_acc_after": done.aux_acc_after, "all_selected": done.all_selected} \
+        | ({} if done.kl_scale is None else {"kl_scale": done.kl_scale, "kl_budget": done.kl_budget})
 
 
 EVAL_KEYS = ("acc", "asr", "asr_clean", "asr_all", "ra")  # what a cell keeps of `flain eval`, in .eval.json

@@ -116,6 +116,19 @@ class AuxFeatures:
                                                 log_target=True, reduction="batchmean"))
 
     @torch.no_grad()
+    def shift_divergence(self) -> float:
+        """The model's own output scale: the mean KL(original || original on the aux images moved by one pixel),
+        over the four one-pixel moves (black border, AuxSet.translations). The kl stop's unit "shift"."""
+        teacher = torch.log_softmax(self.original_logits(), 1)
+        weight = self.linear.weight.detach().double().to(self.features64.device)
+        moves = list(self.aux.translations(1))  # offsets (dy, dx) in [-1, 1]^2, row by row: 3 (dy + 1) + dx + 1
+        kls = []
+        for moved in (moves[1], moves[7], moves[3], moves[5]):  # up, down, left, right
+            logp = torch.log_softmax(self.rest(torch.addmm(self.bias, self.features_of(moved), weight.T)), 1)
+            kls.append(float(torch.nn.functional.kl_div(logp, teacher, log_target=True, reduction="batchmean")))
+        return sum(kls) / len(kls)
+
+    @torch.no_grad()
     def agreement(self) -> float:
         """Share of the aux images on which the outputs last scored pick the original model's class."""
         if self._logits is None:

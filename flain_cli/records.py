@@ -50,6 +50,15 @@ class DefenseRecord:
     seed: int  # the holdout split's seed
     warnings: tuple[str, ...]
     aux: AuxRecord
+    kl_scale: float | None = None  # the model's shift KL on the aux set (the kl stop in unit "shift" only)
+
+    @property
+    def kl_budget(self) -> float | None:
+        """The kl stop's budget in nats as the search used it (None for another stop)."""
+        record = self.config.stop.record()
+        if record["stop"] != "kl":
+            return None
+        return record["kl"] * (self.kl_scale if self.kl_scale is not None else 1.0)
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint-metadata layout (flat; ``repair`` holds its settings and ``aux_acc_flipped``)."""
@@ -64,7 +73,7 @@ class DefenseRecord:
             "seed": self.seed, "warnings": list(self.warnings),
             "aux": {"source": self.aux.source, "n": self.aux.n, "scored_on": self.aux.scored_on,
                     "resized": self.aux.resized},
-        }
+        } | ({} if self.kl_scale is None else {"kl_scale": self.kl_scale})
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DefenseRecord:
@@ -82,7 +91,8 @@ class DefenseRecord:
                        tuple(data["neurons"]), data["all_selected"], data["aux_acc_before"], data["aux_acc_kept"],
                        data.get("kl_kept"), None if repair is None else repair.get("aux_acc_flipped"),
                        data["aux_acc_after"], data["steps"], data["evaluations"], data["seed"],
-                       tuple(data["warnings"]), AuxRecord(aux["source"], aux["n"], aux["scored_on"], aux["resized"]))
+                       tuple(data["warnings"]), AuxRecord(aux["source"], aux["n"], aux["scored_on"], aux["resized"]),
+                       data.get("kl_scale"))
         except (KeyError, TypeError, AttributeError, ConfigError) as exc:
             raise CheckpointError(f"the defense record is incomplete or malformed ({type(exc).__name__}: {exc})") \
                 from None

@@ -33,6 +33,9 @@ MAX_POINTS = 100  # grid points of `flain experiment` before --max-points must c
 
 PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
 KL_BUDGET = 0.07  # the kl stop's budget (docs/results.md: how it was chosen)
+# the kl stop's budget in nats (KL_BUDGET), or in units of the model's own one-pixel-shift KL on the aux set
+# (AuxFeatures.shift_divergence; ours, opt-in: docs/lab/adaptive-stop.md picked 1.5 on the tuning models)
+KL_UNITS = {"nats": KL_BUDGET, "shift": 1.5}
 
 
 def _finite(value: Any, param: str) -> None:
@@ -96,9 +99,35 @@ class AccuracyStop(_Stop, name="accuracy", budget_param="rho", needs_divergence=
 @dataclass(frozen=True)
 class KlStop(_Stop, name="kl", budget_param="kl", needs_divergence=True, low=0, high=10, low_allowed=False):
     """Ours: stop at the first threshold whose mean KL divergence of the outputs from the original model's on
-    the aux set, KL(original || candidate), reaches ``kl``."""
+    the aux set, KL(original || candidate), reaches ``kl``. ``unit`` "shift" reads ``kl`` in units of the
+    model's own KL between the aux images and the same images moved by one pixel: the search runs on
+    :meth:`in_nats` of that measure."""
 
     kl: float = KL_BUDGET
+    unit: str = "nats"
+
+    @property
+    def label(self) -> str:
+        return f"kl{self.kl:g}" + ("" if self.unit == "nats" else f"x{self.unit}")
+
+    def describe(self) -> str:
+        return f"kl {self.kl:g}" + ("" if self.unit == "nats" else f" x the {self.unit} KL")
+
+    def record(self) -> dict[str, Any]:
+        """As every stop's, with ``kl_unit`` when it is not nats (records from before it read the same)."""
+        return super().record() | ({} if self.unit == "nats" else {"kl_unit": self.unit})
+
+    def check(self) -> None:
+        super().check()
+        if self.unit not in KL_UNITS:
+            raise ConfigError(f"must be one of {', '.join(KL_UNITS)}, got {self.unit!r}", param="kl_unit")
+
+    def in_nats(self, scale: float) -> KlStop:
+        """The same stop with its budget in nats, ``scale`` being the measure its unit names (1 for nats)."""
+        if not (math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"the model's {self.unit} KL on the aux set is {scale:.3g}: it gives no budget; the "
+                              f"model's outputs do not move when the images do, so pass {opt('kl_unit')} nats")
+        return KlStop(self.kl * scale)
 
     def crossed(self, acc0: float, acc: float, kl: float | None) -> bool:  # noqa: ARG002 - one signature for both
         if kl is None:
@@ -111,10 +140,15 @@ STOP_KINDS: dict[str, type[AccuracyStop] | type[KlStop]] = {"accuracy": Accuracy
 STOPS = tuple(STOP_KINDS)  # the paper's stop on the aux accuracy drop, or ours on the output divergence
 
 
-def make_stop(name: str, budget: float | None = None) -> Stop:
-    """The stop named ``name`` with ``budget`` (its rho or kl; None: its default)."""
+def make_stop(name: str, budget: float | None = None, unit: str | None = None) -> Stop:
+    """The stop named ``name`` with ``budget`` (its rho or kl; None: its default, for the kl stop its unit's)
+    and, for the kl stop, the budget's ``unit`` (None: nats)."""
     if name not in STOP_KINDS:
         raise ConfigError(f"must be one of {', '.join(STOPS)}, got {name!r}", param="stop")
+    if name == "kl" and unit is not None:
+        if unit not in KL_UNITS:
+            raise ConfigError(f"must be one of {', '.join(KL_UNITS)}, got {unit!r}", param="kl_unit")
+        return KlStop(KL_UNITS[unit] if budget is None else budget, unit)
     kind = STOP_KINDS[name]
     return kind() if budget is None else kind(budget)
 
@@ -224,11 +258,13 @@ class DefenseConfig:
 
     @property
     def rule(self) -> str:
-        """A short name: the method, '+shifts' for the translated aux images' mean, '+kl' for the kl stop,
-        '+distill' when the repair runs, '+guard' with its guard, '+patches' with patched copies, '+sgd'
-        when it trains with SGD."""
+        """A short name: the method, '+shifts' for the translated aux images' mean, '+kl' for the kl stop
+        ('+klshift' with its budget in shift units), '+distill' when the repair runs, '+guard' with its guard,
+        '+patches' with patched copies, '+sgd' when it trains with SGD."""
         repair = self.repair
-        return (self.method + ("+shifts" if self.shifts else "") + ("+kl" if isinstance(self.stop, KlStop) else "")
+        stop = self.stop
+        kl = "" if not isinstance(stop, KlStop) else "+kl" if stop.unit == "nats" else f"+kl{stop.unit}"
+        return (self.method + ("+shifts" if self.shifts else "") + kl
                 + ("+distill" if repair is not None else "")
                 + ("+guard" if repair is not None and repair.guard else "")
                 + ("+patches" if repair is not None and repair.patches else "")
@@ -287,7 +323,7 @@ class DefenseConfig:
         name = data.get("stop", "accuracy")
         budget = data.get(STOP_KINDS[name].budget_param) if name in STOP_KINDS else None
         repair = data["repair"]
-        return cls(method=data["method"], step=data["step"], stop=make_stop(name, budget),
+        return cls(method=data["method"], step=data["step"], stop=make_stop(name, budget, data.get("kl_unit")),
                    select=data["select"], holdout=data["holdout"], shifts=data.get("shifts", 0),
                    rescale=data["rescale"], repair=None if repair is None else RepairSettings.from_record(repair))
 
@@ -301,7 +337,7 @@ DEFAULT = PRESETS["default"]
 
 REPAIR_CHOICES = ("distill", "none")  # the repair: on (distillation) or off
 # the settings defense_config takes besides the preset: `flain defend`'s options by their library names
-OVERRIDES = ("method", "step", "stop", "rho", "kl", "select", "holdout", "shifts", "rescale", "repair",
+OVERRIDES = ("method", "step", "stop", "rho", "kl", "kl_unit", "select", "holdout", "shifts", "rescale", "repair",
              *(f"repair_{f}" for f in ("steps", "optimizer", "lr", "alpha", "temperature", "guard", "guard_ratio",
                                        "guard_rate", "patches", "backtrack")))
 
@@ -314,8 +350,9 @@ def defense_config(preset: str = "default", **overrides: Any) -> DefenseConfig:
         overrides: settings by `flain defend`'s option names (OVERRIDES: ``rho`` for ``--rho``,
             ``repair_steps`` for ``--repair-steps``...); None means "not given".
 
-    A budget without ``stop`` picks its stop: ``rho`` the accuracy stop, ``kl`` the kl stop; a budget the
-    chosen stop does not read is refused. ``repair`` is "distill" or "none". ``repair_optimizer`` without
+    A budget without ``stop`` picks its stop: ``rho`` the accuracy stop, ``kl`` (or ``kl_unit``) the kl stop; a
+    budget the chosen stop does not read is refused. ``kl_unit`` without ``kl`` brings that unit's budget
+    (KL_UNITS). ``repair`` is "distill" or "none". ``repair_optimizer`` without
     ``repair_lr`` brings that optimizer's learning rate. Raises ConfigError naming the setting at fault.
 
     Example: ``defense_config("paper", rho=0.02)``; ``defense_config(repair="none")``.
@@ -328,20 +365,22 @@ def defense_config(preset: str = "default", **overrides: Any) -> DefenseConfig:
         raise ConfigError(f"must be one of {', '.join(PRESETS)}, got {preset!r}", param="preset")
     base = PRESETS[preset]
     rho, kl, stop_name = given.pop("rho", None), given.pop("kl", None), given.pop("stop", None)
-    if stop_name is None and rho is not None and kl is not None:
+    unit = given.pop("kl_unit", None)
+    if stop_name is None and rho is not None and (kl is not None or unit is not None):
         raise ConfigError(f"{opt('rho')} and {opt('kl')} are the budgets of two different stops; give one, or "
                           f"{opt('stop')} to choose")
     if stop_name is None:
-        stop_name = "accuracy" if rho is not None else "kl" if kl is not None else base.stop.name
-    stop = make_stop(stop_name, rho if stop_name == "accuracy" else kl)
-    if stop_name == base.stop.name and rho is None and kl is None:
-        stop = base.stop
+        stop_name = "accuracy" if rho is not None else "kl" if kl is not None or unit is not None else base.stop.name
     if stop_name == "kl" and rho is not None:
         raise ConfigError(f"is the accuracy stop's budget and has no effect with {opt('stop')} kl; drop it or "
                           f"pass {opt('stop')} accuracy", param="rho")
-    if stop_name == "accuracy" and kl is not None:
-        raise ConfigError(f"is the kl stop's budget and has no effect with {opt('stop')} accuracy; drop it or "
-                          f"pass {opt('stop')} kl", param="kl")
+    if stop_name == "accuracy" and (kl is not None or unit is not None):
+        raise ConfigError(f"is the kl stop's {'budget' if kl is not None else 'unit'} and has no effect with "
+                          f"{opt('stop')} accuracy; drop it or pass {opt('stop')} kl",
+                          param="kl" if kl is not None else "kl_unit")
+    stop = make_stop(stop_name, rho if stop_name == "accuracy" else kl, unit)
+    if stop_name == base.stop.name and rho is None and kl is None and unit is None:
+        stop = base.stop
     choice = given.pop("repair", None)
     repair = _repair(base.repair, choice,
                      {k.removeprefix("repair_"): given.pop(k) for k in list(given) if k.startswith("repair_")})

@@ -64,6 +64,9 @@ def test_non_finite_weights_are_refused(tiny_run, aux_dir, tmp_path, which, tens
     (["--stop", "accuracy", "--kl", "0.1"],
      "Error: --kl is the kl stop's budget and has no effect with --stop accuracy"),
     (["--rho", "0.02", "--kl", "0.1"], "Error: --rho and --kl are the budgets of two different stops"),
+    (["--stop", "accuracy", "--kl-unit", "shift"],
+     "Error: --kl-unit is the kl stop's unit and has no effect with --stop accuracy"),
+    (["--kl-unit", "shift", "--kl", "11"], "Error: --kl must be in (0, 10], got 11.0"),
 ])
 def test_search_settings_out_of_range(tiny_run, aux_dir, tmp_path, options, start):
     run, _ = tiny_run

@@ -50,6 +50,41 @@ def test_defend_stop_kl_records_and_traces_the_divergence(tiny_run, aux_dir, tmp
     assert meta["stop"] == "kl" and meta["kl"] == 0.01 and meta["kl_kept"] == report["kl_kept"]
 
 
+def test_defend_kl_in_shift_units_stops_at_that_many_times_the_models_shift_kl(tiny_run, aux_dir, tmp_path):
+    """--kl-unit shift: the budget is --kl times the model's mean KL between the aux images and the same images
+    moved by one pixel, computed here from the whole network (the library splits it at the defended layer)."""
+    from flain_cli.datasets import normalize
+    from flain_cli.loading import load_aux_for, load_model
+    run, _ = tiny_run
+    out, trace = tmp_path / "s.safetensors", tmp_path / "trace.csv"
+    res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                 "--kl-unit", "shift", "--kl", "0.5", "--repair", "none", "--out", out, "--trace", trace, "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    loaded = load_model(run / "final.safetensors")
+    aux, norm = load_aux_for(loaded, aux_dir), loaded.meta.norm
+    with torch.no_grad():
+        logp = [torch.log_softmax(loaded.model(normalize(images, norm.mean, norm.std)).double(), 1)
+                for images in (aux.images, *(torch.roll(torch.nn.functional.pad(aux.images, (1, 1, 1, 1)),
+                                                        shifts=move, dims=(-2, -1))[..., 1:-1, 1:-1]
+                                            for move in ((1, 0), (-1, 0), (0, 1), (0, -1))))]
+    reference = sum(float(torch.nn.functional.kl_div(moved, logp[0], log_target=True, reduction="batchmean"))
+                    for moved in logp[1:]) / 4
+    assert report["kl_scale"] == pytest.approx(reference, rel=1e-4) and reference > 0
+    assert report["kl_unit"] == "shift" and report["kl"] == 0.5 and report["rule"] == "flain+shifts+klshift"
+    assert report["kl_budget"] == pytest.approx(0.5 * reference, rel=1e-4)
+    rows = list(csv.DictReader(trace.open()))  # the search stopped at the first threshold at or past the budget
+    assert all(float(r["kl"]) < report["kl_budget"] for r in rows[:-1])
+    assert report["kl_kept"] >= report["kl_budget"] or report["all_selected"]
+    stored = load_checkpoint(out).meta["defense"]
+    assert stored["kl_unit"] == "shift" and stored["kl_scale"] == report["kl_scale"]
+    record = DefenseRecord.from_json(stored)
+    assert record.to_json() == stored and record.kl_budget == pytest.approx(report["kl_budget"])
+    alone = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
+                   "--kl-unit", "shift", "--repair", "none", "--out", tmp_path / "a.safetensors", "--json")
+    assert alone.exit_code == 0 and json.loads(alone.stdout)["kl"] == 1.5  # the unit brings its own budget
+
+
 def test_defend_prune_and_default_output_name(tiny_run, aux_dir, tmp_path):
     run, _ = tiny_run
     model = tmp_path / "final.safetensors"

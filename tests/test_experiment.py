@@ -245,6 +245,13 @@ def test_a_budget_names_its_stop_as_in_defend(tmp_path):
              for name, text in (("rho", base), ("none", base.replace("rho = 0.05\n", "")),
                                 ("kl", base.replace("rho = 0.05", "kl = 0.1")))}
     assert stops == {"rho": [AccuracyStop(0.05)], "none": [KlStop()], "kl": [KlStop(0.1)]}
+    units = load_experiment(write(tmp_path, base.replace("rho = 0.05", 'kl_unit = ["nats", "shift"]'), "units.toml"))
+    flain = [d for d in units.defenses if d.method == "flain"]
+    assert [d.settings.config("flain").stop for d in flain] == [KlStop(), KlStop(1.5, "shift")]  # each unit's budget
+    assert "-kl0.07-" in flain[0].settings.tag("flain") and "-kl1.5xshift-" in flain[1].settings.tag("flain")
+    accuracy = base.replace("rho = 0.05", 'stop = "accuracy"\nkl_unit = "shift"')  # not read: left out
+    assert [d.settings.config(d.method).stop for d in load_experiment(write(tmp_path, accuracy, "acc.toml")).defenses
+            if d.method == "flain"] == [AccuracyStop()]
     with pytest.raises(ConfigError, match=r"^\[defense\] rho and kl are the budgets of two different stops"):
         load_experiment(write(tmp_path, base.replace("rho = 0.05", "rho = 0.05\nkl = 0.1"), "both.toml"))
 

@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..files import FilePlan
 from ..settings import (
     DEFAULT,
+    KL_UNITS,
     PAPER_RHO,
     PRESETS,
     REPAIR_CHOICES,
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 Preset = Enum("Preset", {name: name for name in PRESETS}, type=str)  # type: ignore[misc]
 Select = Enum("Select", {name: name for name in SELECTS}, type=str)  # type: ignore[misc]
 Stop = Enum("Stop", {name: name for name in STOPS}, type=str)  # type: ignore[misc]
+KlUnit = Enum("KlUnit", {name: name for name in KL_UNITS}, type=str)  # type: ignore[misc]
 Optimizer = Enum("Optimizer", {name: name for name in REPAIR_OPTIMIZERS}, type=str)  # type: ignore[misc]
 Repair = Enum("Repair", {name: name for name in REPAIR_CHOICES}, type=str)  # type: ignore[misc]
 
@@ -91,6 +93,10 @@ def defend(
     kl: Annotated[float | None, typer.Option(
         help=f"Budget of the kl stop (default: {DEFAULT.stop.budget}); alone, it selects that stop.",
         show_default=False, rich_help_panel=RULE)] = None,
+    kl_unit: Annotated[KlUnit | None, typer.Option(
+        help=f"The unit of --kl: nats (default), or shift: the model's own KL between the aux images and the "
+             f"same images moved by one pixel (ours; default budget then {KL_UNITS['shift']}). Alone, it selects "
+             f"the kl stop.", show_default=False, rich_help_panel=RULE)] = None,
     rho: Annotated[float | None, typer.Option(
         help=f"Budget of the accuracy stop (paper: {PAPER_RHO}); alone, it selects that stop.",
         show_default=False, rich_help_panel=RULE)] = None,
@@ -161,7 +167,8 @@ def defend(
     from ..checkpoint import save_checkpoint
 
     config = defense_config(preset.value, method=method, step=step, stop=_value(stop), rho=rho, kl=kl,
-                            select=_value(select), holdout=holdout, shifts=shifts, rescale=rescale,
+                            kl_unit=_value(kl_unit), select=_value(select), holdout=holdout, shifts=shifts,
+                            rescale=rescale,
                             repair=_value(repair), repair_steps=repair_steps,
                             repair_optimizer=_value(repair_optimizer), repair_lr=repair_lr, repair_alpha=repair_alpha,
                             repair_temperature=repair_temperature, repair_guard=repair_guard,
@@ -190,7 +197,9 @@ def defend(
                "aux_acc_before": record.aux_acc_before, "aux_acc_after": record.aux_acc_after,
                "steps": record.steps, "out": str(target), "layer": record.layer, "select": config.select,
                "step": step, "stop": stored["stop"], "rho": stored["rho"],
-               "kl": stored["kl"], "kl_kept": record.kl_kept, "mu": record.mu, "aux_acc_kept": record.aux_acc_kept,
+               "kl": stored["kl"], "kl_unit": stored.get("kl_unit", "nats") if stored["kl"] is not None else None,
+               "kl_scale": record.kl_scale, "kl_budget": record.kl_budget, "kl_kept": record.kl_kept,
+               "mu": record.mu, "aux_acc_kept": record.aux_acc_kept,
                "all_selected": record.all_selected, "evaluations": record.evaluations, "n_aux": record.aux.n,
                "holdout": config.holdout, "shifts": config.shifts, "seconds": round(outcome.seconds, 3),
                "warnings": list(record.warnings),
@@ -208,6 +217,9 @@ def defend(
              (f"aux accuracy ({record.aux.n} images)", f"{record.aux_acc_before:.4f} -> "
               + (f"{record.aux_acc_flipped:.4f} ({'selected' if res is None else 'flipped'}) -> "
                  if record.aux_acc_flipped is not None else "") + f"{record.aux_acc_after:.4f}")]
+    if record.kl_scale is not None:
+        rows.append(("kl budget (nats)", f"{record.kl_budget:.4f} = {config.stop.budget:g} x the shift KL "
+                                         f"{record.kl_scale:.4f}"))
     if res is not None:
         rows += [("thresholds (Algorithm 1 steps)", str(record.steps)),
                  ("network evaluations", str(record.evaluations))]
