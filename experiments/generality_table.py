@@ -1,7 +1,7 @@
 """The generality table (docs/results.md): every defense column on the grids' cells, as markdown.
 
     .venv/bin/python experiments/generality_table.py runs/experiments/generality-fmnist/results.json \
-        runs/experiments/generality-tables-fmnist/results.json [--role held-out] [--csv rows.csv]
+        runs/experiments/generality-tables-fmnist/results.json [--role held-out] [--csv rows.csv] [--columns A,B]
 
 Reads `flain experiment` results.json files (or the CSV that --csv wrote, e.g. docs/data/generality-fmnist.csv)
 and prints one row per cell (each grid point of the given role; cells without a role, Tables 1/2's, always
@@ -131,9 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", type=Path, nargs="+")
     parser.add_argument("--role", default="held-out")
     parser.add_argument("--csv", type=Path, help="also write every row read (all columns, all roles)")
+    parser.add_argument("--columns", help="these defenses, comma-separated, by their results' names (e.g. "
+                                          "'none,flain kl_unit=shift'), instead of the table's columns")
     args = parser.parse_args(argv)
     rows = load(args.results)
-    columns = pick_presets(rows)
+    columns = pick_presets(rows) if args.columns is None else args.columns.split(",")
+    unknown = sorted(set(columns) - {r["defense"] for r in rows})
+    if unknown:
+        raise SystemExit(f"Error: no results for column(s) {', '.join(unknown)}; the results hold "
+                         f"{', '.join(sorted({r['defense'] for r in rows}))}")
     print("\n".join(table(rows, args.role, columns)))
     if args.csv:
         keys = list(dict.fromkeys(k for r in rows for k in r))

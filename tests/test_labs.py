@@ -110,3 +110,14 @@ def test_the_generality_table_in_results_md_is_what_its_script_prints_from_the_c
     text = (EXPERIMENTS.parent / "docs" / "results.md").read_text()
     assert len(lines) == 2 + 9 + 6 + 4  # header, the held-out cells, six Tables rows, two summaries of two lines
     assert [line for line in lines if line not in text.splitlines()] == []
+
+
+def test_the_generality_table_prints_the_columns_asked_for_and_refuses_unknown_ones(capsys):
+    table = lab_module("generality_table")
+    data = str(EXPERIMENTS.parent / "docs" / "data" / "generality-fmnist.csv")
+    assert table.main([data, "--columns", "none,flain preset=default"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| cell | no defense: ACC / ASR / RA | **FLAIN default rule** |"
+    assert lines[-1].endswith("| 2 of 7 |")
+    with pytest.raises(SystemExit, match="no results for column.s. flain kl_unit=shift"):
+        table.main([data, "--columns", "none,flain kl_unit=shift"])
