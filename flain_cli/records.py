@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointError, ConfigError
-from .settings import DefenseConfig
+from .settings import DefenseConfig, KlStop
 
 RECORD_VERSION = 1  # records written before the version key had the same layout
 
@@ -55,10 +55,10 @@ class DefenseRecord:
     @property
     def kl_budget(self) -> float | None:
         """The kl stop's budget in nats as the search used it (None for another stop)."""
-        record = self.config.stop.record()
-        if record["stop"] != "kl":
+        stop = self.config.stop
+        if not isinstance(stop, KlStop):
             return None
-        return record["kl"] * (self.kl_scale if self.kl_scale is not None else 1.0)
+        return stop.kl * (self.kl_scale if self.kl_scale is not None else 1.0)
 
     def to_json(self) -> dict[str, Any]:
         """The checkpoint-metadata layout (flat; ``repair`` holds its settings and ``aux_acc_flipped``)."""

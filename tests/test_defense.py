@@ -81,6 +81,21 @@ def test_the_kl_stop_fires_at_the_first_divergence_over_its_budget(search):
     assert (caught.value.param, caught.value.detail) == ("stop", "must be one of accuracy, kl, got 'loss'")
 
 
+def test_a_kl_budget_in_shift_units_is_that_many_of_the_models_shift_kl():
+    """The search reads nats: the shift unit's budget times the measured shift KL; a model whose outputs do not
+    move gives no unit (one error naming the way out), and an unknown unit is refused by name."""
+    stop = make_stop("kl", None, "shift")
+    assert stop == KlStop(1.5, "shift") and stop.label == "kl1.5xshift" and stop.record()["kl_unit"] == "shift"
+    assert stop.in_nats(0.04) == KlStop(1.5 * 0.04) and "kl_unit" not in KlStop().record()
+    assert make_stop("kl", 2.0, "shift").in_nats(0.1).kl == pytest.approx(0.2)
+    with pytest.raises(ConfigError, match="shift KL on the aux set is 0: it gives no budget.*pass kl_unit nats"):
+        stop.in_nats(0.0)
+    with pytest.raises(ConfigError, match="^kl_unit must be one of nats, shift, got 'bits'$"):
+        make_stop("kl", 0.1, "bits")
+    with pytest.raises(ConfigError, match="^kl_unit must be one of nats, shift, got 'bits'$"):
+        KlStop(0.1, "bits").check()
+
+
 @pytest.mark.parametrize("search", [search_plain, search_fast])
 def test_last_safe_keeps_the_model_before_the_crossing(search):
     res = search(W, W0, X, losing(), cfg(step=0.1, rho=0.03, select="last-safe"))
