@@ -33,7 +33,7 @@ class DemoReport:
     test_source: str
     n_test: int
     before: dict[str, Any]
-    after: dict[str, Any]  # the default rule (shifts 2, the search stopped at kl 0.07, then the SGD repair)
+    after: dict[str, Any]  # the default rule (shifts 2, the search stopped at 1.5 x the shift KL, then the SGD repair)
     paper: dict[str, Any]  # Algorithm 1 exactly (--preset paper)
     peer: dict[str, Any]  # PEER, the best other method
     defense: dict[str, Any]

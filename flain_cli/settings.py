@@ -32,10 +32,12 @@ MAX_POINTS = 100  # grid points of `flain experiment` before --max-points must c
 
 
 PAPER_STEP, PAPER_RHO = 0.001, 0.03  # the paper's step, and its largest rho ("no more than 0.03")
-KL_BUDGET = 0.07  # the kl stop's budget (docs/results.md: how it was chosen)
-# the kl stop's budget in nats (KL_BUDGET), or in units of the model's own one-pixel-shift KL on the aux set
-# (AuxFeatures.shift_divergence; ours, opt-in: docs/lab/adaptive-stop.md picked 1.5 on the tuning models)
+KL_BUDGET = 0.07  # the kl stop's budget in nats (docs/lab/default-rule.md; the default until 2026-12-06)
+# each unit's budget: in nats (KL_BUDGET), or in units of the model's own one-pixel-shift KL on the aux set
+# (AuxFeatures.shift_divergence; the default since 2026-12-06: docs/lab/adaptive-stop.md picked 1.5 on the tuning
+# models and judged it on fresh held-out trainings)
 KL_UNITS = {"nats": KL_BUDGET, "shift": 1.5}
+DEFAULT_KL_UNIT = "shift"
 
 
 def _finite(value: Any, param: str) -> None:
@@ -249,7 +251,7 @@ class DefenseConfig:
 
     method: str = "flain"
     step: float = PAPER_STEP
-    stop: Stop = KlStop()
+    stop: Stop = KlStop(KL_UNITS[DEFAULT_KL_UNIT], DEFAULT_KL_UNIT)
     select: str = "crossing"
     holdout: float = 0.0
     shifts: int = 2
@@ -351,9 +353,10 @@ def defense_config(preset: str = "default", **overrides: Any) -> DefenseConfig:
             ``repair_steps`` for ``--repair-steps``...); None means "not given".
 
     A budget without ``stop`` picks its stop: ``rho`` the accuracy stop, ``kl`` (or ``kl_unit``) the kl stop; a
-    budget the chosen stop does not read is refused. ``kl_unit`` without ``kl`` brings that unit's budget
-    (KL_UNITS). ``repair`` is "distill" or "none". ``repair_optimizer`` without
-    ``repair_lr`` brings that optimizer's learning rate. Raises ConfigError naming the setting at fault.
+    budget the chosen stop does not read is refused. ``kl`` needs its ``kl_unit``; ``kl_unit`` without ``kl``
+    brings that unit's budget (KL_UNITS), the kl stop without either the default's (1.5 shift). ``repair`` is
+    "distill" or "none". ``repair_optimizer`` without ``repair_lr`` brings that optimizer's learning rate.
+    Raises ConfigError naming the setting at fault.
 
     Example: ``defense_config("paper", rho=0.02)``; ``defense_config(repair="none")``.
     """
@@ -378,7 +381,11 @@ def defense_config(preset: str = "default", **overrides: Any) -> DefenseConfig:
         raise ConfigError(f"is the kl stop's {'budget' if kl is not None else 'unit'} and has no effect with "
                           f"{opt('stop')} accuracy; drop it or pass {opt('stop')} kl",
                           param="kl" if kl is not None else "kl_unit")
-    stop = make_stop(stop_name, rho if stop_name == "accuracy" else kl, unit)
+    if stop_name == "kl" and kl is not None and unit is None:  # 0.05 nats and 0.05 x the shift KL are worlds apart
+        raise ConfigError(f"needs its unit, the default stop's budget being in shift units: add "
+                          f"{opt('kl_unit')} nats (what {opt('kl')} meant before) or {opt('kl_unit')} shift",
+                          param="kl")
+    stop = make_stop(stop_name, rho if stop_name == "accuracy" else kl, unit or DEFAULT_KL_UNIT)
     if stop_name == base.stop.name and rho is None and kl is None and unit is None:
         stop = base.stop
     choice = given.pop("repair", None)

@@ -46,7 +46,7 @@ def test_fast_path_equals_algorithm_1_on_a_trained_model(tiny_run, aux_dir, meth
 def test_the_kl_stop_on_a_trained_model(tiny_run, aux_dir, kl):
     """Both loops agree; the kept model is the first whose outputs diverge by kl; the original diverges by 0."""
     out, _ = tiny_run
-    config = defense_config(step=0.01, kl=kl, shifts=0, repair="none")
+    config = defense_config(step=0.01, kl=kl, kl_unit="nats", shifts=0, repair="none")
     fast = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     plain = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config, plain=True)
     assert fast.result.lam == plain.result.lam and torch.equal(fast.result.mask, plain.result.mask)
@@ -160,7 +160,7 @@ def test_shifted_means_average_the_features_of_every_translated_copy(tiny_run, a
 
 def test_defend_with_shifts_records_them_and_is_deterministic(tiny_run, aux_dir):
     out, _ = tiny_run
-    config = defense_config(step=0.01, kl=0.05, shifts=1, repair_optimizer="adam")
+    config = defense_config(step=0.01, kl=0.05, kl_unit="nats", shifts=1, repair_optimizer="adam")
     first = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     again = defend_checkpoint(out / "final.safetensors", out / "init.safetensors", aux_dir, config)
     assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)

@@ -59,7 +59,9 @@ def test_non_finite_weights_are_refused(tiny_run, aux_dir, tmp_path, which, tens
     (["--step", "1e300"], "Error: --step 1e+300 selects all 3136 inputs at the first threshold"),
     (["--step", "nan"], "Error: --step must be a finite number, got nan"),
     (["--rho", "-0.1"], "Error: --rho must be in [0, 1], got -0.1"),
-    (["--stop", "kl", "--kl", "-1"], "Error: --kl must be in (0, 10], got -1.0"),
+    (["--stop", "kl", "--kl", "-1", "--kl-unit", "nats"], "Error: --kl must be in (0, 10], got -1.0"),
+    (["--kl", "0.05"], "Error: --kl needs its unit, the default stop's budget being in shift units: add --kl-unit "
+                       "nats (what --kl meant before) or --kl-unit shift"),
     (["--stop", "kl", "--rho", "0.02"], "Error: --rho is the accuracy stop's budget and has no effect with --stop kl"),
     (["--stop", "accuracy", "--kl", "0.1"],
      "Error: --kl is the kl stop's budget and has no effect with --stop accuracy"),

@@ -38,7 +38,8 @@ def test_defend_stop_kl_records_and_traces_the_divergence(tiny_run, aux_dir, tmp
     run, _ = tiny_run
     out, trace = tmp_path / "kl.safetensors", tmp_path / "trace.csv"
     res = invoke("defend", run / "final.safetensors", "--init", run / "init.safetensors", "--aux", aux_dir,
-                 "--kl", "0.01", "--repair", "none", "--out", out, "--trace", trace, "--json")  # the default stop
+                 "--kl", "0.01", "--kl-unit", "nats", "--repair", "none", "--out", out, "--trace", trace,
+                 "--json")  # the default stop, in nats
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["stop"] == "kl" and report["kl"] == 0.01 and report["rho"] is None
@@ -238,12 +239,16 @@ def test_the_earlier_defaults_are_options_away():
     """Today's default preset is the field defaults; the earlier defaults are a few settings away."""
     from flain_cli.settings import PRESETS, AccuracyStop, DefenseConfig, KlStop, RepairSettings, defense_config
     assert PRESETS["default"] == DefenseConfig() == defense_config()
-    assert DefenseConfig() == DefenseConfig(stop=KlStop(0.07), shifts=2, repair=RepairSettings(optimizer="sgd", lr=0.1))
-    earlier = DefenseConfig(shifts=0, repair=RepairSettings(optimizer="adam", lr=0.001))  # until 2026-11-30 evening
-    assert defense_config(shifts=0, repair_optimizer="adam") == earlier
+    sgd = RepairSettings(optimizer="sgd", lr=0.1)
+    assert DefenseConfig() == DefenseConfig(stop=KlStop(1.5, "shift"), shifts=2, repair=sgd)
+    until_dec_6 = DefenseConfig(stop=KlStop(0.07), shifts=2, repair=sgd)
+    assert defense_config(kl_unit="nats") == defense_config(kl=0.07, kl_unit="nats") == until_dec_6
+    earlier = DefenseConfig(stop=KlStop(0.07), shifts=0, repair=RepairSettings(optimizer="adam", lr=0.001))
+    assert defense_config(kl_unit="nats", shifts=0, repair_optimizer="adam") == earlier  # until 2026-11-30 evening
     assert defense_config(shifts=0, repair_optimizer="adam", stop="accuracy") == DefenseConfig(
         stop=AccuracyStop(0.03), shifts=0, repair=earlier.repair)  # and the one before it
     assert defense_config("paper") == PRESETS["paper"] == DefenseConfig(stop=AccuracyStop(), shifts=0, repair=None)
+    assert defense_config("paper", stop="kl").stop == KlStop(1.5, "shift")  # the kl stop alone is the default's
 
 
 @pytest.mark.parametrize(("options", "message"), [

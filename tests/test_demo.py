@@ -36,7 +36,7 @@ def test_demo_before_and_after(monkeypatch, samples, tmp_path):
     report = json.loads(res.stdout)
     assert report["n_test"] == 100 and report["test"].endswith("fmnist-test-2000.npz")
     assert {"acc", "asr"} <= set(report["before"]) and {"acc", "asr"} <= set(report["after"])
-    assert report["after"]["rule"] == "flain+shifts+kl+distill+sgd" and report["paper"]["rule"] == "flain"
+    assert report["after"]["rule"] == "flain+shifts+klshift+distill+sgd" and report["paper"]["rule"] == "flain"
     assert report["defense"]["of"] == 3136 and (tmp_path / "demo" / "tiny-cba.flain.safetensors").is_file()
     assert report["paper_out"] == str(tmp_path / "demo" / "tiny-cba.flain-paper.safetensors")
     # both rows are what eval says of the written models

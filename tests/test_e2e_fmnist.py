@@ -51,7 +51,7 @@ def test_the_paper_rule_and_the_default_rule_cut_the_backdoor(backdoored, tmp_pa
     paper = flain("defend", *common, "--preset", "paper", "--out", tmp_path / "paper.safetensors")
     default = flain("defend", *common, "--out", tmp_path / "default.safetensors")
     assert (paper["rule"], paper["step"], paper["rho"], paper["stop"]) == ("flain", 0.001, 0.03, "accuracy")
-    assert default["rule"] == "flain+shifts+kl+distill+sgd"
+    assert default["rule"] == "flain+shifts+klshift+distill+sgd"
     assert paper["flipped"] > 0 and not paper["all_selected"] and default["flipped"] > 0
     after = {name: flain("eval", tmp_path / f"{name}.safetensors") for name in ("paper", "default")}
     assert after["paper"]["asr"] <= 0.25 and after["paper"]["acc"] >= before["acc"] - 0.03 - 0.01, after
@@ -69,13 +69,13 @@ def test_sample_models_paper_preset_and_default_rule(sample, tmp_path):
     common = [folder / "final.safetensors", "--init", folder / "init.safetensors", "--aux", folder / "aux"]
     paper_report = flain("defend", *common, "--preset", "paper", "--out", tmp_path / "paper.safetensors")
     report = flain("defend", *common, "--out", tmp_path / "default.safetensors")
-    assert report["rule"] == "flain+shifts+kl+distill+sgd" and report["stop"] == "kl" and report["kl"] == 0.07
+    assert report["rule"] == "flain+shifts+klshift+distill+sgd" and report["stop"] == "kl" and report["kl"] == 1.5
     assert report["shifts"] == 2 and report["repair"]["optimizer"] == "sgd" and report["repair"]["lr"] == 0.1
     before, paper, default = (flain("eval", tmp_path / name if name != "final" else folder / "final.safetensors")
                               for name in ("final", "paper.safetensors", "default.safetensors"))
     assert before["asr"] > 0.95 and default["asr"] <= 0.03 and paper["asr"] <= 0.03
     assert default["acc"] >= paper["acc"] + 0.02  # measured: +2.9 (CBA) and +6.3 (DBA) points
-    assert default["acc"] >= before["acc"] - 0.01  # the target: measured -0.96 and -0.97 points
+    assert default["acc"] >= before["acc"] - 0.01  # the target: measured -0.80 and -0.91 points
     # the figures the docs show (sample_models/figures.json) are what flain measures today
     figures = json.loads((SAMPLES / "figures.json").read_text())[sample]
     for name, measured, defended in (("none", before, None), ("paper", paper, paper_report),

@@ -204,7 +204,7 @@ def test_named_settings_may_vary_too(tmp_path):
         "flain stop=accuracy repair=distill repair_optimizer=sgd", "flain stop=kl repair=none",
         "flain stop=kl repair=distill repair_optimizer=adam", "flain stop=kl repair=distill repair_optimizer=sgd"]
     sgd = defenses[-1]
-    assert sgd.settings.config("flain").rule == "flain+shifts+kl+distill+sgd"
+    assert sgd.settings.config("flain").rule == "flain+shifts+klshift+distill+sgd"
     assert sgd.settings.config("flain").repair.lr == 0.1
     assert sgd.settings.tag("flain") != defenses[-2].settings.tag("flain")  # cached apart
     patched = load_experiment(write(tmp_path, TINY.format(per_class=3).replace(
@@ -243,8 +243,10 @@ def test_a_budget_names_its_stop_as_in_defend(tmp_path):
     stops = {name: [d.settings.config(d.method).stop for d in load_experiment(write(tmp_path, text, f"{name}.toml"))
                     .defenses if d.method == "flain"]
              for name, text in (("rho", base), ("none", base.replace("rho = 0.05\n", "")),
-                                ("kl", base.replace("rho = 0.05", "kl = 0.1")))}
-    assert stops == {"rho": [AccuracyStop(0.05)], "none": [KlStop()], "kl": [KlStop(0.1)]}
+                                ("kl", base.replace("rho = 0.05", 'kl = 0.1\nkl_unit = "nats"')))}
+    assert stops == {"rho": [AccuracyStop(0.05)], "none": [KlStop(1.5, "shift")], "kl": [KlStop(0.1)]}
+    with pytest.raises(ConfigError, match=r"^\[defense\] kl needs its unit"):  # 0.1 nats or 0.1 x the shift KL?
+        load_experiment(write(tmp_path, base.replace("rho = 0.05", "kl = 0.1"), "unitless.toml"))
     units = load_experiment(write(tmp_path, base.replace("rho = 0.05", 'kl_unit = ["nats", "shift"]'), "units.toml"))
     flain = [d for d in units.defenses if d.method == "flain"]
     assert [d.settings.config("flain").stop for d in flain] == [KlStop(), KlStop(1.5, "shift")]  # each unit's budget
@@ -318,7 +320,7 @@ def test_a_grid_without_a_rule_is_flain_defend_with_no_options_and_its_cell_is_d
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     evaluated = json.loads(runner.invoke(app, ["eval", str(direct), "--data-dir", str(fmnist_dir), "--json"]).stdout)
     assert (row["acc"], row["asr"], row["asr_clean"]) == (evaluated["acc"], evaluated["asr"], evaluated["asr_clean"])
-    assert row["rule"] == "flain+shifts+kl+distill+sgd" and row["repair"] == "sgd-s5-bt3" and row["flipped"] > 0
+    assert row["rule"] == "flain+shifts+klshift+distill+sgd" and row["repair"] == "sgd-s5-bt3" and row["flipped"] > 0
 
 
 def test_listed_cells_carry_their_role_into_the_results(tmp_path, fmnist_dir):

@@ -88,7 +88,7 @@ def test_curves_record_what_defend_keeps_and_the_stop_rules_replay_them(tmp_path
     picked = stop_rules.make_rule(f"kl:{budget}")(curve)
     assert picked == next(i for i, r in enumerate(rows) if r["kl"] >= budget)
     outcome = defend_checkpoint(run / "final.safetensors", run / "init.safetensors", aux_dir,
-                                defense_config("default", kl=budget), source=source)
+                                defense_config("default", kl=budget, kl_unit="nats"), source=source)
     assert int(outcome.result.mask.sum()) == rows[picked]["n"]
     defended = lab.sets.scores_of({k: v for k, v in outcome.state.items() if k.startswith("fc.")})
     assert lab.dacc(defended) == pytest.approx(rows[picked]["dacc"], abs=1e-6)
@@ -110,6 +110,20 @@ def test_the_generality_table_in_results_md_is_what_its_script_prints_from_the_c
     text = (EXPERIMENTS.parent / "docs" / "results.md").read_text()
     assert len(lines) == 2 + 9 + 6 + 4  # header, the held-out cells, six Tables rows, two summaries of two lines
     assert [line for line in lines if line not in text.splitlines()] == []
+
+
+def test_the_judged_kl_stop_table_in_results_md_is_what_its_script_prints_from_the_committed_rows(capsys):
+    """The table that made --kl-unit shift the default (docs/results.md, "The kl stop in the model's own unit"):
+    its rows and summaries as the script prints them from docs/data/adaptive-stop-seeds2.csv (the header is
+    renamed in the doc)."""
+    table = lab_module("generality_table")
+    data = str(EXPERIMENTS.parent / "docs" / "data" / "adaptive-stop-seeds2.csv")
+    columns = "none,flain preset=paper,flain kl_unit=nats,flain kl_unit=shift,fine-pruning kl_unit=shift"
+    assert table.main([data, "--role", "held-out", "--columns", columns]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    text = (EXPERIMENTS.parent / "docs" / "results.md").read_text()
+    assert len(lines) == 2 + 9 + 2 and lines[-2].endswith("| 0.672 | 0.657 | 0.709 | 0.905 |")
+    assert [line for line in lines[1:] if line not in text.splitlines()] == []
 
 
 def test_the_generality_table_prints_the_columns_asked_for_and_refuses_unknown_ones(capsys):

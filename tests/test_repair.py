@@ -115,8 +115,8 @@ def test_the_optimizer_is_recorded_and_records_without_one_read_as_adam():
     assert RepairSettings.from_record(ADAM.record()) == ADAM
     old = {k: v for k, v in ADAM.record().items() if k != "optimizer"}  # written when Adam was the only one
     assert RepairSettings.from_record(old) == ADAM
-    assert DefenseConfig().rule == "flain+shifts+kl+distill+sgd"
-    assert DefenseConfig(shifts=0, repair=ADAM).rule == "flain+kl+distill"
+    assert DefenseConfig().rule == "flain+shifts+klshift+distill+sgd"
+    assert DefenseConfig(shifts=0, repair=ADAM).rule == "flain+klshift+distill"
 
 
 def test_a_mask_of_the_wrong_size_is_refused():

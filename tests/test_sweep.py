@@ -35,7 +35,7 @@ def test_sweep_scores_the_unchanged_model_as_eval_does(tiny_run, aux_dir, tmp_pa
     ("--preset", "paper", "--rho", "0.05"),
     ("--preset", "paper", "--rho", "0.05", "--method", "prune"),
     ("--preset", "paper", "--rho", "0.05", "--no-rescale"),
-    ("--repair", "none", "--kl", "0.05"),  # the default rule's search: the means over moved copies, the kl stop
+    ("--repair", "none", "--kl", "0.05", "--kl-unit", "nats"),  # the default search: moved copies, the kl stop
 ])
 def test_the_sweep_at_defends_lambda_holds_exactly_what_defend_writes(tiny_run, aux_dir, tmp_path, options):
     """The layer the sweep scores at each threshold (defense.candidates) is, at defend's lambda, the very tensor

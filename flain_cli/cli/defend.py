@@ -14,6 +14,7 @@ from ..errors import ConfigError
 from ..files import FilePlan
 from ..settings import (
     DEFAULT,
+    DEFAULT_KL_UNIT,
     KL_UNITS,
     PAPER_RHO,
     PRESETS,
@@ -91,12 +92,14 @@ def defend(
              "where the aux accuracy dropped by --rho (the paper's).",
         show_default=False, rich_help_panel=RULE)] = None,
     kl: Annotated[float | None, typer.Option(
-        help=f"Budget of the kl stop (default: {DEFAULT.stop.budget}); alone, it selects that stop.",
+        help=f"Budget of the kl stop, in the unit --kl-unit names (needed with it; default: {DEFAULT.stop.budget} "
+             f"{DEFAULT_KL_UNIT}); it selects that stop.",
         show_default=False, rich_help_panel=RULE)] = None,
     kl_unit: Annotated[KlUnit | None, typer.Option(
-        help=f"The unit of --kl: nats (default), or shift: the model's own KL between the aux images and the "
-             f"same images moved by one pixel (ours; default budget then {KL_UNITS['shift']}). Alone, it selects "
-             f"the kl stop.", show_default=False, rich_help_panel=RULE)] = None,
+        help=f"The unit of --kl: shift (default; budget {KL_UNITS['shift']}), the model's own KL between the aux "
+             f"images and the same images moved by one pixel (ours), or nats (budget {KL_UNITS['nats']}, the "
+             f"earlier default). Alone, it selects the kl stop with that unit's budget.",
+        show_default=False, rich_help_panel=RULE)] = None,
     rho: Annotated[float | None, typer.Option(
         help=f"Budget of the accuracy stop (paper: {PAPER_RHO}); alone, it selects that stop.",
         show_default=False, rich_help_panel=RULE)] = None,
